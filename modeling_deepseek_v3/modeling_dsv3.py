@@ -1,0 +1,769 @@
+"""DeepSeek-V3 (arXiv 2412.19437) as transformers PreTrainedModel classes.
+
+Reads top to bottom like DeepSeek's inference/model.py: norm, rope, attention (MLA), MLP, router, experts,
+MoE, decoder block, MTP block, model, causal LM. Parameter names are those of the official checkpoint; the
+only layout difference (fused 3-D experts, MTP modules in their own list) is handled in checkpoint.py.
+
+Shape suffixes in MoE code: T tokens, D hidden, E routed experts, K experts per token, F expert width,
+G groups; `x_TD` is a [T, D] tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .configuration_dsv3 import DSV3Config
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed `past_key_values` to `cache` in forward/generate and in the output classes. We accept
+# both names and fill whichever field this transformers' output classes have.
+CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+# ---------------------------------------------------------------------------------------------------------- norm
+class DSV3RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype: the numerics of the official and built-in models.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------- rope
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(config: DSV3Config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [qk_rope_head_dim // 2] and the cos/sin scale, for plain RoPE or YaRN.
+
+    YaRN blends interpolated (1/factor) and original frequencies with a linear ramp between the dimensions that
+    complete beta_fast and beta_slow rotations over the original context, as DeepSeek's official code does.
+    """
+    rope, dim = config.rope_parameters, config.qk_rope_head_dim
+    base = rope["rope_theta"]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    if rope["rope_type"] == "default":
+        return inv_freq, 1.0
+    factor, original = rope["factor"], rope["original_max_position_embeddings"]
+    beta_fast, beta_slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float) - low) / max(high - low, 0.001)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if rope.get("attention_factor") is not None:
+        cos_sin_scale = rope["attention_factor"]
+    elif mscale and mscale_all_dim:
+        cos_sin_scale = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    else:
+        cos_sin_scale = yarn_mscale(factor)
+    return inv_freq, cos_sin_scale
+
+
+def softmax_scale(config: DSV3Config) -> float:
+    """1/sqrt(d_qk), times YaRN's mscale(factor, mscale_all_dim)^2 (the official softmax_scale)."""
+    scale = config.qk_head_dim**-0.5
+    rope = config.rope_parameters
+    if rope["rope_type"] == "yarn" and rope.get("mscale_all_dim"):
+        scale *= yarn_mscale(rope["factor"], rope["mscale_all_dim"]) ** 2
+    return scale
+
+
+class DSV3RotaryEmbedding(nn.Module):
+    def __init__(self, config: DSV3Config):
+        super().__init__()
+        self.config = config
+        inv_freq, self.cos_sin_scale = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Recompute the (non-persistent) frequencies, e.g. after materialising a meta-device model."""
+        self.inv_freq = rope_frequencies(self.config)[0].to(self.inv_freq.device)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_BSR = position_ids[..., None].float() * self.inv_freq.float()  # R = rope_dim / 2
+        cos = (freqs_BSR.cos() * self.cos_sin_scale).to(x.dtype)
+        sin = (freqs_BSR.sin() * self.cos_sin_scale).to(x.dtype)
+        return cos, sin
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (x0, x1), (x2, x3), ... of x [B, S, H, rope_dim] by cos/sin [B, S, rope_dim/2].
+
+    The result is written de-interleaved ([all even-rotated; all odd-rotated]). Queries and cached keys get the same
+    permutation, so q.k is unchanged, and it avoids a strided copy (as transformers' built-in does).
+    """
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------- attention
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention. query [B, H, S, d], key [B, H, T, d], value [B, H, T, v]; mask bool [B, 1, S, T]."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:  # no padding and no past: plain causal
+        S, T = scores.shape[-2:]
+        causal = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(T - S)
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+class DSV3Attention(nn.Module):
+    """Multi-head Latent Attention.
+
+    K and V of all heads come from one latent c_kv [kv_lora_rank] plus one shared roped key k_pe [qk_rope_head_dim]
+    per token; only these (576 values at 671B) are cached. Two paths compute the same function:
+    - naive: expand per-head K/V from the latent with kv_b_proj and run a fused attention (training, prefill);
+    - absorbed: fold kv_b_proj's key half into the query and its value half into the output, and attend over the
+      latent directly (decode: reads only the cache, never builds per-head K/V for cached tokens).
+    """
+
+    def __init__(self, config: DSV3Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_groups = 1  # read by transformers' sdpa wrapper: K/V already have every head
+        self.is_causal = True
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.scaling = softmax_scale(config)
+        H, D, bias = self.num_heads, config.hidden_size, config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = DSV3RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = DSV3RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        B, S, _ = hidden_states.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q_BSHd = q.view(B, S, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q_BSHd.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        cos, sin = position_embeddings
+        q_pe = apply_rotary_interleaved(q_pe, cos, sin)
+        k_pe = apply_rotary_interleaved(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+
+        past_length = 0
+        if cache is not None:
+            past_length = cache.get_seq_length(self.layer_idx)
+            # The latent cache: keys hold c_kv [B, 1, T, kv_lora_rank], values hold k_pe [B, 1, T, rope_dim].
+            c_kv, k_pe = cache.update(c_kv.unsqueeze(1), k_pe.unsqueeze(1), self.layer_idx)
+            c_kv, k_pe = c_kv.squeeze(1), k_pe.squeeze(1)
+
+        mode = self.config.mla_implementation
+        if mode == "absorbed" or (mode == "auto" and past_length > 0):
+            out_BSHv = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask)
+        else:
+            out_BSHv = self._naive(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
+        return self.o_proj(out_BSHv.reshape(B, S, self.num_heads * self.v_head_dim))
+
+    def _naive(self, q_nope, q_pe, c_kv_BTR, k_pe_BTd, attention_mask, **kwargs) -> torch.Tensor:
+        B, T, _ = c_kv_BTR.shape
+        kv = self.kv_b_proj(c_kv_BTR).view(B, T, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key = torch.cat([k_nope, k_pe_BTd.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], dim=-1)
+        query = torch.cat([q_nope, q_pe], dim=-1)
+        impl = self.config._attn_implementation or "eager"
+        attention = eager_attention if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+        out, _ = attention(
+            self,
+            query.transpose(1, 2),  # [B, H, S, qk_head_dim]
+            key.transpose(1, 2),  # [B, H, T, qk_head_dim]
+            value.transpose(1, 2),  # [B, H, T, v_head_dim]
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return out  # [B, S, H, v_head_dim]
+
+    def _absorbed(self, q_nope_BSHn, q_pe_BSHr, c_kv_BTR, k_pe_BTr, attention_mask) -> torch.Tensor:
+        # kv_b_proj.weight [H*(n+v), R] viewed per head: W_UK [H, n, R] maps the latent to keys, W_UV [H, v, R] to values.
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        q_lat_BSHR = torch.einsum("bshn,hnr->bshr", q_nope_BSHn, w_uk)  # q_nope . (W_UK c) == (q_nope W_UK) . c
+        scores = torch.einsum("bshr,btr->bhst", q_lat_BSHR, c_kv_BTR)
+        scores = (scores + torch.einsum("bshr,btr->bhst", q_pe_BSHr, k_pe_BTr)).float() * self.scaling
+        S, T = scores.shape[-2:]
+        if attention_mask is None:
+            attention_mask = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(T - S)
+        probs = scores.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1).to(c_kv_BTR.dtype)
+        o_lat_BSHR = torch.einsum("bhst,btr->bshr", probs, c_kv_BTR)
+        return torch.einsum("bshr,hvr->bshv", o_lat_BSHR, w_uv)
+
+
+# ----------------------------------------------------------------------------------------------------------- MLP
+class DSV3MLP(nn.Module):
+    def __init__(self, config: DSV3Config, intermediate_size: int | None = None):
+        super().__init__()
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# -------------------------------------------------------------------------------------------------------- router
+class DSV3TopkRouter(nn.Module):
+    """Sigmoid affinities; bias-corrected, group-limited top-k choice; weights from the uncorrected scores.
+
+    e_score_correction_bias only chooses experts (auxiliary-loss-free balancing, paper eq. 16); it never scales
+    an expert's output. Both the weight and the bias stay fp32 whatever dtype the model is cast to: a bias step of
+    gamma = 1e-3 would vanish in bf16 next to values around 1.
+    """
+
+    def __init__(self, config: DSV3Config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.weight.is_floating_point() and self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+        if self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns router logits [T, E] (fp32), top-k weights [T, K] (fp32) and top-k expert indices [T, K]."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid()
+        choice_TE = scores_TE + self.e_score_correction_bias
+        T = choice_TE.shape[0]
+        # Group score = sum of the group's two best experts; keep topk_group groups; mask the other experts out.
+        group_TG = choice_TE.view(T, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = group_TG.topk(self.topk_group, dim=-1, sorted=False)[1]
+        group_mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, group_idx, True)
+        expert_mask_TE = group_mask_TG.repeat_interleave(self.n_routed_experts // self.n_group, dim=1)
+        topk_idx_TK = choice_TE.masked_fill(~expert_mask_TE, float("-inf")).topk(self.top_k, dim=-1, sorted=False)[1]
+        topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
+        if self.norm_topk_prob:
+            topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return logits_TE, topk_weight_TK * self.routed_scaling_factor, topk_idx_TK
+
+
+# ------------------------------------------------------------------------------------------------------- experts
+def experts_eager(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
+    """Reference: a loop over all experts. Kept for tests; never the default."""
+    out_TD = torch.zeros_like(x_TD, dtype=torch.float32)
+    for e in range(experts.num_experts):
+        token_idx, slot = torch.where(topk_idx_TK == e)
+        gate, up = F.linear(x_TD[token_idx], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+        out_TD.index_add_(0, token_idx, y.float() * topk_weight_TK[token_idx, slot, None])
+    return out_TD.to(x_TD.dtype)
+
+
+def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
+    """Rows of x repeated per chosen expert and sorted by expert id; the token of each row; rows per expert."""
+    flat_idx = topk_idx_TK.reshape(-1)
+    order = flat_idx.argsort(stable=True)  # [T*K] positions in the flattened (token, slot) grid
+    token_of_row = order // topk_idx_TK.shape[1]
+    counts_E = torch.bincount(flat_idx, minlength=num_experts)
+    return x_TD[token_of_row], order, token_of_row, counts_E
+
+
+def _combine(y_RD, order, token_of_row, topk_weight_TK, like_TD) -> torch.Tensor:
+    weight_R = topk_weight_TK.reshape(-1)[order]
+    out_TD = torch.zeros_like(like_TD, dtype=torch.float32)
+    out_TD.index_add_(0, token_of_row, y_RD.float() * weight_R[:, None])
+    return out_TD.to(like_TD.dtype)
+
+
+def experts_grouped_mm(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
+    """Sort rows by expert, then two grouped GEMMs (torch grouped_mm): no host sync, no loop over experts."""
+    x_RD, order, token_of_row, counts_E = _sort_by_expert(x_TD, topk_idx_TK, experts.num_experts)
+    offsets = counts_E.cumsum(0).to(torch.int32)
+    gate_up_RF = _grouped_mm(x_RD, experts.gate_up_proj.transpose(1, 2), offs=offsets)
+    gate, up = gate_up_RF.chunk(2, dim=-1)
+    y_RD = _grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), offs=offsets)
+    return _combine(y_RD, order, token_of_row, topk_weight_TK, x_TD)
+
+
+def experts_sorted(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
+    """Sort rows by expert and run one GEMM pair per expert that received rows (torch without grouped_mm)."""
+    x_RD, order, token_of_row, counts_E = _sort_by_expert(x_TD, topk_idx_TK, experts.num_experts)
+    pieces = []
+    for e, rows in enumerate(x_RD.split(counts_E.tolist())):
+        if rows.shape[0]:
+            gate, up = F.linear(rows, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            pieces.append(F.linear(experts.act_fn(gate) * up, experts.down_proj[e]))
+    y_RD = torch.cat(pieces) if pieces else x_RD
+    return _combine(y_RD, order, token_of_row, topk_weight_TK, x_TD)
+
+
+def experts_fp8(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
+    from .kernels import fp8_experts_forward  # optional backend: needs Triton
+
+    return fp8_experts_forward(x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.down_proj, experts.act_fn)
+
+
+EXPERTS_FUNCTIONS = {
+    "eager": experts_eager,
+    "grouped_mm": experts_grouped_mm,
+    "sorted": experts_sorted,
+    "fp8": experts_fp8,
+}
+
+
+def resolve_experts_implementation(name: str, x: torch.Tensor) -> str:
+    """The one place that picks the experts backend; "auto" takes grouped_mm where this torch runs it."""
+    if name != "auto":
+        return name
+    # CUDA's grouped_mm takes bf16 only; on the CPU it takes bf16 and fp32.
+    if _grouped_mm is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+        return "grouped_mm"
+    return "sorted"
+
+
+class DSV3Experts(nn.Module):
+    """All routed experts as two fused 3-D weights: gate_up_proj [E, 2F, D] (gate rows first), down_proj [E, D, F]."""
+
+    def __init__(self, config: DSV3Config):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.n_routed_experts
+        F_, D = config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * F_, D))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, D, F_))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
+        impl = resolve_experts_implementation(self.config.moe_implementation, x_TD)
+        # The routing weights are fp32; the expert GEMMs run in the model dtype.
+        return EXPERTS_FUNCTIONS[impl](self, x_TD, topk_idx_TK, topk_weight_TK.to(x_TD.dtype))
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer reports per forward: router logits [T, E], tokens per expert [E], weighted balance loss."""
+
+    logits: torch.Tensor
+    expert_load: torch.Tensor
+    seq_aux_loss: torch.Tensor | None
+
+
+class DSV3MoE(nn.Module):
+    def __init__(self, config: DSV3Config):
+        super().__init__()
+        self.config = config
+        self.gate = DSV3TopkRouter(config)
+        self.experts = DSV3Experts(config)
+        self.shared_experts = (
+            DSV3MLP(config, config.moe_intermediate_size * config.n_shared_experts) if config.n_shared_experts else None
+        )
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        logits_TE, topk_weight_TK, topk_idx_TK = self.gate(x_TD)
+        out_TD = self.experts(x_TD, topk_idx_TK, topk_weight_TK)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        with torch.no_grad():
+            load_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.gate.n_routed_experts)
+        aux = None
+        if self.config.seq_aux_loss_alpha > 0 and torch.is_grad_enabled():
+            aux = self.config.seq_aux_loss_alpha * sequence_balance_loss(logits_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1))
+        return out_TD.view(B, S, D), RouterStats(logits_TE, load_E, aux)
+
+
+def sequence_balance_loss(logits_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor) -> torch.Tensor:
+    """Complementary sequence-wise balance loss, paper eq. 17-20, averaged over the batch (without alpha).
+
+    f_i = E / (K S) * #{tokens of the sequence routed to i};  P_i = mean_t s_{i,t} / sum_j s_{j,t};  L = sum_i f_i P_i.
+    f counts choices (no gradient); the gradient flows through the normalised affinities P.
+    """
+    B, S, E = logits_BSE.shape
+    K = topk_idx_BSK.shape[-1]
+    scores = logits_BSE.float().sigmoid()
+    p_BE = (scores / scores.sum(-1, keepdim=True)).mean(dim=1)
+    counts_BE = torch.zeros(B, E, device=logits_BSE.device).scatter_add_(
+        1, topk_idx_BSK.reshape(B, S * K), torch.ones(B, S * K, device=logits_BSE.device)
+    )
+    f_BE = counts_BE * E / (K * S)
+    return (f_BE * p_BE).sum(-1).mean()
+
+
+# --------------------------------------------------------------------------------------------------------- block
+class DSV3DecoderLayer(nn.Module):
+    def __init__(self, config: DSV3Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = DSV3Attention(config, layer_idx)
+        self.mlp = DSV3MoE(config) if config.is_moe_layer(layer_idx) else DSV3MLP(config)
+        self.input_layernorm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        h = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+        )
+        y = self.mlp(self.post_attention_layernorm(h))
+        y, stats = y if isinstance(y, tuple) else (y, None)
+        return h + y, stats
+
+
+class DSV3MTPLayer(DSV3DecoderLayer):
+    """MTP module k (paper section 2.2): h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]), then a full
+    decoder block; logits come from shared_head.norm and the main model's output head.
+
+    The concat order (embedding first) is the one official MTP weights were trained with (as vLLM and SGLang
+    load them); the paper writes the two halves the other way round.
+    """
+
+    def __init__(self, config: DSV3Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.enorm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hnorm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.shared_head = nn.Module()
+        self.shared_head.norm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, token_embeds, position_embeddings, attention_mask, cache=None, **kwargs):
+        h = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(hidden_states)], dim=-1))
+        return super().forward(h, position_embeddings, attention_mask, cache=cache, **kwargs)
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, batch: int, query_length: int, past_length: int, device
+) -> torch.Tensor | None:
+    """Boolean [B, 1, S, T] mask (True = attend), or None when plain causal attention from position 0 is exact.
+
+    Built here rather than by transformers' mask utilities, whose signature changed across 5.x. A 4-D mask (from a
+    static cache in generate) passes through, converted to boolean.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+    total = past_length + query_length
+    if attention_mask is None and past_length == 0:
+        return None
+    q_pos = torch.arange(past_length, total, device=device)
+    mask = (torch.arange(total, device=device)[None, :] <= q_pos[:, None])[None, None]  # [1, 1, S, T]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, -total:].bool()
+    return mask.expand(batch, 1, query_length, total)
+
+
+# ---------------------------------------------------------------------------------------------------- pretrained
+class DSV3PreTrainedModel(PreTrainedModel):
+    config_class = DSV3Config
+    config: DSV3Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DSV3DecoderLayer", "DSV3MTPLayer"]
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias", "gate.weight"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # qk and v head dims differ (192 vs 128)
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the sorted/eager expert paths sync on counts; grouped_mm does not
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, DSV3RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, DSV3TopkRouter):
+            module.weight.normal_(0.0, std)
+            module.e_score_correction_bias.zero_()
+        elif isinstance(module, DSV3Experts):
+            module.gate_up_proj.normal_(0.0, std)
+            module.down_proj.normal_(0.0, std)
+        elif isinstance(module, DSV3RotaryEmbedding):
+            module.reset_parameters()
+
+    def moe_layers(self) -> list[DSV3MoE]:
+        """Every MoE layer, main model then MTP, in a fixed order (the rows of `expert_load`)."""
+        return [m for m in self.modules() if isinstance(m, DSV3MoE)]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load an official-format (or transformers-saved) folder: see `checkpoint.load_pretrained`."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write config, generation config and sharded safetensors in the official DeepSeek-V3 key layout."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, save_directory, *args, **kwargs)
+
+
+@dataclass
+class DSV3ModelOutput(MoeModelOutputWithPast):
+    """Adds per-layer expert loads [n_moe_layers, E] and the weighted sequence-wise balance loss."""
+
+    expert_load: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+class DSV3Model(DSV3PreTrainedModel):
+    def __init__(self, config: DSV3Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DSV3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DSV3RotaryEmbedding(config)
+        # Stored in the official checkpoint as model.layers.{num_hidden_layers + k}; see checkpoint.py.
+        self.mtp_layers = nn.ModuleList(
+            DSV3MTPLayer(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _run_layer(self, layer, *args):
+        # Positional arguments only: reentrant checkpointing takes no keyword arguments.
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(layer.__call__, *args)
+        return layer(*args)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> DSV3ModelOutput:
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, S, _ = inputs_embeds.shape
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + S, device=inputs_embeds.device)[None]
+        mask = build_attention_mask(attention_mask, B, S, past_length, inputs_embeds.device)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states, all_hidden, all_stats = inputs_embeds, [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, stats = self._run_layer(layer, hidden_states, position_embeddings, mask, cache)
+            if stats is not None:
+                all_stats.append(stats)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return self._output(hidden_states, cache, all_hidden, all_stats, output_router_logits)
+
+    def mtp_forward(
+        self,
+        hidden_states: torch.Tensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+    ) -> tuple[list[torch.Tensor], list[RouterStats]]:
+        """Training-time MTP over full sequences: depth k sees token t_{i+k} at position i (ids rolled left by k;
+        the last k positions see padding and must carry no label). Returns each depth's pre-norm hidden states."""
+        B, S, _ = hidden_states.shape
+        if position_ids is None:
+            position_ids = torch.arange(S, device=hidden_states.device)[None]
+        mask = build_attention_mask(attention_mask, B, S, 0, hidden_states.device)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        outputs, all_stats = [], []
+        for k, layer in enumerate(self.mtp_layers, start=1):
+            shifted = F.pad(input_ids[:, k:], (0, k), value=self.config.pad_token_id or 0)
+            hidden_states, stats = self._run_layer(
+                layer, hidden_states, self.embed_tokens(shifted), position_embeddings, mask
+            )
+            outputs.append(hidden_states)
+            if stats is not None:
+                all_stats.append(stats)
+        return outputs, all_stats
+
+    def _output(self, hidden_states, cache, all_hidden, all_stats, output_router_logits) -> DSV3ModelOutput:
+        losses = [s.seq_aux_loss for s in all_stats if s.seq_aux_loss is not None]
+        return DSV3ModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) or None,
+            router_logits=tuple(s.logits for s in all_stats) if output_router_logits else None,
+            expert_load=torch.stack([s.expert_load for s in all_stats]) if all_stats else None,
+            aux_loss=torch.stack(losses).sum() if losses else None,
+            **{CACHE_FIELD: cache},
+        )
+
+
+def _merge_stats(expert_load, aux_loss, stats: list[RouterStats]):
+    """Append MTP layers' loads and balance losses to the main model's (either side may have no MoE layer)."""
+    loads = ([expert_load] if expert_load is not None else []) + [s.expert_load[None] for s in stats]
+    losses = ([aux_loss] if aux_loss is not None else []) + [s.seq_aux_loss for s in stats if s.seq_aux_loss is not None]
+    return (torch.cat(loads) if loads else None), (torch.stack(losses).sum() if losses else None)
+
+
+@dataclass
+class DSV3CausalLMOutput(MoeCausalLMOutputWithPast):
+    """`loss` = lm_loss + mtp_loss + aux_loss, the objective to train. The parts are reported apart: lm_loss
+    (next-token cross-entropy), mtp_loss ((lambda / D) * sum of the D MTP cross-entropies), aux_loss (alpha-weighted
+    sequence-wise balance loss). expert_load [n_moe_layers, E] counts tokens per expert (main layers, then MTP)."""
+
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
+
+
+class DSV3ForCausalLM(DSV3PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DSV3Config):
+        super().__init__(config)
+        self.model = DSV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> DSV3CausalLMOutput:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+        )
+        hidden_states = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        num_items = kwargs.get("num_items_in_batch")
+
+        lm_loss = mtp_loss = None
+        expert_load, aux_loss = out.expert_load, out.aux_loss
+        if labels is not None:
+            lm_loss = self.loss_function(logits, labels, self.config.vocab_size, num_items_in_batch=num_items)
+            depth = self.config.num_nextn_predict_layers
+            if depth and self.config.mtp_loss_weight > 0:
+                if input_ids is None:
+                    raise ValueError("The MTP loss needs input_ids (it embeds the future tokens).")
+                mtp_hidden, mtp_stats = self.model.mtp_forward(hidden_states, input_ids, attention_mask, position_ids)
+                mtp_loss = 0.0
+                for k, h in enumerate(mtp_hidden, start=1):
+                    mtp_logits = self.lm_head(self.model.mtp_layers[k - 1].shared_head.norm(h))
+                    # Position i predicts t_{i+k+1}: labels rolled left by k (the loss shifts by one more).
+                    mtp_labels = F.pad(labels[:, k:], (0, k), value=-100)
+                    mtp_loss = mtp_loss + self.loss_function(mtp_logits, mtp_labels, self.config.vocab_size)
+                mtp_loss = self.config.mtp_loss_weight / depth * mtp_loss
+                expert_load, aux_loss = _merge_stats(expert_load, aux_loss, mtp_stats)
+        loss = None
+        if lm_loss is not None:
+            loss = lm_loss + (mtp_loss if mtp_loss is not None else 0) + (aux_loss if aux_loss is not None else 0)
+        return DSV3CausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            mtp_loss=mtp_loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            hidden_states=out.hidden_states,
+            router_logits=out.router_logits,
+            expert_load=expert_load,
+            **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
+        )
+
+
+__all__ = ["DSV3PreTrainedModel", "DSV3Model", "DSV3ForCausalLM", "DSV3CausalLMOutput"]
