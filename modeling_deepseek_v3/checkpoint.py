@@ -120,10 +120,10 @@ def load_official_state_dict(model: torch.nn.Module, folder: str) -> dict:
                 if name + "_scale_inv" in names:
                     tensor = dequantize_fp8_blocks(tensor, f.get_tensor(name + "_scale_inv"))
                 target = internal[slot.key][slot.index] if slot.index else internal[slot.key]
+                missing.discard(name)
                 if tuple(tensor.shape) != tuple(target.shape):
                     mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
                     continue
-                missing.discard(name)
                 if slot.alias_of_main:
                     aliases[name] = (slot.key, tensor)
                 else:

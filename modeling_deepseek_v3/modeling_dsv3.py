@@ -372,8 +372,10 @@ def resolve_experts_implementation(name: str, x: torch.Tensor) -> str:
     """The one place that picks the experts backend; "auto" takes grouped_mm where this torch runs it."""
     if name != "auto":
         return name
-    # CUDA's grouped_mm takes bf16 only; on the CPU it takes bf16 and fp32.
-    if _grouped_mm is not None and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+    # grouped_mm takes bf16 everywhere; fp32 only in eager mode on the CPU (its fake-tensor rule under
+    # torch.compile, like CUDA, asks for bf16).
+    fp32_ok = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if _grouped_mm is not None and (x.dtype == torch.bfloat16 or fp32_ok):
         return "grouped_mm"
     return "sorted"
 

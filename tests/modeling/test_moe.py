@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from modeling_deepseek_v3 import DSV3ForCausalLM
+from modeling_deepseek_v3.modeling_dsv3 import DSV3MoE, _grouped_mm, sequence_balance_loss
+
+# fp32: the paths differ only in summation order (grouped vs per-expert GEMMs, index_add order).
+FP32_ATOL = 1e-5
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "sorted"])
+def test_expert_paths_match_the_eager_reference_forward_and_backward(tiny_config, impl):
+    if impl == "grouped_mm" and _grouped_mm is None:
+        pytest.skip("this torch has no grouped_mm")
+    cfg = tiny_config(moe_implementation="eager")
+    ref = DSV3MoE(cfg)
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        ref.gate.e_score_correction_bias.zero_()[:4] = -10.0  # experts 0-3 are never chosen: zero-token experts
+    test = DSV3MoE(tiny_config(moe_implementation=impl))
+    test.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 7, cfg.hidden_size)
+    x_ref, x_test = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, stats = ref(x_ref)
+    y_test, _ = test(x_test)
+    assert (stats.expert_load == 0).any(), "the case of experts with zero tokens must be covered"
+    assert (y_ref - y_test).abs().max() <= FP32_ATOL
+    g = torch.randn_like(y_ref)
+    (y_ref * g).sum().backward()
+    (y_test * g).sum().backward()
+    assert (x_ref.grad - x_test.grad).abs().max() <= FP32_ATOL
+    for (name, a), b in zip(ref.named_parameters(), test.parameters(), strict=True):
+        assert (a.grad - b.grad).abs().max() <= FP32_ATOL, name
+
+
+def test_bias_only_chooses_and_weights_are_normalised_scaled_scores(tiny_config):
+    cfg = tiny_config()
+    moe = DSV3MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.1)
+    x = torch.randn(50, cfg.hidden_size)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias[5] = 10.0  # expert 5 wins every choice...
+        logits, weights, idx = moe.gate(x)
+    assert (idx == 5).any(-1).all()
+    scores = logits.sigmoid()
+    expected = scores.gather(1, idx)
+    expected = expected / expected.sum(-1, keepdim=True) * cfg.routed_scaling_factor
+    assert torch.allclose(weights, expected)  # ...but its weight is its plain score, never the bias
+    assert moe.gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_router_stays_fp32_when_the_model_is_cast(tiny_config):
+    model = DSV3ForCausalLM(tiny_config()).to(torch.bfloat16)
+    gate = model.moe_layers()[0].gate
+    assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
+    assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_sequence_balance_loss_by_hand():
+    # B=1, S=2 tokens, E=2 experts, K=1. Token 0 -> expert 0, token 1 -> expert 0.
+    logits = torch.tensor([[[0.0, 0.0], [torch.logit(torch.tensor(0.75)), torch.logit(torch.tensor(0.25))]]])
+    idx = torch.tensor([[[0], [0]]])
+    # f = E/(K S) * counts = [2, 0]; P_0 = mean(0.5/1, 0.75/1) = 0.625 -> L = 2 * 0.625
+    assert torch.isclose(sequence_balance_loss(logits, idx), torch.tensor(1.25))
+
+
+def test_expert_load_and_router_logits_are_reported(tiny_config):
+    cfg = tiny_config()
+    model = DSV3ForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    out = model(ids, labels=ids, output_router_logits=True)
+    n_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    n_mtp = cfg.num_nextn_predict_layers
+    assert out.expert_load.shape == (n_main + n_mtp, cfg.n_routed_experts)
+    assert (out.expert_load.sum(-1) == 2 * 9 * cfg.num_experts_per_tok).all()
+    assert len(out.router_logits) == n_main and out.router_logits[0].shape == (18, cfg.n_routed_experts)
+    assert out.aux_loss > 0 and out.aux_loss.requires_grad
+
+
+def test_no_aux_loss_when_alpha_is_zero(tiny_config):
+    model = DSV3ForCausalLM(tiny_config(seq_aux_loss_alpha=0.0))
+    ids = torch.randint(0, 512, (1, 6))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is None and torch.isclose(out.loss, out.lm_loss + out.mtp_loss)
