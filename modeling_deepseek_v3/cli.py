@@ -3,6 +3,8 @@
     dsv3 info hub_configs/deepseek-v3-671b      parameters, activated parameters, MTP, cache bytes, FLOPs
     dsv3 generate MODEL_DIR --prompt "..."      text generation with the DeepSeek-V3 tokenizer
     dsv3 train [--config deepseek-v3-debug]     pretraining with Accelerate (the main job)
+    dsv3 eval --model DIR --tasks ...           evaluation on local task files
+    dsv3 publish MODEL_DIR OUT_DIR              Hub-ready folder (custom code, model card), optional push
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ COMMANDS = {
     "info": ("modeling_deepseek_v3.info", "model size, activated parameters, KV-cache bytes and FLOPs per token"),
     "generate": ("modeling_deepseek_v3.generate", "generate text from a model folder"),
     "train": ("modeling_deepseek_v3.training.pretrain", "pretrain with Accelerate (aux-loss-free balancing, MTP)"),
+    "eval": ("modeling_deepseek_v3.eval.runner", "evaluate a model folder on local tasks (perplexity, MC, GSM8K, HumanEval)"),
+    "publish": ("modeling_deepseek_v3.publish", "write (and optionally push) a Hub-ready folder with a model card"),
 }
 
 

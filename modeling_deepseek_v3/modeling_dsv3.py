@@ -10,6 +10,7 @@ G groups; `x_TD` is a [T, D] tensor.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -354,10 +355,20 @@ def experts_sorted(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> t
     return _combine(y_RD, order, token_of_row, topk_weight_TK, x_TD)
 
 
-def experts_fp8(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
-    from .kernels import fp8_experts_forward  # optional backend: needs Triton
+def optional_kernels():
+    """The Triton kernels ship with the installed package, not with a Hub folder's remote code. Imported by name at
+    call time so that transformers' remote-code import check never asks for them."""
+    try:
+        return importlib.import_module("modeling_deepseek_v3.kernels")
+    except ImportError as err:
+        raise RuntimeError("FP8 backends need the deepseek-v3-hf package (pip install 'deepseek-v3-hf[triton]')") from err
 
-    return fp8_experts_forward(x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.down_proj, experts.act_fn)
+
+def experts_fp8(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
+    kernels = optional_kernels()
+    return kernels.fp8_experts_forward(
+        x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.down_proj, experts.act_fn
+    )
 
 
 EXPERTS_FUNCTIONS = {
