@@ -1,0 +1,112 @@
+"""Side-by-side GPU benchmark: our DSV3ForCausalLM vs transformers' built-in DeepseekV3ForCausalLM, same process.
+
+The shape is the anchors' 1.25B-total config (hub_configs/deepseek-v3-small without MTP, since the built-in has
+none; vocab 32000 as in ../shared/anchors/hf_anchor.py). Measures a bf16 AdamW train step (B=8, S=2048) and
+greedy decode (batch 1 / 512-token prompt, batch 16 / 4096-token prompts, 128 new tokens).
+
+    PYTHONPATH=. python benchmarks/bench_model_gpu.py            # writes $OUT/bench_model_gpu.json if OUT is set
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import transformers
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
+
+SHAPE = dict(
+    vocab_size=32000, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512, num_hidden_layers=12,
+    num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+    qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4,
+    n_shared_experts=2, first_k_dense_replace=1, max_position_embeddings=8192, rope_scaling=None,
+)  # fmt: skip
+
+
+def build(kind: str):
+    torch.manual_seed(0)
+    if kind == "ours":
+        model = DSV3ForCausalLM(DSV3Config(**SHAPE, num_nextn_predict_layers=0, seq_aux_loss_alpha=0.0))
+    else:
+        cfg = DeepseekV3Config(**SHAPE)
+        cfg._experts_implementation = "grouped_mm"
+        model = DeepseekV3ForCausalLM(cfg)
+    model = model.to("cuda", torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    for name, p in model.named_parameters():  # real-looking weights: routing spreads over experts
+        if p.dim() >= 2:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def train_step_rate(model, B=8, S=2048, steps=10) -> dict:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, SHAPE["vocab_size"], (B, S), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    del opt
+    return dict(tokens_per_s=B * S / dt, step_ms=dt * 1e3, peak_GiB=torch.cuda.max_memory_allocated() / 2**30)
+
+
+@torch.no_grad()
+def decode_rate(model, batch: int, context: int, new_tokens=128) -> dict:
+    model.eval()
+    prompt = torch.randint(0, SHAPE["vocab_size"], (batch, context), device="cuda")
+    mask = torch.ones_like(prompt)
+    model.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return dict(new_tokens_per_s=batch * new_tokens / dt, peak_GiB=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def main() -> None:
+    print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name(), flush=True)
+    results = {}
+    for kind in ("builtin", "ours"):
+        model = build(kind)
+        r = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "train": train_step_rate(model)}
+        print(kind, "train", json.dumps(r["train"]), flush=True)
+        for batch, context in ((1, 512), (16, 4096)):
+            r[f"decode_bs{batch}_ctx{context}"] = decode_rate(model, batch, context)
+            print(kind, f"decode bs{batch} ctx{context}", json.dumps(r[f"decode_bs{batch}_ctx{context}"]), flush=True)
+        results[kind] = r
+        del model
+        torch.cuda.empty_cache()
+    ratios = {
+        "train_tokens_per_s": results["ours"]["train"]["tokens_per_s"] / results["builtin"]["train"]["tokens_per_s"],
+        **{
+            k: results["ours"][k]["new_tokens_per_s"] / results["builtin"][k]["new_tokens_per_s"]
+            for k in results["ours"] if k.startswith("decode")
+        },
+    }
+    results["ratio_ours_over_builtin"] = ratios
+    print("ratios", json.dumps(ratios), flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_model_gpu.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
