@@ -327,9 +327,11 @@ def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
 
 
 def _combine(y_RD, order, token_of_row, topk_weight_TK, like_TD) -> torch.Tensor:
-    weight_R = topk_weight_TK.reshape(-1)[order]
+    """Weighted sum of each token's expert rows. Weighting in the model dtype keeps autograd's saved copy of y at
+    that width; the K-way sum runs in fp32 (index_add needs no saved input for its backward)."""
+    weighted_RD = y_RD * topk_weight_TK.reshape(-1)[order, None]
     out_TD = torch.zeros_like(like_TD, dtype=torch.float32)
-    out_TD.index_add_(0, token_of_row, y_RD.float() * weight_R[:, None])
+    out_TD.index_add_(0, token_of_row, weighted_RD.float())
     return out_TD.to(like_TD.dtype)
 
 
