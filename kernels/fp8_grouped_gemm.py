@@ -1,0 +1,257 @@
+"""Grouped block-scaled FP8 GEMM for MoE experts, forward and backward.
+
+Tokens arrive sorted by expert; `offs_E` (int32) holds the cumulative token counts, so expert e
+owns rows [offs_E[e-1], offs_E[e]) (torch._grouped_mm's convention). Experts with zero tokens
+produce nothing in forward/dgrad and a zero weight gradient.
+
+  forward  y[S, N]     = x[rows_e] . W[e]^T        W [E, N, K], weight_scale_inv [E, Nb, Kb]
+  dgrad    dx[S, K]    = dy[rows_e] . W[e]         (W[e] transposed to N-major, same blocks)
+  wgrad    dW[e][N, K] = dy[rows_e]^T . x[rows_e]  both in the 128x1 tiling along tokens
+
+The wgrad's 128-token scale tiles are global (quant.quantize_act_t of all S rows), so a tile may
+straddle two experts: its scale then covers both, which is valid (the scale multiplies back) and
+only coarser. The K-loop steps stay aligned to those global tiles and mask the other experts' tokens.
+
+Shape legend: S routed (token, expert) rows, E experts, N output features, K input features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _triton as tt
+from .fp8_gemm import _check_fp8
+from .quant import BLOCK, dequantize_act_ref, expand_block_scale
+
+triton, tl = tt.triton, tt.tl
+
+
+def _grouped_configs() -> list:
+    if tt.interpreting():
+        return [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn, w, s in [(128, 4, 4), (128, 8, 3), (256, 8, 3)]
+    ]
+
+
+def _grouped_block_m() -> int:
+    # Fixed (not autotuned) because the tile -> expert map is built for it before the launch.
+    # 64 rows: V3 routes ~256 tokens to an expert at 8k tokens, so 128 would waste more padding.
+    return 32 if tt.interpreting() else 64
+
+
+def _wgrad_configs() -> list:
+    if tt.interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 128, 8, 3), (128, 128, 4, 4), (64, 128, 4, 4)]
+    ]
+
+
+if tt.HAS_TRITON:
+    from .fp8_gemm import _scaled_dot_loop
+
+    @triton.autotune(configs=_grouped_configs(), key=["N", "K", "B_BLOCKWISE"])
+    @triton.jit
+    def _grouped_gemm_kernel(
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr,
+        S, N, K,
+        B_BLOCKWISE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # a_SK, c_SN contiguous; b_ENK; as_SKb; bs_ENbKb. One program: one BLOCK_M tile of one
+        # expert's rows x one BLOCK_N tile of N. Programs past the last expert's tile exit at once.
+        e = tl.load(tile_expert_ptr + tl.program_id(0))
+        if e < 0:
+            return
+        row0 = tl.load(tile_row_ptr + tl.program_id(0))
+        row_end = tl.load(offs_ptr + e)
+        pid_n = tl.program_id(1)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kb = tl.cdiv(K, 128)
+        nb = tl.cdiv(N, 128)
+        # Rows past the expert's end read the next expert's tokens (or clamp at S-1): harmless, as
+        # rows are independent and those rows are not stored.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _scaled_dot_loop(
+            acc, a_ptr, b_ptr + e.to(tl.int64) * N * K, as_ptr, bs_ptr + e * nb * kb,
+            tl.minimum(offs_m, S - 1), offs_n % N, 0, K, K, K, kb, kb,
+            B_BLOCKWISE=B_BLOCKWISE, MASK_K=not EVEN_K, BLOCK_K=128,
+        )  # fmt: skip
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
+
+    @triton.autotune(configs=_wgrad_configs(), key=["N", "K"])
+    @triton.jit
+    def _grouped_wgrad_kernel(
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, offs_ptr,
+        S, N, K,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # a = dyT_NS, b = xT_KS (both K-major along tokens S), as_NSb, bs_KSb; c = dW_ENK.
+        # One program: one [BLOCK_M, BLOCK_N] tile of one expert's dW, reducing over its tokens.
+        e = tl.program_id(1)
+        start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(offs_ptr + e)
+        num_n = tl.cdiv(K, BLOCK_N)
+        pid_m = tl.program_id(0) // num_n
+        pid_n = tl.program_id(0) % num_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        sb = tl.cdiv(S, 128)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _scaled_dot_loop(
+            acc, a_ptr, b_ptr, as_ptr, bs_ptr, offs_m % N, offs_n % K, start, end, S, S, sb, sb,
+            B_BLOCKWISE=False, MASK_K=True, BLOCK_K=128,
+        )  # fmt: skip
+        # An expert with no tokens runs no step and stores zeros: its weight gradient is zero.
+        c_ptrs = c_ptr + e.to(tl.int64) * N * K + offs_m[:, None] * K + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_n[None, :] < K))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _tile_map(offs_E: torch.Tensor, S: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row-tile: its expert (-1 for the idle tail) and first row, built on the device (no sync).
+
+    Each expert's rows are cut into ceil(count / block_m) tiles; the total is at most
+    ceil(S / block_m) + E, the static grid size.
+    """
+    E = offs_E.numel()
+    offs = offs_E.long()
+    starts = torch.cat([offs.new_zeros(1), offs[:-1]])
+    tiles = (offs - starts + block_m - 1) // block_m  # [E]
+    cum = torch.cumsum(tiles, 0)  # [E]
+    tile_ids = torch.arange(triton.cdiv(S, block_m) + E, device=offs_E.device)  # [T]
+    expert = torch.searchsorted(cum, tile_ids, right=True)  # [T], E for idle tiles
+    valid = expert < E
+    e_safe = expert.clamp(max=E - 1)
+    row0 = starts[e_safe] + (tile_ids - (cum[e_safe] - tiles[e_safe])) * block_m
+    return torch.where(valid, e_safe, -1).int(), torch.where(valid, row0, 0).int()
+
+
+def _check_offs(offs_E: torch.Tensor, E: int) -> None:
+    assert offs_E.dtype == torch.int32 and offs_E.dim() == 1 and offs_E.numel() == E, "offs_E must be int32 [E]"
+
+
+def _grouped_launch(a_SK, a_s, b_ENK, b_s, offs_E, out_dtype) -> torch.Tensor:
+    S, K = a_SK.shape
+    E, N, Kw = b_ENK.shape
+    assert Kw == K, f"reduction dims differ: {K} vs {Kw}"
+    Kb, Nb = triton.cdiv(K, BLOCK), triton.cdiv(N, BLOCK)
+    assert a_s.shape == (S, Kb) and b_s.shape == (E, Nb, Kb), "scales must be [S, Kb] and [E, Nb, Kb]"
+    _check_offs(offs_E, E)
+    c = torch.empty(S, N, dtype=out_dtype, device=a_SK.device)
+    if S == 0 or N == 0:
+        return c
+    block_m = _grouped_block_m()
+    tile_expert, tile_row = _tile_map(offs_E, S, block_m)
+
+    def grid(meta):
+        return (tile_expert.numel(), triton.cdiv(N, meta["BLOCK_N"]))
+
+    _grouped_gemm_kernel[grid](
+        a_SK, b_ENK, c, a_s, b_s, offs_E, tile_expert, tile_row, S, N, K,
+        B_BLOCKWISE=True, EVEN_K=K % BLOCK == 0, BLOCK_M=block_m,
+    )  # fmt: skip
+    return c
+
+
+def fp8_grouped_gemm(
+    x_SK: torch.Tensor,
+    x_scale_SKb: torch.Tensor,
+    w_ENK: torch.Tensor,
+    w_scale_ENbKb: torch.Tensor,
+    offs_E: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """y[S, N]: each expert's rows of e4m3 x (1x128 scales) times its e4m3 W[e]^T (128x128 blocks)."""
+    tt.require_fp8("fp8_grouped_gemm")
+    _check_fp8(x_SK, x_scale_SKb, "x_SK")
+    _check_fp8(w_ENK, w_scale_ENbKb, "w_ENK")
+    return _grouped_launch(x_SK, x_scale_SKb, w_ENK, w_scale_ENbKb, offs_E, out_dtype)
+
+
+def fp8_grouped_gemm_dgrad(
+    dy_SN: torch.Tensor,
+    dy_scale_SNb: torch.Tensor,
+    w_ENK: torch.Tensor,
+    w_scale_ENbKb: torch.Tensor,
+    offs_E: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """dx[S, K]: each expert's rows of e4m3 dy (1x128 scales along N) times its W[e]."""
+    tt.require_fp8("fp8_grouped_gemm_dgrad")
+    _check_fp8(dy_SN, dy_scale_SNb, "dy_SN")
+    _check_fp8(w_ENK, w_scale_ENbKb, "w_ENK")
+    # N-major copy of the weights ([E, K, N]) so the reduction dim is contiguous (fp8 wgmma).
+    w_EKN = w_ENK.transpose(1, 2).contiguous()
+    return _grouped_launch(dy_SN, dy_scale_SNb, w_EKN, w_scale_ENbKb.transpose(1, 2).contiguous(), offs_E, out_dtype)
+
+
+def fp8_grouped_gemm_wgrad(
+    dyT_NS: torch.Tensor,
+    dyT_scale_NSb: torch.Tensor,
+    xT_KS: torch.Tensor,
+    xT_scale_KSb: torch.Tensor,
+    offs_E: torch.Tensor,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """dW[E, N, K]: per expert, dy^T x over its tokens, both in the 128x1 tiling along tokens."""
+    tt.require_fp8("fp8_grouped_gemm_wgrad")
+    _check_fp8(dyT_NS, dyT_scale_NSb, "dyT_NS")
+    _check_fp8(xT_KS, xT_scale_KSb, "xT_KS")
+    (N, S), K, E = dyT_NS.shape, xT_KS.shape[0], offs_E.numel()
+    Sb = triton.cdiv(S, BLOCK)
+    assert xT_KS.shape[1] == S and dyT_scale_NSb.shape == (N, Sb) and xT_scale_KSb.shape == (K, Sb)
+    _check_offs(offs_E, E)
+    c = torch.empty(E, N, K, dtype=out_dtype, device=dyT_NS.device)
+    if E == 0 or N == 0 or K == 0:
+        return c
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), E)
+
+    _grouped_wgrad_kernel[grid](dyT_NS, xT_KS, c, dyT_scale_NSb, xT_scale_KSb, offs_E, S, N, K)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch references: a loop over experts, dequantise then matmul in fp32
+
+
+def _expert_ranges(offs_E: torch.Tensor) -> list[tuple[int, int]]:
+    ends = offs_E.tolist()
+    return list(zip([0] + ends[:-1], ends, strict=True))
+
+
+def _dequant_w(w_NK: torch.Tensor, s_NbKb: torch.Tensor) -> torch.Tensor:
+    return w_NK.float() * expand_block_scale(s_NbKb.float(), *w_NK.shape)
+
+
+def fp8_grouped_gemm_ref(x_SK, x_scale_SKb, w_ENK, w_scale_ENbKb, offs_E, out_dtype=torch.bfloat16):
+    x = dequantize_act_ref(x_SK, x_scale_SKb)
+    y = x.new_zeros(x.shape[0], w_ENK.shape[1])
+    for e, (s, t) in enumerate(_expert_ranges(offs_E)):
+        y[s:t] = x[s:t] @ _dequant_w(w_ENK[e], w_scale_ENbKb[e]).t()
+    return y.to(out_dtype)
+
+
+def fp8_grouped_gemm_dgrad_ref(dy_SN, dy_scale_SNb, w_ENK, w_scale_ENbKb, offs_E, out_dtype=torch.bfloat16):
+    dy = dequantize_act_ref(dy_SN, dy_scale_SNb)
+    dx = dy.new_zeros(dy.shape[0], w_ENK.shape[2])
+    for e, (s, t) in enumerate(_expert_ranges(offs_E)):
+        dx[s:t] = dy[s:t] @ _dequant_w(w_ENK[e], w_scale_ENbKb[e])
+    return dx.to(out_dtype)
+
+
+def fp8_grouped_gemm_wgrad_ref(dyT_NS, dyT_scale_NSb, xT_KS, xT_scale_KSb, offs_E, out_dtype=torch.float32):
+    dyT, xT = dequantize_act_ref(dyT_NS, dyT_scale_NSb), dequantize_act_ref(xT_KS, xT_scale_KSb)
+    dw = dyT.new_zeros(offs_E.numel(), dyT.shape[0], xT.shape[0])
+    for e, (s, t) in enumerate(_expert_ranges(offs_E)):
+        dw[e] = dyT[:, s:t] @ xT[:, s:t].t()
+    return dw.to(out_dtype)

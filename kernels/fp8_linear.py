@@ -1,0 +1,296 @@
+"""FP8 linear layers and FP8 routed experts, built on the block-scaled GEMMs.
+
+Training (DeepSeek-V3 sec. 3.3): the master weight stays in bf16/fp32; each forward quantises it in
+128x128 blocks and the input in 1x128 tiles, computes y in fp32-promoted FP8, and keeps for
+backward only FP8 tensors: the input in the 128x1 tiling that the weight-gradient GEMM reads, and
+the quantised weight. Backward quantises dy twice (1x128 for dgrad, 128x1 for wgrad).
+
+Inference: `FP8InferenceLinear` holds the official checkpoint's e4m3 `weight` and fp32
+`weight_scale_inv` [ceil(N/128), ceil(K/128)] and never makes a bf16 copy.
+
+Shape legend: T tokens, D hidden, I expert intermediate, F = 2*I (gate and up fused), E experts,
+Kt experts per token, S = T*Kt routed rows, M/N/K as in fp8_gemm.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fp8_gemm import fp8_gemm, fp8_gemm_dgrad, fp8_gemm_wgrad
+from .fp8_grouped_gemm import fp8_grouped_gemm, fp8_grouped_gemm_dgrad, fp8_grouped_gemm_wgrad
+from .quant import (
+    BLOCK,
+    dequantize_act_ref,
+    dequantize_weight_ref,
+    quantize_act,
+    quantize_act_ref,
+    quantize_act_t,
+    quantize_act_t_ref,
+    quantize_weight,
+    quantize_weight_ref,
+)
+
+# ---------------------------------------------------------------------------------------------
+# autograd.Functions
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """y = x W^T with FP8 forward, dgrad and wgrad (no bias; add it outside in high precision)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_NK: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+        N, K = weight_NK.shape
+        x_MK = x.reshape(-1, K).contiguous()  # [M, K], M = all leading dims
+        x_q, x_s = quantize_act(x_MK, pow2)
+        w_q, w_s = quantize_weight(weight_NK.contiguous(), pow2)
+        y_MN = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
+        # Only FP8 is saved: the 128x1 tiling of x (what wgrad reads; the 1x128 copy is dead now)
+        # and the quantised weight (dgrad reuses its blocks; no second quantisation of W).
+        xT_q, xT_s = quantize_act_t(x_MK, pow2) if ctx.needs_input_grad[1] else (None, None)
+        ctx.save_for_backward(xT_q, xT_s, w_q, w_s)
+        ctx.pow2, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = pow2, x.shape, x.dtype, weight_NK.dtype
+        return y_MN.view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xT_q, xT_s, w_q, w_s = ctx.saved_tensors
+        dy_MN = dy.reshape(-1, w_q.shape[0]).contiguous()  # [M, N]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dy_q, dy_s = quantize_act(dy_MN, ctx.pow2)
+            dx = fp8_gemm_dgrad(dy_q, dy_s, w_q, w_s, out_dtype=ctx.x_dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dyT_q, dyT_s = quantize_act_t(dy_MN, ctx.pow2)
+            dw = fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, out_dtype=ctx.w_dtype)
+        return dx, dw, None
+
+
+class FP8GroupedLinearFunction(torch.autograd.Function):
+    """y[rows_e] = x[rows_e] W[e]^T for tokens sorted by expert; FP8 forward and backward."""
+
+    @staticmethod
+    def forward(
+        ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False
+    ) -> torch.Tensor:
+        x_SK = x_SK.contiguous()
+        x_q, x_s = quantize_act(x_SK, pow2)
+        w_q, w_s = quantize_weight(weight_ENK.contiguous(), pow2)
+        y_SN = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offs_E, out_dtype=x_SK.dtype)
+        xT_q, xT_s = quantize_act_t(x_SK, pow2) if ctx.needs_input_grad[1] else (None, None)
+        ctx.save_for_backward(xT_q, xT_s, w_q, w_s, offs_E)
+        ctx.pow2, ctx.x_dtype, ctx.w_dtype = pow2, x_SK.dtype, weight_ENK.dtype
+        return y_SN
+
+    @staticmethod
+    def backward(ctx, dy_SN: torch.Tensor):
+        xT_q, xT_s, w_q, w_s, offs_E = ctx.saved_tensors
+        dy_SN = dy_SN.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dy_q, dy_s = quantize_act(dy_SN, ctx.pow2)
+            dx = fp8_grouped_gemm_dgrad(dy_q, dy_s, w_q, w_s, offs_E, out_dtype=ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            dyT_q, dyT_s = quantize_act_t(dy_SN, ctx.pow2)
+            dw = fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs_E, out_dtype=ctx.w_dtype)
+        return dx, dw, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+class FP8Linear(nn.Linear):
+    """Drop-in nn.Linear (same `weight`/`bias`) whose matmuls run in block-scaled FP8.
+
+    The bias, if any, is added in the activation dtype after the FP8 GEMM.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 pow2_scales: bool = False) -> None:  # fmt: skip
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.pow2_scales = pow2_scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = FP8LinearFunction.apply(x, self.weight, self.pow2_scales)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, pow2_scales: bool = False) -> FP8Linear:
+        """Wrap an existing nn.Linear, sharing its parameters."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features, new.pow2_scales = linear.in_features, linear.out_features, pow2_scales
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", pow2_scales={self.pow2_scales}"
+
+
+class FP8InferenceLinear(nn.Module):
+    """Inference linear over an official FP8 checkpoint's tensors: e4m3 `weight` [N, K] and fp32
+    `weight_scale_inv` [ceil(N/128), ceil(K/128)]; about one byte per parameter, no bf16 copy."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None,
+                 dtype: torch.dtype = torch.bfloat16) -> None:  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+        w = torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device)
+        self.weight = nn.Parameter(w, requires_grad=False)
+        nb, kb = math.ceil(out_features / BLOCK), math.ceil(in_features / BLOCK)
+        self.register_buffer("weight_scale_inv", torch.ones(nb, kb, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_MK = x.reshape(-1, self.in_features).contiguous()  # [M, K]
+        x_q, x_s = quantize_act(x_MK)
+        y = fp8_gemm(x_q, x_s, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, pow2_scales: bool = False) -> FP8InferenceLinear:
+        """Quantise a float nn.Linear (torch reference quantiser: same bits as the kernel, runs anywhere)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                  device=linear.weight.device, dtype=linear.weight.dtype)  # fmt: skip
+        w_q, w_s = quantize_weight_ref(linear.weight.detach(), pow2_scales)
+        new.weight.data.copy_(w_q)
+        new.weight_scale_inv.copy_(w_s)
+        if linear.bias is not None:
+            new.bias.data.copy_(linear.bias.detach())
+        return new
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return dequantize_weight_ref(self.weight, self.weight_scale_inv, dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Routed experts
+
+
+def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
+    """Order of the S = T*Kt routed rows by expert, their token, and the int32 end offsets [E]."""
+    flat_S = topk_idx_TK.reshape(-1)
+    order_S = torch.argsort(flat_S, stable=True)
+    token_S = order_S // topk_idx_TK.shape[1]
+    offs_E = torch.bincount(flat_S, minlength=num_experts).cumsum(0).to(torch.int32)
+    return order_S, token_S, offs_E
+
+
+def fp8_experts_forward(
+    hidden_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    gate_up_proj_EFD: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    pow2_scales: bool = False,
+) -> torch.Tensor:
+    """Routed-experts output sum_k w_tk * down_e(act(gate_e(x_t)) * up_e(x_t)) in FP8, differentiable.
+
+    Weights use transformers' fused layout: gate_up_proj [E, 2*I, D] (gate rows first, then up),
+    down_proj [E, D, I]. The top-k weighted sum is accumulated in fp32.
+    """
+    E = gate_up_proj_EFD.shape[0]
+    order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, E)
+    x_SD = hidden_TD[token_S]  # [S, D], rows grouped by expert
+    h_SF = FP8GroupedLinearFunction.apply(x_SD, gate_up_proj_EFD, offs_E, pow2_scales)
+    gate_SI, up_SI = h_SF.chunk(2, dim=-1)
+    a_SI = act(gate_SI) * up_SI
+    y_SD = FP8GroupedLinearFunction.apply(a_SI, down_proj_EDI, offs_E, pow2_scales)
+    w_S = topk_weight_TK.reshape(-1)[order_S].float()
+    out_TD = hidden_TD.new_zeros(hidden_TD.shape, dtype=torch.float32)
+    out_TD = out_TD.index_add(0, token_S, y_SD.float() * w_S[:, None])
+    return out_TD.to(hidden_TD.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch references: the same FP8 recipe (same quantisers, bit for bit), matmuls in fp32
+
+
+class FP8LinearRefFunction(torch.autograd.Function):
+    """Reference of FP8LinearFunction: torch quantisers, dequantise, fp32 matmul."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_NK: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+        N, K = weight_NK.shape
+        x_MK = x.reshape(-1, K)
+        w = dequantize_weight_ref(*quantize_weight_ref(weight_NK, pow2), torch.float32)
+        y = dequantize_act_ref(*quantize_act_ref(x_MK, pow2)) @ w.t()
+        ctx.save_for_backward(dequantize_act_ref(*quantize_act_t_ref(x_MK, pow2)), w)
+        ctx.pow2, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = pow2, x.shape, x.dtype, weight_NK.dtype
+        return y.to(x.dtype).view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        xT_KM, w_NK = ctx.saved_tensors
+        dy_MN = dy.reshape(-1, w_NK.shape[0])
+        dx = dequantize_act_ref(*quantize_act_ref(dy_MN, ctx.pow2)) @ w_NK
+        dw = dequantize_act_ref(*quantize_act_t_ref(dy_MN, ctx.pow2)) @ xT_KM.t()
+        return dx.to(ctx.x_dtype).view(ctx.x_shape), dw.to(ctx.w_dtype), None
+
+
+class FP8GroupedLinearRefFunction(torch.autograd.Function):
+    """Reference of FP8GroupedLinearFunction: a loop over experts of the dense reference recipe.
+
+    The 128x1 tiles of the wgrad operands are global over all S rows, as in the kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x_SK, weight_ENK, offs_E, pow2: bool = False):
+        w = dequantize_weight_ref(*quantize_weight_ref(weight_ENK, pow2), torch.float32)  # [E, N, K]
+        x = dequantize_act_ref(*quantize_act_ref(x_SK, pow2))
+        ranges = list(zip([0] + offs_E.tolist()[:-1], offs_E.tolist(), strict=True))
+        y = x.new_zeros(x.shape[0], w.shape[1])
+        for e, (s, t) in enumerate(ranges):
+            y[s:t] = x[s:t] @ w[e].t()
+        ctx.save_for_backward(dequantize_act_ref(*quantize_act_t_ref(x_SK, pow2)), w)
+        ctx.ranges, ctx.pow2, ctx.x_dtype, ctx.w_dtype = ranges, pow2, x_SK.dtype, weight_ENK.dtype
+        return y.to(x_SK.dtype)
+
+    @staticmethod
+    def backward(ctx, dy_SN):
+        xT_KS, w = ctx.saved_tensors
+        dy = dequantize_act_ref(*quantize_act_ref(dy_SN, ctx.pow2))
+        dyT = dequantize_act_ref(*quantize_act_t_ref(dy_SN, ctx.pow2))
+        dx = dy.new_zeros(dy.shape[0], w.shape[2])
+        dw = torch.zeros_like(w)
+        for e, (s, t) in enumerate(ctx.ranges):
+            dx[s:t] = dy[s:t] @ w[e]
+            dw[e] = dyT[:, s:t] @ xT_KS[:, s:t].t()
+        return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
+
+
+def experts_forward_ref(
+    hidden_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    gate_up_proj_EFD: torch.Tensor,
+    down_proj_EDI: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+    pow2_scales: bool = False,
+    fp8: bool = True,
+) -> torch.Tensor:
+    """Reference of fp8_experts_forward; with fp8=False, the plain high-precision experts."""
+    E = gate_up_proj_EFD.shape[0]
+    order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, E)
+    x_SD = hidden_TD[token_S]
+    if fp8:
+        linear = lambda x, w: FP8GroupedLinearRefFunction.apply(x, w, offs_E, pow2_scales)
+    else:
+        counts = torch.diff(offs_E, prepend=offs_E.new_zeros(1)).tolist()
+        linear = lambda x, w: torch.cat([xe @ we.t() for xe, we in zip(x.split(counts), w, strict=True)])
+    h_SF = linear(x_SD, gate_up_proj_EFD)
+    gate_SI, up_SI = h_SF.chunk(2, dim=-1)
+    y_SD = linear(act(gate_SI) * up_SI, down_proj_EDI)
+    w_S = topk_weight_TK.reshape(-1)[order_S].float()
+    out_TD = hidden_TD.new_zeros(hidden_TD.shape, dtype=torch.float32)
+    return out_TD.index_add(0, token_S, y_SD.float() * w_S[:, None]).to(hidden_TD.dtype)

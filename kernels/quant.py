@@ -1,0 +1,271 @@
+"""Block-scaled FP8 (e4m3) quantisation, as in DeepSeek-V3 (arXiv 2412.19437, sec. 3.3.2).
+
+Activations are scaled per token in 1x128 tiles; the weight-gradient GEMM reduces over tokens, so
+it needs the transposed 128x1 tiling (128 consecutive tokens of one channel share a scale); weights
+are scaled in 128x128 blocks, with `weight_scale_inv` laid out exactly as the official checkpoints
+store it. Every stored scale *multiplies back*: x ~= x_fp8 * scale.
+
+Shape legend: M tokens (rows), K reduction / input features, N output features; Mb, Kb, Nb are
+ceil(dim / 128), the number of 128-wide scale blocks along that dim. `x_MK` is [M, K].
+
+The float -> e4m3 rounding is done by explicit round-to-nearest-even arithmetic (`_round_e4m3`),
+then the exactly representable value is cast. The result is the same bits as the hardware cast
+(and as torch's `.to(torch.float8_e4m3fn)`), and it is also right under TRITON_INTERPRET=1, whose
+own float->fp8 cast is wrong when rounding carries into the next power of two (127.9 -> 64
+instead of 128) and for sub-half-ulp subnormals.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _triton as tt
+
+FP8_MAX = 448.0  # largest finite e4m3fn value
+BLOCK = 128  # scale-block width: the paper's tile and the official checkpoints' weight blocks
+AMAX_EPS = 1e-4  # an all-zero tile gets a tiny scale instead of 0 (0 would make x / scale NaN)
+
+triton, tl = tt.triton, tt.tl
+
+if tt.HAS_TRITON:
+    # jit functions may read module globals only when they are tl.constexpr
+    _FP8_MAX_C = tl.constexpr(FP8_MAX)
+    _AMAX_EPS_C = tl.constexpr(AMAX_EPS)
+
+    @triton.jit
+    def _round_e4m3(v):
+        """Round fp32 `v` (|v| <= 448) to the nearest e4m3 value, ties to even, exactly."""
+        a = tl.abs(v)
+        # e4m3 has 3 mantissa bits, so the spacing in binade [2^e, 2^(e+1)) is 2^(e-3);
+        # subnormals (below 2^-6) share the spacing 2^-9 of the lowest normal binade.
+        e_biased = (a.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        e_biased = tl.maximum(e_biased, 127 - 6)
+        quantum = ((e_biased - 3) << 23).to(tl.float32, bitcast=True)
+        inv_quantum = ((257 - e_biased) << 23).to(tl.float32, bitcast=True)
+        # a * 2^-(e-3) is exact; adding then subtracting 1.5 * 2^23 rounds it to an integer with the
+        # FPU's round-to-nearest-even (valid below 2^22; here it is below 2^5). A carry (15.99 -> 16)
+        # lands on the next power of two, which is representable: this is the case the
+        # interpreter's own cast gets wrong.
+        r = (a * inv_quantum + 12582912.0) - 12582912.0
+        r = (r * quantum).to(tl.int32, bitcast=True)
+        # Copy the sign bit back with bit ops: `-r` is `0 - r` in Triton, which turns -0.0 into +0.0
+        # (the hardware cast keeps -0.0, code 0x80).
+        sign = v.to(tl.int32, bitcast=True) & -2147483648
+        return (r | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _scale_from_amax(amax, POW2: tl.constexpr):
+        s = tl.math.div_rn(tl.maximum(amax, _AMAX_EPS_C), _FP8_MAX_C)
+        if POW2:
+            # UE8M0: round the scale *up* to a power of two (x / s then stays within +-448).
+            bits = s.to(tl.int32, bitcast=True)
+            up = (bits & 0x7F800000) + 0x00800000
+            s = tl.where((bits & 0x007FFFFF) != 0, up, bits).to(tl.float32, bitcast=True)
+        return s
+
+    @triton.jit
+    def _quant_act_kernel(x_ptr, y_ptr, s_ptr, M, K, POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+        # One program: BLOCK_M tokens x one 128-wide tile along K. x_MK, y_MK contiguous; s_MKb.
+        pid_m = tl.program_id(0)
+        kb = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = kb * 128 + tl.arange(0, 128)
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)  # ragged last tile: masked lanes are 0
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = _scale_from_amax(tl.max(tl.abs(x), axis=1), POW2)  # [BLOCK_M]
+        y = _round_e4m3(tl.math.div_rn(x, s[:, None]))
+        tl.store(y_ptr + offs_m[:, None] * K + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + offs_m * tl.cdiv(K, 128) + kb, s, mask=offs_m < M)
+
+    @triton.jit
+    def _quant_act_t_kernel(x_ptr, y_ptr, s_ptr, M, K, POW2: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One program: 128 tokens x BLOCK_K channels; each channel's 128 tokens share a scale.
+        # x_MK in, y_KM out (transposed so that the wgrad GEMM reads its reduction dim, tokens,
+        # contiguously: fp8 tensor-core operands must be K-major), s_KMb.
+        mb = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_m = mb * 128 + tl.arange(0, 128)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2)  # [BLOCK_K]
+        y = _round_e4m3(tl.math.div_rn(x, s[None, :]))
+        tl.store(y_ptr + offs_k[None, :] * M + offs_m[:, None], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + offs_k * tl.cdiv(M, 128) + mb, s, mask=offs_k < K)
+
+    @triton.jit
+    def _quant_weight_kernel(w_ptr, y_ptr, s_ptr, N, K, POW2: tl.constexpr):
+        # One program: one 128x128 block of w_NK (of expert program_id(2) for stacked w_ENK);
+        # s_NbKb is the checkpoints' weight_scale_inv.
+        nb = tl.program_id(0)
+        kb = tl.program_id(1)
+        e = tl.program_id(2).to(tl.int64)
+        w_ptr += e * N * K
+        y_ptr += e * N * K
+        s_ptr += e * tl.cdiv(N, 128) * tl.cdiv(K, 128)
+        offs_n = nb * 128 + tl.arange(0, 128)
+        offs_k = kb * 128 + tl.arange(0, 128)
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = _scale_from_amax(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+        y = _round_e4m3(tl.math.div_rn(w, s))
+        tl.store(y_ptr + offs_n[:, None] * K + offs_k[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + nb * tl.cdiv(K, 128) + kb, s)
+
+    @triton.jit
+    def _dequant_weight_kernel(q_ptr, s_ptr, w_ptr, N, K):
+        nb = tl.program_id(0)
+        kb = tl.program_id(1)
+        e = tl.program_id(2).to(tl.int64)
+        q_ptr += e * N * K
+        w_ptr += e * N * K
+        s_ptr += e * tl.cdiv(N, 128) * tl.cdiv(K, 128)
+        offs_n = nb * 128 + tl.arange(0, 128)
+        offs_k = kb * 128 + tl.arange(0, 128)
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        q = tl.load(q_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + nb * tl.cdiv(K, 128) + kb)
+        tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], (q * s).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _check_2d(x: torch.Tensor, name: str) -> None:
+    assert x.dim() == 2, f"{name} must be 2-D, got {tuple(x.shape)}"
+    assert x.is_contiguous(), f"{name} must be contiguous"
+
+
+def quantize_act(x_MK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token 1x128 quantisation: returns (x_fp8 [M, K] e4m3, scale [M, Kb] fp32)."""
+    tt.require_fp8("quantize_act")
+    _check_2d(x_MK, "x_MK")
+    M, K = x_MK.shape
+    y_MK = torch.empty(M, K, dtype=torch.float8_e4m3fn, device=x_MK.device)
+    s_MKb = torch.empty(M, triton.cdiv(K, BLOCK), dtype=torch.float32, device=x_MK.device)
+    block_m = 16 if tt.interpreting() else 32  # 32 x 128 fp32 tile: 32 registers a thread at 4 warps
+    grid = (triton.cdiv(M, block_m), triton.cdiv(K, BLOCK))
+    if M and K:
+        _quant_act_kernel[grid](x_MK, y_MK, s_MKb, M, K, POW2=pow2, BLOCK_M=block_m, num_warps=4)
+    return y_MK, s_MKb
+
+
+def quantize_act_t(x_MK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Transposed 128x1 quantisation along tokens: returns (xT_fp8 [K, M] e4m3, scale [K, Mb] fp32).
+
+    Equal to `quantize_act(x_MK.T.contiguous())`, without materialising the transpose.
+    """
+    tt.require_fp8("quantize_act_t")
+    _check_2d(x_MK, "x_MK")
+    M, K = x_MK.shape
+    y_KM = torch.empty(K, M, dtype=torch.float8_e4m3fn, device=x_MK.device)
+    s_KMb = torch.empty(K, triton.cdiv(M, BLOCK), dtype=torch.float32, device=x_MK.device)
+    block_k = 16 if tt.interpreting() else 32
+    grid = (triton.cdiv(M, BLOCK), triton.cdiv(K, block_k))
+    if M and K:
+        _quant_act_t_kernel[grid](x_MK, y_KM, s_KMb, M, K, POW2=pow2, BLOCK_K=block_k, num_warps=4)
+    return y_KM, s_KMb
+
+
+def _check_weight(w: torch.Tensor, name: str) -> None:
+    assert w.dim() in (2, 3), f"{name} must be [N, K] or stacked experts [E, N, K], got {tuple(w.shape)}"
+    assert w.is_contiguous(), f"{name} must be contiguous"
+
+
+def quantize_weight(w_NK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 block quantisation: returns (w_fp8 [N, K] e4m3, weight_scale_inv [Nb, Kb] fp32).
+
+    Stacked expert weights [E, N, K] give [E, Nb, Kb] scales (blocks never straddle experts).
+    """
+    tt.require_fp8("quantize_weight")
+    _check_weight(w_NK, "w_NK")
+    *lead, N, K = w_NK.shape
+    y_NK = torch.empty(w_NK.shape, dtype=torch.float8_e4m3fn, device=w_NK.device)
+    s_NbKb = torch.empty(*lead, triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK), dtype=torch.float32, device=w_NK.device)
+    if y_NK.numel():
+        grid = (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK), lead[0] if lead else 1)
+        _quant_weight_kernel[grid](w_NK, y_NK, s_NbKb, N, K, POW2=pow2, num_warps=8)
+    return y_NK, s_NbKb
+
+
+def dequantize_weight(
+    w_fp8_NK: torch.Tensor, scale_inv_NbKb: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """w = w_fp8 * weight_scale_inv, broadcast over each 128x128 block (ragged edges included)."""
+    tt.require_fp8("dequantize_weight")
+    _check_weight(w_fp8_NK, "w_fp8_NK")
+    *lead, N, K = w_fp8_NK.shape
+    want = (*lead, triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK))
+    assert tuple(scale_inv_NbKb.shape) == want, f"scale_inv must be {want}, got {tuple(scale_inv_NbKb.shape)}"
+    w_NK = torch.empty(w_fp8_NK.shape, dtype=dtype, device=w_fp8_NK.device)
+    if w_NK.numel():
+        grid = (want[-2], want[-1], lead[0] if lead else 1)
+        _dequant_weight_kernel[grid](w_fp8_NK, scale_inv_NbKb.float().contiguous(), w_NK, N, K, num_warps=8)
+    return w_NK
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch references (the ground truth of the tests; also a slow fallback anywhere)
+
+
+def _pad_to(x: torch.Tensor, dim: int, mult: int) -> torch.Tensor:
+    pad = (-x.shape[dim]) % mult
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _scale_from_amax_ref(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+    s = amax.float().clamp(min=AMAX_EPS) / FP8_MAX
+    if pow2:
+        mant, exp = torch.frexp(s)  # s = mant * 2^exp, mant in [0.5, 1)
+        s = torch.ldexp(torch.ones_like(s), torch.where(mant == 0.5, exp - 1, exp))
+    return s
+
+
+def quantize_act_ref(x_MK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    M, K = x_MK.shape
+    x = _pad_to(x_MK.float(), 1, BLOCK).view(M, -1, BLOCK)  # [M, Kb, 128]
+    s_MKb = _scale_from_amax_ref(x.abs().amax(dim=2), pow2)
+    y = (x / s_MKb[..., None]).to(torch.float8_e4m3fn).view(M, -1)[:, :K]
+    return y.contiguous(), s_MKb
+
+
+def quantize_act_t_ref(x_MK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_act_ref(x_MK.t().contiguous(), pow2)
+
+
+def quantize_weight_ref(w_NK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    if w_NK.dim() == 3:
+        ys, ss = zip(*(quantize_weight_ref(w, pow2) for w in w_NK), strict=True)
+        return torch.stack(ys), torch.stack(ss)
+    N, K = w_NK.shape
+    w = _pad_to(_pad_to(w_NK.float(), 0, BLOCK), 1, BLOCK)
+    Nb, Kb = w.shape[0] // BLOCK, w.shape[1] // BLOCK
+    w = w.view(Nb, BLOCK, Kb, BLOCK)  # [Nb, 128, Kb, 128]
+    s_NbKb = _scale_from_amax_ref(w.abs().amax(dim=(1, 3)), pow2)
+    y = (w / s_NbKb[:, None, :, None]).to(torch.float8_e4m3fn).view(Nb * BLOCK, Kb * BLOCK)[:N, :K]
+    return y.contiguous(), s_NbKb
+
+
+def expand_block_scale(scale_XbYb: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """[Xb, Yb] per-128x128-block scales -> [rows, cols] per-element scales."""
+    return scale_XbYb.repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)[:rows, :cols]
+
+
+def dequantize_weight_ref(
+    w_fp8_NK: torch.Tensor, scale_inv_NbKb: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    if w_fp8_NK.dim() == 3:
+        return torch.stack([dequantize_weight_ref(w, s, dtype) for w, s in zip(w_fp8_NK, scale_inv_NbKb, strict=True)])
+    N, K = w_fp8_NK.shape
+    return (w_fp8_NK.float() * expand_block_scale(scale_inv_NbKb.float(), N, K)).to(dtype)
+
+
+def dequantize_act_ref(x_fp8_MK: torch.Tensor, scale_MKb: torch.Tensor) -> torch.Tensor:
+    """fp32 x = x_fp8 * scale, each scale covering 128 consecutive elements of a row."""
+    K = x_fp8_MK.shape[1]
+    return x_fp8_MK.float() * scale_MKb.float().repeat_interleave(BLOCK, 1)[:, :K]

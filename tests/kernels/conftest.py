@@ -1,0 +1,38 @@
+"""FP8 kernel tests run on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported (it is read at import and at kernel
+definition), so it is set here, at collection, before any test module imports the kernels.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Relative Frobenius error ||out - ref|| / ||ref||, keyed by what is compared.
+TOL = {
+    # Same fp8 operands and scales as the reference; only the fp32 summation order differs.
+    torch.float32: 1e-5,
+    # bf16 output: RNE would be <= 2^-9 relative per element, but the interpreter's fp32->bf16
+    # cast truncates (measured here), up to 2^-7 relative, RMS ~3.4e-3 over a matrix.
+    torch.bfloat16: 6e-3,
+    # Whole recipe vs an fp32 matmul: each operand rounded to e4m3 (3 mantissa bits, <= 2^-4
+    # relative, RMS ~2^-4/sqrt(3)*0.72 ~ 0.026), two independent operands -> ~0.037; bound sqrt(2)*2^-4/sqrt(3).
+    "e4m3_recipe": 0.051,
+}
+
+
+@pytest.fixture
+def tol():
+    return TOL
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.fixture
+def rel():
+    return rel_err

@@ -1,0 +1,121 @@
+"""FP8Linear, FP8InferenceLinear and the FP8 routed experts: forward and all gradients vs torch
+references running the same recipe (same quantisers, bit for bit), and vs full precision."""
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from modeling_deepseek_v3.kernels import (  # noqa: E402
+    FP8InferenceLinear,
+    FP8Linear,
+    FP8LinearRefFunction,
+    experts_forward_ref,
+    fp8_experts_forward,
+)
+
+# A 1e-7 difference upstream can flip one downstream e4m3 rounding (a 2^-3 relative step) when an
+# activation is re-quantised (the experts' second GEMM, and dgrad after SiLU'): rare, so the
+# norm-wise error stays near 1e-4; bound 1e-3.
+TOL_CHAINED = 1e-3
+# Two quantised GEMMs in series, each within the e4m3 recipe bound (0.051): 2x.
+TOL_EXPERTS_VS_FP32 = 0.1
+
+
+def _clone(*ts):
+    return [t.detach().clone().requires_grad_(t.requires_grad) for t in ts]
+
+
+@pytest.mark.parametrize("shape,N", [((3, 7, 300), 200), ((130, 128), 576), ((1, 256), 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp8_linear_matches_reference(shape, N, bias, tol, rel):
+    torch.manual_seed(sum(shape) + N)
+    lin = FP8Linear(shape[-1], N, bias=bias)
+    x = torch.randn(*shape, requires_grad=True)
+    (x2,) = _clone(x)
+    (w2,) = _clone(lin.weight)
+    b2 = lin.bias.detach().clone().requires_grad_() if bias else None
+    y = lin(x)
+    y2 = FP8LinearRefFunction.apply(x2, w2)
+    y2 = y2 + b2 if bias else y2
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert rel(y, y2) < tol[torch.float32]
+    assert rel(x.grad, x2.grad) < tol[torch.float32]
+    assert rel(lin.weight.grad, w2.grad) < tol[torch.float32]
+    if bias:
+        assert rel(lin.bias.grad, b2.grad) < tol[torch.float32]
+
+
+def test_fp8_linear_vs_fp32_linear(tol, rel):
+    torch.manual_seed(0)
+    lin = FP8Linear(384, 200, bias=False)
+    x = torch.randn(64, 384, requires_grad=True)
+    x2, w2 = _clone(x, lin.weight)
+    y, y2 = lin(x), F.linear(x2, w2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert rel(y, y2) < tol["e4m3_recipe"]
+    assert rel(x.grad, x2.grad) < tol["e4m3_recipe"]
+    assert rel(lin.weight.grad, w2.grad) < tol["e4m3_recipe"]
+
+
+def test_fp8_linear_bf16_master(tol, rel):
+    torch.manual_seed(1)
+    lin = FP8Linear(256, 200, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(16, 256, dtype=torch.bfloat16, requires_grad=True)
+    y = lin(x)
+    y.sum().backward()
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16 and lin.weight.grad.dtype == torch.bfloat16
+    assert rel(y, F.linear(x.float(), lin.weight.float())) < tol["e4m3_recipe"] + tol[torch.bfloat16]
+
+
+def test_fp8_inference_linear_official_layout(tol, rel):
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(300, 576, bias=False)
+    fp8 = FP8InferenceLinear.from_linear(lin)
+    sd = fp8.state_dict()
+    assert sd["weight"].dtype == torch.float8_e4m3fn and sd["weight"].shape == (576, 300)
+    assert sd["weight_scale_inv"].dtype == torch.float32 and sd["weight_scale_inv"].shape == (5, 3)  # ragged 576 rows
+    x = torch.randn(2, 5, 300)
+    y = fp8(x)
+    # vs the dequantised weight in full precision: only x's e4m3 rounding remains (one operand).
+    assert rel(y, F.linear(x, fp8.dequantized_weight(torch.float32))) < tol["e4m3_recipe"]
+    assert not any(p.dtype in (torch.bfloat16, torch.float32) and p.numel() == 576 * 300 for p in fp8.parameters())
+
+
+def _experts_case(seed, T=9, Kt=2, E=5, D=256, I=64):  # noqa: E741  (I: expert intermediate size, as in the paper)
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, D, generator=g)
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:Kt] for _ in range(T)])  # expert E-1 gets no token
+    wt = torch.rand(T, Kt, generator=g)
+    gu = torch.randn(E, 2 * I, D, generator=g) * 0.05
+    dn = torch.randn(E, D, I, generator=g) * 0.05
+    return h.requires_grad_(), idx, wt, gu.requires_grad_(), dn.requires_grad_()
+
+
+def test_fp8_experts_matches_reference(tol, rel):
+    h, idx, wt, gu, dn = _experts_case(0)
+    h2, gu2, dn2 = _clone(h, gu, dn)
+    y = fp8_experts_forward(h, idx, wt, gu, dn)
+    y2 = experts_forward_ref(h2, idx, wt, gu2, dn2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert rel(y, y2) < tol[torch.float32]
+    assert rel(gu.grad, gu2.grad) < tol[torch.float32]
+    assert rel(dn.grad, dn2.grad) < tol[torch.float32]
+    assert rel(h.grad, h2.grad) < TOL_CHAINED
+    assert torch.equal(gu.grad[-1], torch.zeros_like(gu.grad[-1])) and torch.equal(
+        dn.grad[-1], torch.zeros_like(dn.grad[-1])
+    )
+
+
+def test_fp8_experts_vs_full_precision(rel):
+    h, idx, wt, gu, dn = _experts_case(1)
+    y = fp8_experts_forward(h, idx, wt, gu, dn)
+    y_hp = experts_forward_ref(h.detach(), idx, wt, gu.detach(), dn.detach(), fp8=False)
+    assert rel(y, y_hp) < TOL_EXPERTS_VS_FP32

@@ -1,0 +1,170 @@
+"""Quantisation kernels vs torch references: e4m3 codes and scales compared bit for bit.
+
+The interpreter's own float->fp8 cast is wrong when rounding carries into the next power of two
+(127.9 -> 64). The kernels do not use it for rounding: `_round_e4m3` rounds by exact RNE
+arithmetic, then casts an exactly representable value. So these tests compare codes *exactly*
+(no tolerance), which a kernel bug cannot hide behind; `test_interpreter_cast_bug_is_real` shows
+the bare cast would fail them, only at the carry values.
+"""
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from modeling_deepseek_v3.kernels import _triton as kt  # noqa: E402
+from modeling_deepseek_v3.kernels import (  # noqa: E402
+    capabilities,
+    dequantize_weight,
+    dequantize_weight_ref,
+    quantize_act,
+    quantize_act_ref,
+    quantize_act_t,
+    quantize_act_t_ref,
+    quantize_weight,
+    quantize_weight_ref,
+    require_fp8,
+)
+
+CARRY = [127.9, -127.9, 15.99, 447.9, 0.2499, 1.0 / 512 * 0.6, -1.0 / 512 * 0.4]  # carries, subnormals, -0
+
+
+def _inputs(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[-1])  # tiles of very different range
+    flat = x.view(-1)
+    flat[: len(CARRY)] = torch.tensor(CARRY)[: flat.numel()]
+    return x.to(dtype)
+
+
+def _codes(y):
+    return y.view(torch.uint8)
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (7, 300), (130, 576), (33, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_act(shape, dtype, pow2):
+    x = _inputs(shape, dtype, seed=hash((shape, pow2)) % 1000)
+    y, s = quantize_act(x, pow2)
+    y_ref, s_ref = quantize_act_ref(x, pow2)
+    assert s.shape == (shape[0], triton.cdiv(shape[1], 128))
+    assert torch.equal(s, s_ref)
+    assert torch.equal(_codes(y), _codes(y_ref))
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (7, 300), (130, 200), (257, 5)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_act_t(shape, pow2):
+    x = _inputs(shape, torch.bfloat16, seed=shape[0])
+    y, s = quantize_act_t(x, pow2)
+    y_ref, s_ref = quantize_act_t_ref(x, pow2)
+    assert y.shape == (shape[1], shape[0]) and s.shape == (shape[1], triton.cdiv(shape[0], 128))
+    assert torch.equal(s, s_ref)
+    assert torch.equal(_codes(y), _codes(y_ref))
+
+
+@pytest.mark.parametrize("shape", [(576, 300), (200, 128), (3, 200, 300), (1, 7)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_weight(shape, pow2):
+    w = _inputs(shape, torch.bfloat16, seed=len(shape))
+    y, s = quantize_weight(w, pow2)
+    y_ref, s_ref = quantize_weight_ref(w, pow2)
+    # Official checkpoint layout: [ceil(N/128), ceil(K/128)] fp32 (per expert when stacked).
+    assert s.shape == (*shape[:-2], triton.cdiv(shape[-2], 128), triton.cdiv(shape[-1], 128))
+    assert s.dtype == torch.float32
+    assert torch.equal(s, s_ref)
+    assert torch.equal(_codes(y), _codes(y_ref))
+
+
+def _trunc_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 by truncation: what the interpreter's cast does (hardware rounds to nearest)."""
+    return (x.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(576, 300), (3, 200, 130)])
+def test_dequantize_weight(shape):
+    w = _inputs(shape, torch.float32, seed=7)
+    y, s = quantize_weight_ref(w)
+    assert torch.equal(dequantize_weight(y, s, torch.float32), dequantize_weight_ref(y, s, torch.float32))
+    # bf16 output: exactly the truncated fp32 reference (the interpreter's cast), not "close".
+    expected = _trunc_bf16(dequantize_weight_ref(y, s, torch.float32))
+    assert torch.equal(dequantize_weight(y, s, torch.bfloat16), expected)
+
+
+def test_roundtrip_error_is_half_an_e4m3_ulp():
+    x = _inputs((64, 384), torch.float32, seed=3)
+    y, s = quantize_act(x)
+    s_el = s.repeat_interleave(128, 1)
+    err = (y.float() * s_el - x).abs()
+    # normals: half an ulp = 2^-4 relative; subnormals (|x/s| < 2^-6): half the quantum 2^-9.
+    assert bool((err <= torch.maximum(x.abs() * 2**-4, s_el * 2**-10)).all())
+
+
+def test_pow2_scales_are_powers_of_two_covering_the_tile():
+    x = _inputs((16, 256), torch.float32, seed=5)
+    _, s = quantize_act(x, pow2=True)
+    mant, _ = torch.frexp(s)
+    assert bool((mant == 0.5).all())
+    amax = x.abs().view(16, 2, 128).amax(-1)
+    assert bool((amax / s <= 448).all()) and bool((amax / s > 224).all())
+
+
+@triton.jit
+def _plain_cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n).to(tl.float8e4nv), mask=offs < n)
+
+
+def test_interpreter_cast_bug_is_real():
+    """The bare interpreter cast fails the exact comparison above, only where rounding carries into
+    the next power of two or lands on the smallest subnormal: evidence that the exact tests would
+    catch a kernel that relied on it."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.rand(4096, generator=g) * 2 - 1) * 448
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+    _plain_cast_kernel[(1,)](x, y, x.numel(), BLOCK=4096)
+    ref = x.to(torch.float8_e4m3fn).float()
+    bad = y.float() != ref
+    assert 0 < int(bad.sum()) < 0.03 * x.numel()  # ~1% of values
+    mant, _ = torch.frexp(ref[bad].abs())
+    assert bool((mant == 0.5).all()), "mismatches only where the correct result is a power of two (a carry)"
+    assert bool((y.float()[bad] == ref[bad] / 2).all()), "the carry is lost: 128 -> 64"
+    # ... and the kernels' exact rounding gets exactly these values right.
+    xs = x[bad].view(1, -1).contiguous()
+    q, s = quantize_act(xs)
+    q_ref, s_ref = quantize_act_ref(xs)
+    assert torch.equal(_codes(q), _codes(q_ref))
+
+
+def test_require_fp8_says_why(monkeypatch):
+    require_fp8("test")  # interpreter: allowed on the CPU
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    caps = capabilities()
+    if caps.fp8:
+        pytest.skip("this machine can run FP8")
+    with pytest.raises(RuntimeError, match="CUDA|compute capability"):
+        require_fp8("test")
+    monkeypatch.setattr(kt, "capabilities", lambda: kt.Capabilities(triton=True, cuda=True, compute_capability=(8, 0)))
+    with pytest.raises(RuntimeError, match=r"compute capability >= 8.9.*8\.0"):
+        require_fp8("FP8Linear")
+    monkeypatch.setattr(kt, "capabilities", lambda: kt.Capabilities(triton=False, cuda=True, compute_capability=(9, 0)))
+    with pytest.raises(RuntimeError, match="Triton"):
+        quantize_act(torch.randn(2, 128))
+
+
+def test_import_without_triton():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "from modeling_deepseek_v3 import kernels as k\n"
+        "assert not k.capabilities().triton\n"
+        "import torch\n"
+        "try:\n    k.quantize_act(torch.randn(2, 128))\nexcept RuntimeError as e:\n    assert 'Triton' in str(e), e; print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
