@@ -124,6 +124,28 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+# ------------------------------------------------------------------------------------------------------ backends
+def optional_kernels(feature: str):
+    """The FP8 Triton kernels, checked to run here (else a RuntimeError saying why: no package, no Triton, no CUDA,
+    compute capability < 8.9). They ship with the installed package, not with a Hub folder's remote code, so they
+    are imported by name at call time and transformers' remote-code import check never asks for them."""
+    try:
+        kernels = importlib.import_module("modeling_deepseek_v3.kernels")
+    except ImportError as err:
+        raise RuntimeError(f"{feature} needs the deepseek-v3-hf package (pip install 'deepseek-v3-hf[triton]')") from err
+    kernels.require_fp8(feature)
+    return kernels
+
+
+def make_linear(config: DSV3Config, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
+    """The one selection point for the projections that may run in FP8 (MLA, dense and shared MLPs, MTP eh_proj).
+    The embedding, router, norms and output head always stay in high precision, as in the paper (section 3.3.1).
+    FP8Linear subclasses nn.Linear with the same `weight`, so checkpoints are unchanged."""
+    if config.linear_implementation == "fp8":
+        return optional_kernels("linear_implementation='fp8'").FP8Linear(in_features, out_features, bias=bias)
+    return nn.Linear(in_features, out_features, bias=bias)
+
+
 # ----------------------------------------------------------------------------------------------------- attention
 def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
     """Reference attention. query [B, H, S, d], key [B, H, T, d], value [B, H, T, v]; mask bool [B, 1, S, T]."""
@@ -165,15 +187,15 @@ class DSV3Attention(nn.Module):
         self.scaling = softmax_scale(config)
         H, D, bias = self.num_heads, config.hidden_size, config.attention_bias
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(D, H * self.qk_head_dim, bias=False)
+            self.q_proj = make_linear(config, D, H * self.qk_head_dim)
         else:
-            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
+            self.q_a_proj = make_linear(config, D, self.q_lora_rank, bias)
             self.q_a_layernorm = DSV3RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+            self.q_b_proj = make_linear(config, self.q_lora_rank, H * self.qk_head_dim)
+        self.kv_a_proj_with_mqa = make_linear(config, D, self.kv_lora_rank + self.qk_rope_head_dim, bias)
         self.kv_a_layernorm = DSV3RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(H * self.v_head_dim, D, bias=bias)
+        self.kv_b_proj = make_linear(config, self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim))
+        self.o_proj = make_linear(config, H * self.v_head_dim, D, bias)
 
     def forward(
         self,
@@ -250,9 +272,9 @@ class DSV3MLP(nn.Module):
     def __init__(self, config: DSV3Config, intermediate_size: int | None = None):
         super().__init__()
         width = intermediate_size or config.intermediate_size
-        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
-        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.gate_proj = make_linear(config, config.hidden_size, width)
+        self.up_proj = make_linear(config, config.hidden_size, width)
+        self.down_proj = make_linear(config, width, config.hidden_size)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -357,17 +379,8 @@ def experts_sorted(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> t
     return _combine(y_RD, order, token_of_row, topk_weight_TK, x_TD)
 
 
-def optional_kernels():
-    """The Triton kernels ship with the installed package, not with a Hub folder's remote code. Imported by name at
-    call time so that transformers' remote-code import check never asks for them."""
-    try:
-        return importlib.import_module("modeling_deepseek_v3.kernels")
-    except ImportError as err:
-        raise RuntimeError("FP8 backends need the deepseek-v3-hf package (pip install 'deepseek-v3-hf[triton]')") from err
-
-
 def experts_fp8(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
-    kernels = optional_kernels()
+    kernels = optional_kernels("moe_implementation='fp8'")
     return kernels.fp8_experts_forward(
         x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.down_proj, experts.act_fn
     )
@@ -404,6 +417,8 @@ class DSV3Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * F_, D))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, D, F_))
         self.act_fn = ACT2FN[config.hidden_act]
+        if config.moe_implementation == "fp8":
+            optional_kernels("moe_implementation='fp8'")  # fail at construction, with the reason
 
     def forward(self, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
         impl = resolve_experts_implementation(self.config.moe_implementation, x_TD)
@@ -493,7 +508,7 @@ class DSV3MTPLayer(DSV3DecoderLayer):
         super().__init__(config, layer_idx)
         self.enorm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.hnorm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = make_linear(config, 2 * config.hidden_size, config.hidden_size)
         self.shared_head = nn.Module()
         self.shared_head.norm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
