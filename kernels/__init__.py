@@ -30,6 +30,7 @@ from .fp8_linear import (
     FP8LinearRefFunction,
     experts_forward_ref,
     fp8_experts_forward,
+    fp8_experts_inference,
 )
 from .quant import (
     FP8_MAX,
@@ -58,6 +59,7 @@ __all__ = [
     "dequantize_weight",
     "dequantize_weight_ref",
     "experts_forward_ref",
+    "fp8_experts_inference",
     "fp8_experts_forward",
     "fp8_gemm",
     "fp8_gemm_dgrad",

@@ -212,6 +212,31 @@ def fp8_experts_forward(
     return out_TD.to(hidden_TD.dtype)
 
 
+@torch.no_grad()
+def fp8_experts_inference(
+    hidden_TD: torch.Tensor,
+    topk_idx_TK: torch.Tensor,
+    topk_weight_TK: torch.Tensor,
+    gate_up_q_EFD: torch.Tensor,
+    gate_up_scale_inv: torch.Tensor,
+    down_q_EDI: torch.Tensor,
+    down_scale_inv: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
+) -> torch.Tensor:
+    """Routed experts over checkpoint-quantised weights (e4m3 + weight_scale_inv per 128x128 block, stacked per
+    expert): the activations are quantised 1x128 on the fly, the weights are never dequantised."""
+    order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, gate_up_q_EFD.shape[0])
+    x_q, x_s = quantize_act(hidden_TD[token_S].contiguous())  # [S, D] rows grouped by expert
+    h_SF = fp8_grouped_gemm(x_q, x_s, gate_up_q_EFD, gate_up_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
+    gate_SI, up_SI = h_SF.chunk(2, dim=-1)
+    a_q, a_s = quantize_act((act(gate_SI) * up_SI).contiguous())
+    y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
+    w_S = topk_weight_TK.reshape(-1)[order_S].float()
+    out_TD = hidden_TD.new_zeros(hidden_TD.shape, dtype=torch.float32)
+    out_TD.index_add_(0, token_S, y_SD.float() * w_S[:, None])
+    return out_TD.to(hidden_TD.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Torch references: the same FP8 recipe (same quantisers, bit for bit), matmuls in fp32
 

@@ -58,6 +58,15 @@ def official_layout(model: torch.nn.Module) -> dict[str, Slot]:
             base = official.removesuffix(".down_proj")
             for e in range(config.n_routed_experts):
                 layout[f"{base}.{e}.down_proj.weight"] = Slot(key, (e,))
+        elif official.endswith(".mlp.experts.gate_up_proj_scale_inv"):  # FP8 storage: scale blocks per expert
+            base, Fb = official.removesuffix(".gate_up_proj_scale_inv"), F_ // FP8_BLOCK
+            for e in range(config.n_routed_experts):
+                layout[f"{base}.{e}.gate_proj.weight_scale_inv"] = Slot(key, (e, slice(0, Fb)))
+                layout[f"{base}.{e}.up_proj.weight_scale_inv"] = Slot(key, (e, slice(Fb, 2 * Fb)))
+        elif official.endswith(".mlp.experts.down_proj_scale_inv"):
+            base = official.removesuffix(".down_proj_scale_inv")
+            for e in range(config.n_routed_experts):
+                layout[f"{base}.{e}.down_proj.weight_scale_inv"] = Slot(key, (e,))
         elif official == "lm_head.weight" and config.tie_word_embeddings:
             continue  # tied: stored once, as the embedding
         else:
@@ -105,11 +114,11 @@ def load_official_state_dict(model: torch.nn.Module, folder: str) -> dict:
         with safe_open(path, framework="pt") as f:
             names = set(f.keys())
             for name in sorted(names):
-                if name.endswith(".weight_scale_inv"):
+                slot = layout.get(name)
+                if name.endswith(".weight_scale_inv") and slot is None:  # consumed by dequantising its weight
                     if name.removesuffix("_scale_inv") not in names:
                         unexpected.append(name)
                     continue
-                slot = layout.get(name)
                 if slot is None:
                     if not has_head and (name == "lm_head.weight" or name.endswith(".shared_head.head.weight")):
                         ignored.append(name)  # a base model has no output head
@@ -117,9 +126,9 @@ def load_official_state_dict(model: torch.nn.Module, folder: str) -> dict:
                         unexpected.append(name)
                     continue
                 tensor = f.get_tensor(name)
-                if name + "_scale_inv" in names:
-                    tensor = dequantize_fp8_blocks(tensor, f.get_tensor(name + "_scale_inv"))
                 target = internal[slot.key][slot.index] if slot.index else internal[slot.key]
+                if name + "_scale_inv" in names and target.dtype != torch.float8_e4m3fn:
+                    tensor = dequantize_fp8_blocks(tensor, f.get_tensor(name + "_scale_inv"))
                 missing.discard(name)
                 if tuple(tensor.shape) != tuple(target.shape):
                     mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
@@ -249,7 +258,7 @@ def load_pretrained(cls, name_or_path: str, *model_args, **kwargs):
     """
     from transformers import GenerationConfig
 
-    from .modeling_dsv3 import DSV3RotaryEmbedding
+    from .modeling_dsv3 import DSV3RotaryEmbedding, use_fp8_weight_storage
 
     if model_args:
         raise TypeError("from_pretrained takes no positional arguments besides the path")
@@ -282,8 +291,10 @@ def load_pretrained(cls, name_or_path: str, *model_args, **kwargs):
 
     with torch.device("meta"):
         model = cls(config)
-    model.to_empty(device=device)
     model.to(torch_dtype)
+    if config.quantization_config is not None:
+        use_fp8_weight_storage(model)  # keeps the checkpoint's e4m3 weights where FP8 compute was asked for
+    model.to_empty(device=device)
     info = load_official_state_dict(model, folder)
     for module in model.modules():  # non-persistent buffers are not in the checkpoint
         if isinstance(module, DSV3RotaryEmbedding):

@@ -254,7 +254,10 @@ class DSV3Attention(nn.Module):
 
     def _absorbed(self, q_nope_BSHn, q_pe_BSHr, c_kv_BTR, k_pe_BTr, attention_mask) -> torch.Tensor:
         # kv_b_proj.weight [H*(n+v), R] viewed per head: W_UK [H, n, R] maps the latent to keys, W_UV [H, v, R] to values.
-        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        # An FP8-stored projection is dequantised here: the absorbed products need the matrix itself.
+        dense = getattr(self.kv_b_proj, "dequantized_weight", None)
+        weight = dense(c_kv_BTR.dtype) if dense is not None else self.kv_b_proj.weight
+        w = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_lat_BSHR = torch.einsum("bshn,hnr->bshr", q_nope_BSHn, w_uk)  # q_nope . (W_UK c) == (q_nope W_UK) . c
         scores = torch.einsum("bshr,btr->bhst", q_lat_BSHR, c_kv_BTR)
@@ -381,6 +384,12 @@ def experts_sorted(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> t
 
 def experts_fp8(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
     kernels = optional_kernels("moe_implementation='fp8'")
+    if experts.gate_up_proj.dtype == torch.float8_e4m3fn:  # checkpoint storage (see use_fp8_weight_storage)
+        return kernels.fp8_experts_inference(
+            x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.gate_up_proj_scale_inv,
+            experts.down_proj, experts.down_proj_scale_inv, experts.act_fn,
+        )  # fmt: skip
+    # Training: master weights stay high precision and are quantised on each call.
     return kernels.fp8_experts_forward(
         x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.down_proj, experts.act_fn
     )
@@ -419,6 +428,20 @@ class DSV3Experts(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
         if config.moe_implementation == "fp8":
             optional_kernels("moe_implementation='fp8'")  # fail at construction, with the reason
+
+    def to_fp8_storage(self) -> None:
+        """Hold the experts as an official FP8 checkpoint does: e4m3 weights (one byte each, frozen) and fp32
+        `*_scale_inv` per 128x128 block, gate blocks then up blocks. Needs moe_intermediate_size % 128 == 0, so that
+        no scale block straddles the gate and up halves."""
+        E, F2, D = self.gate_up_proj.shape
+        if (F2 // 2) % 128:
+            raise ValueError(f"FP8 expert storage needs moe_intermediate_size % 128 == 0, got {F2 // 2}")
+        device, e4m3 = self.gate_up_proj.device, torch.float8_e4m3fn
+        blocks = lambda n: -(-n // 128)  # ceil
+        self.gate_up_proj = nn.Parameter(torch.empty(E, F2, D, dtype=e4m3, device=device), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, D, F2 // 2, dtype=e4m3, device=device), requires_grad=False)
+        self.register_buffer("gate_up_proj_scale_inv", torch.ones(E, blocks(F2), blocks(D), device=device))
+        self.register_buffer("down_proj_scale_inv", torch.ones(E, blocks(D), blocks(F2 // 2), device=device))
 
     def forward(self, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
         impl = resolve_experts_implementation(self.config.moe_implementation, x_TD)
@@ -535,6 +558,27 @@ def build_attention_mask(
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, -total:].bool()
     return mask.expand(batch, 1, query_length, total)
+
+
+def use_fp8_weight_storage(model: nn.Module) -> None:
+    """Store weights as an official FP8 checkpoint does (about one byte per parameter, inference only): with
+    linear_implementation='fp8' every FP8-capable projection becomes an FP8InferenceLinear (e4m3 weight plus
+    weight_scale_inv), and with moe_implementation='fp8' the routed experts switch to e4m3 storage. The output head,
+    embedding, router and norms keep their dtype. Call on a meta-device model, before its weights are loaded."""
+    config = model.config
+    if config.linear_implementation == "fp8":
+        kernels = optional_kernels("FP8 weight storage")
+        head = getattr(model, "lm_head", None)
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and child is not head:
+                    fp8 = kernels.FP8InferenceLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                                     device=child.weight.device, dtype=child.weight.dtype)  # fmt: skip
+                    setattr(module, name, fp8)
+    if config.moe_implementation == "fp8":
+        for module in model.modules():
+            if isinstance(module, DSV3Experts):
+                module.to_fp8_storage()
 
 
 # ---------------------------------------------------------------------------------------------------- pretrained
