@@ -54,3 +54,31 @@ def test_asking_for_fp8_where_it_cannot_run_says_why(tmp_path):
         return
     assert result.returncode != 0
     assert "moe_implementation='fp8'" in result.stderr and "CUDA" in result.stderr
+
+
+def test_short_fp8_training_run_tracks_the_high_precision_run():
+    """Six AdamW steps on a repeated batch, FP8 projections and experts vs the same model in fp32."""
+    torch.manual_seed(0)
+    cfg = dict(num_nextn_predict_layers=1)
+    ref = DSV3ForCausalLM(tiny(**cfg))
+    fp8 = DSV3ForCausalLM(tiny(**cfg, linear_implementation="fp8", moe_implementation="fp8"))
+    fp8.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 256, (2, 8))
+    losses = {}
+    for name, model in (("ref", ref), ("fp8", fp8)):
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses[name] = []
+        for _ in range(6):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[name].append(loss.item())
+    ref_curve, fp8_curve = losses["ref"], losses["fp8"]
+    assert fp8_curve[-1] < 0.5 * fp8_curve[0]  # it learns
+    # FP8 follows the same learning curve: at every step the gap stays within 2% of the distance the fp32 run
+    # has travelled (each step's weight gradient carries ~9% e4m3 error, see above, which perturbs the update
+    # direction but not its progress) plus the forward rounding at the start (measured 9e-5 relative, allowed
+    # 1e-3). The paper's < 0.25% is for long runs at scale, which the GPU experiment checks.
+    for step, (a, b) in enumerate(zip(fp8_curve, ref_curve, strict=True)):
+        assert abs(a - b) <= 0.02 * (ref_curve[0] - b) + 1e-3 * ref_curve[0], (step, losses)
