@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData, save_torch_state_dict
 
-from .checkpoint import FP8_BLOCK, official_state_dict
+from .checkpoint import official_state_dict
 from .configuration_dsv3 import DSV3Config
 from .modeling_dsv3 import DSV3ForCausalLM
 
@@ -194,18 +194,12 @@ def load_checked_model(model_dir: Path) -> DSV3ForCausalLM:
 
 # --------------------------------------------------------------------------------------------------------- FP8
 def quantize_fp8_block(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] -> (e4m3 [N, K], weight_scale_inv fp32 [ceil(N/128), ceil(K/128)]) with w ~= q * scale per block."""
-    N, K = w_NK.shape
-    Nb, Kb = -(-N // FP8_BLOCK), -(-K // FP8_BLOCK)
-    w = w_NK.new_zeros(Nb * FP8_BLOCK, Kb * FP8_BLOCK, dtype=torch.float32)  # zero padding: ragged edge blocks
-    w[:N, :K] = w_NK.float()
-    w = w.view(Nb, FP8_BLOCK, Kb, FP8_BLOCK)  # [Nb, 128, Kb, 128]
-    # An all-zero block gets a tiny positive scale instead of 0, which would make w / scale NaN.
-    scale = w.abs().amax(dim=(1, 3)).clamp(min=1e-12) / FP8_MAX  # [Nb, Kb]
-    # The clamp keeps a quotient that rounds just above 448 finite (e4m3fn has no inf; out of range is NaN).
-    q = (w / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    # clone: a slice of the padded block would drag its whole storage into the file (safetensors refuses).
-    return q.view(Nb * FP8_BLOCK, Kb * FP8_BLOCK)[:N, :K].clone(), scale
+    """w [N, K] -> (e4m3 [N, K], weight_scale_inv fp32 [ceil(N/128), ceil(K/128)]) with w ~= q * scale per block.
+    The kernels' torch reference quantiser (pure torch: no Triton or GPU needed), bit-identical to the kernel."""
+    from .kernels import quantize_weight_ref
+
+    q, scale = quantize_weight_ref(w_NK)
+    return q.clone(), scale  # clone: never share storage with a padded block (safetensors refuses shared tensors)
 
 
 def quantize_state_dict_fp8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

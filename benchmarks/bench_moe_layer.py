@@ -1,0 +1,81 @@
+"""One DeepSeek-V3-size MoE layer (hidden 7168, 256 routed experts top-8 in 8 groups of which 4 kept, one shared
+expert, width 2048), 8192 tokens, bf16: transformers' built-in DeepseekV3MoE (grouped_mm) vs ours with
+`grouped_mm` and with FP8 experts, forward and forward+backward, in one process. TFLOPS count the routed and
+shared expert GEMMs only (the anchor's convention: 2 * T * 3 * D * F * (top-k + shared)).
+
+    PYTHONPATH=. python benchmarks/bench_moe_layer.py      # writes $OUT/bench_moe_layer.json when OUT is set
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from transformers import DeepseekV3Config
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+from triton.testing import do_bench
+
+from modeling_deepseek_v3 import DSV3Config
+from modeling_deepseek_v3.modeling_dsv3 import DSV3MoE
+
+T, D, F, E, K = 8192, 7168, 2048, 256, 8
+FLOP_FWD = 2 * T * 3 * D * F * (K + 1)
+
+
+def layer(kind: str) -> torch.nn.Module:
+    shape = dict(hidden_size=D, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=K, n_group=8,
+                 topk_group=4, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True)  # fmt: skip
+    if kind == "builtin":
+        cfg = DeepseekV3Config(**shape)
+        cfg._experts_implementation = "grouped_mm"
+        moe = DeepseekV3MoE(cfg)
+    else:
+        moe = DSV3MoE(DSV3Config(**shape, seq_aux_loss_alpha=0.0, moe_implementation=kind,
+                                 linear_implementation="fp8" if kind == "fp8" else "torch"))  # fmt: skip
+    moe = moe.to("cuda", torch.bfloat16)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    moe.gate.e_score_correction_bias.zero_()
+    return moe
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    results = {}
+    x = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
+    reference = None
+    for kind in ("builtin", "grouped_mm", "fp8"):
+        moe = layer(kind)
+        if reference is None:
+            state = moe.state_dict()  # same weights for every variant
+        else:
+            moe.load_state_dict(state)
+        run = lambda: moe(x)[0] if kind != "builtin" else moe(x)  # ours also returns router stats
+        with torch.no_grad():
+            y = run().float()
+            reference = y if reference is None else reference
+            err = ((y - reference).norm() / reference.norm()).item()
+            fwd = do_bench(run, warmup=3, rep=20, return_mode="median")
+        xg = x.clone().requires_grad_()
+
+        def fwd_bwd():
+            out = moe(xg)
+            (out[0] if kind != "builtin" else out).sum().backward()
+
+        fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
+        results[kind] = dict(fwd_ms=fwd, fwd_tflops=FLOP_FWD / fwd / 1e9, fwdbwd_ms=fb,
+                             fwdbwd_tflops=3 * FLOP_FWD / fb / 1e9, rel_err_vs_builtin=err)  # fmt: skip
+        print(kind, json.dumps(results[kind]), flush=True)
+        del moe
+        torch.cuda.empty_cache()
+    for kind in ("grouped_mm", "fp8"):
+        results[kind]["fwdbwd_speedup_vs_builtin"] = results["builtin"]["fwdbwd_ms"] / results[kind]["fwdbwd_ms"]
+    print("speedups", json.dumps({k: results[k]["fwdbwd_speedup_vs_builtin"] for k in ("grouped_mm", "fp8")}))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_moe_layer.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
