@@ -777,6 +777,14 @@ class DSV3ForCausalLM(DSV3PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def generate(self, *args, use_mtp: bool = False, **kwargs):
+        """GenerationMixin.generate; `use_mtp=True` decodes with MTP self-speculation (speculative.py)."""
+        if use_mtp:
+            from .speculative import generate_with_mtp  # lazy: speculative.py imports this module
+
+            return generate_with_mtp(self, *args, **kwargs)
+        return super().generate(*args, **kwargs)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
