@@ -51,7 +51,8 @@ def main() -> None:
             state = moe.state_dict()  # same weights for every variant
         else:
             moe.load_state_dict(state)
-        run = lambda: moe(x)[0] if kind != "builtin" else moe(x)  # ours also returns router stats
+        def run(moe=moe, kind=kind):
+            return moe(x)[0] if kind != "builtin" else moe(x)  # ours also returns router stats
         with torch.no_grad():
             y = run().float()
             reference = y if reference is None else reference
@@ -59,7 +60,7 @@ def main() -> None:
             fwd = do_bench(run, warmup=3, rep=20, return_mode="median")
         xg = x.clone().requires_grad_()
 
-        def fwd_bwd():
+        def fwd_bwd(moe=moe, kind=kind, xg=xg):
             out = moe(xg)
             (out[0] if kind != "builtin" else out).sum().backward()
 
@@ -67,7 +68,7 @@ def main() -> None:
         results[kind] = dict(fwd_ms=fwd, fwd_tflops=FLOP_FWD / fwd / 1e9, fwdbwd_ms=fb,
                              fwdbwd_tflops=3 * FLOP_FWD / fb / 1e9, rel_err_vs_builtin=err)  # fmt: skip
         print(kind, json.dumps(results[kind]), flush=True)
-        del moe
+        moe = None
         torch.cuda.empty_cache()
     for kind in ("grouped_mm", "fp8"):
         results[kind]["fwdbwd_speedup_vs_builtin"] = results["builtin"]["fwdbwd_ms"] / results[kind]["fwdbwd_ms"]

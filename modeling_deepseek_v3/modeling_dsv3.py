@@ -468,7 +468,9 @@ class DSV3MoE(nn.Module):
             DSV3MLP(config, config.moe_intermediate_size * config.n_shared_experts) if config.n_shared_experts else None
         )
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+    def forward(self, x_BSD: torch.Tensor, token_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+        """token_mask_BS (True = real token) keeps padding out of the expert loads and the balance loss: padded
+        positions are still computed, but they must not steer the router-bias update."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         logits_TE, topk_weight_TK, topk_idx_TK = self.gate(x_TD)
@@ -476,27 +478,35 @@ class DSV3MoE(nn.Module):
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         with torch.no_grad():
-            load_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.gate.n_routed_experts)
+            counted_TK = topk_idx_TK if token_mask_BS is None else topk_idx_TK[token_mask_BS.reshape(-1)]
+            load_E = torch.bincount(counted_TK.reshape(-1), minlength=self.gate.n_routed_experts)
         aux = None
         if self.config.seq_aux_loss_alpha > 0 and torch.is_grad_enabled():
-            aux = self.config.seq_aux_loss_alpha * sequence_balance_loss(logits_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1))
+            aux = self.config.seq_aux_loss_alpha * sequence_balance_loss(
+                logits_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), token_mask_BS
+            )
         return out_TD.view(B, S, D), RouterStats(logits_TE, load_E, aux)
 
 
-def sequence_balance_loss(logits_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor) -> torch.Tensor:
+def sequence_balance_loss(
+    logits_BSE: torch.Tensor, topk_idx_BSK: torch.Tensor, token_mask_BS: torch.Tensor | None = None
+) -> torch.Tensor:
     """Complementary sequence-wise balance loss, paper eq. 17-20, averaged over the batch (without alpha).
 
-    f_i = E / (K S) * #{tokens of the sequence routed to i};  P_i = mean_t s_{i,t} / sum_j s_{j,t};  L = sum_i f_i P_i.
-    f counts choices (no gradient); the gradient flows through the normalised affinities P.
+    f_i = E / (K T) * #{tokens of the sequence routed to i};  P_i = mean_t s_{i,t} / sum_j s_{j,t};  L = sum_i f_i P_i,
+    over the T real (unmasked) tokens of each sequence. f counts choices (no gradient); the gradient flows through
+    the normalised affinities P.
     """
     B, S, E = logits_BSE.shape
     K = topk_idx_BSK.shape[-1]
+    mask_BS = torch.ones(B, S, device=logits_BSE.device) if token_mask_BS is None else token_mask_BS.float()
+    tokens_B1 = mask_BS.sum(-1, keepdim=True).clamp(min=1)
     scores = logits_BSE.float().sigmoid()
-    p_BE = (scores / scores.sum(-1, keepdim=True)).mean(dim=1)
+    p_BE = ((scores / scores.sum(-1, keepdim=True)) * mask_BS[..., None]).sum(dim=1) / tokens_B1
     counts_BE = torch.zeros(B, E, device=logits_BSE.device).scatter_add_(
-        1, topk_idx_BSK.reshape(B, S * K), torch.ones(B, S * K, device=logits_BSE.device)
+        1, topk_idx_BSK.reshape(B, S * K), mask_BS.repeat_interleave(K, dim=1)
     )
-    f_BE = counts_BE * E / (K * S)
+    f_BE = counts_BE * E / (K * tokens_B1)
     return (f_BE * p_BE).sum(-1).mean()
 
 
@@ -510,12 +520,14 @@ class DSV3DecoderLayer(nn.Module):
         self.input_layernorm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, token_mask=None, **kwargs):
         h = hidden_states + self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
-        y = self.mlp(self.post_attention_layernorm(h))
-        y, stats = y if isinstance(y, tuple) else (y, None)
+        if isinstance(self.mlp, DSV3MoE):
+            y, stats = self.mlp(self.post_attention_layernorm(h), token_mask)
+        else:
+            y, stats = self.mlp(self.post_attention_layernorm(h)), None
         return h + y, stats
 
 
@@ -535,9 +547,11 @@ class DSV3MTPLayer(DSV3DecoderLayer):
         self.shared_head = nn.Module()
         self.shared_head.norm = DSV3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, token_embeds, position_embeddings, attention_mask, cache=None, **kwargs):
+    def forward(
+        self, hidden_states, token_embeds, position_embeddings, attention_mask, cache=None, token_mask=None, **kwargs
+    ):
         h = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(hidden_states)], dim=-1))
-        return super().forward(h, position_embeddings, attention_mask, cache=cache, **kwargs)
+        return super().forward(h, position_embeddings, attention_mask, cache, token_mask, **kwargs)
 
 
 def build_attention_mask(
@@ -579,6 +593,13 @@ def use_fp8_weight_storage(model: nn.Module) -> None:
         for module in model.modules():
             if isinstance(module, DSV3Experts):
                 module.to_fp8_storage()
+
+
+def real_tokens(attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
+    """[B, S] booleans marking the current chunk's real (unpadded) tokens, from a 2-D mask; None when all are."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -query_length:].bool()
 
 
 # ---------------------------------------------------------------------------------------------------- pretrained
@@ -693,13 +714,14 @@ class DSV3Model(DSV3PreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + S, device=inputs_embeds.device)[None]
         mask = build_attention_mask(attention_mask, B, S, past_length, inputs_embeds.device)
+        token_mask = real_tokens(attention_mask, S)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         hidden_states, all_hidden, all_stats = inputs_embeds, [], []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden.append(hidden_states)
-            hidden_states, stats = self._run_layer(layer, hidden_states, position_embeddings, mask, cache)
+            hidden_states, stats = self._run_layer(layer, hidden_states, position_embeddings, mask, cache, token_mask)
             if stats is not None:
                 all_stats.append(stats)
         hidden_states = self.norm(hidden_states)
@@ -721,11 +743,16 @@ class DSV3Model(DSV3PreTrainedModel):
             position_ids = torch.arange(S, device=hidden_states.device)[None]
         mask = build_attention_mask(attention_mask, B, S, 0, hidden_states.device)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        token_mask = real_tokens(attention_mask, S)
+        if token_mask is None:
+            token_mask = torch.ones(B, S, dtype=torch.bool, device=hidden_states.device)
         outputs, all_stats = [], []
         for k, layer in enumerate(self.mtp_layers, start=1):
             shifted = F.pad(input_ids[:, k:], (0, k), value=self.config.pad_token_id or 0)
+            # Position i is real at depth k only if token i+k is real too (the last k positions embed padding).
+            sees_real = token_mask & F.pad(token_mask[:, k:], (0, k), value=False)
             hidden_states, stats = self._run_layer(
-                layer, hidden_states, self.embed_tokens(shifted), position_embeddings, mask
+                layer, hidden_states, self.embed_tokens(shifted), position_embeddings, mask, None, sees_real
             )
             outputs.append(hidden_states)
             if stats is not None:
@@ -829,9 +856,15 @@ class DSV3ForCausalLM(DSV3PreTrainedModel, GenerationMixin):
                     mtp_logits = self.lm_head(self.model.mtp_layers[k - 1].shared_head.norm(h))
                     # Position i predicts t_{i+k+1}: labels rolled left by k (the loss shifts by one more).
                     mtp_labels = F.pad(labels[:, k:], (0, k), value=-100)
-                    mtp_loss = mtp_loss + self.loss_function(mtp_logits, mtp_labels, self.config.vocab_size)
+                    mtp_loss = mtp_loss + self.loss_function(
+                        mtp_logits, mtp_labels, self.config.vocab_size, num_items_in_batch=num_items
+                    )
                 mtp_loss = self.config.mtp_loss_weight / depth * mtp_loss
                 expert_load, aux_loss = _merge_stats(expert_load, aux_loss, mtp_stats)
+            if aux_loss is not None and num_items is not None:
+                # The Trainer sums micro-batch losses normalised by the whole step's label count (num_items) and
+                # does not divide by the accumulation steps; weight this micro-batch's mean balance loss likewise.
+                aux_loss = aux_loss * (labels[:, 1:] != -100).sum() / num_items
         loss = None
         if lm_loss is not None:
             loss = lm_loss + (mtp_loss if mtp_loss is not None else 0) + (aux_loss if aux_loss is not None else 0)

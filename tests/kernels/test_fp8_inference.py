@@ -5,10 +5,10 @@ import json
 from pathlib import Path
 
 import torch
+from modeling_deepseek_v3.kernels import FP8InferenceLinear
 from safetensors.torch import load_file, save_file
 
 from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
-from modeling_deepseek_v3.kernels import FP8InferenceLinear
 from modeling_deepseek_v3.publish import FP8_QUANTIZATION_CONFIG, quantize_state_dict_fp8
 
 DEBUG = Path(__file__).resolve().parents[2] / "hub_configs" / "deepseek-v3-debug"

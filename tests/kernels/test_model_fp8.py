@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import torch
+from modeling_deepseek_v3.kernels import FP8Linear
 
 from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
-from modeling_deepseek_v3.kernels import FP8Linear
 
 DEBUG = Path(__file__).resolve().parents[2] / "hub_configs" / "deepseek-v3-debug"
 
@@ -35,7 +35,7 @@ def test_fp8_model_trains_close_to_the_high_precision_model(rel):
     assert abs(out.loss.item() - out_ref.loss.item()) < 2e-3 * out_ref.loss.item()  # measured 9e-5
     out.loss.backward()
     out_ref.loss.backward()
-    for (name, p), q in zip(fp8.named_parameters(), ref.parameters(), strict=True):
+    for name, p in fp8.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     g, g_ref = fp8.model.layers[1].mlp.experts.gate_up_proj.grad, ref.model.layers[1].mlp.experts.gate_up_proj.grad
     assert rel(g, g_ref) < 0.15  # measured 0.092; wgrad quantises grad_out and activations (e4m3), then sums over tokens

@@ -73,7 +73,9 @@ def test_expert_load_and_router_logits_are_reported(tiny_config):
     n_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     n_mtp = cfg.num_nextn_predict_layers
     assert out.expert_load.shape == (n_main + n_mtp, cfg.n_routed_experts)
-    assert (out.expert_load.sum(-1) == 2 * 9 * cfg.num_experts_per_tok).all()
+    assert (out.expert_load[:n_main].sum(-1) == 2 * 9 * cfg.num_experts_per_tok).all()
+    # The depth-1 MTP layer's last position embeds padding (there is no t_{i+1}): it is not counted.
+    assert (out.expert_load[n_main:].sum(-1) == 2 * 8 * cfg.num_experts_per_tok).all()
     assert len(out.router_logits) == n_main and out.router_logits[0].shape == (18, cfg.n_routed_experts)
     assert out.aux_loss > 0 and out.aux_loss.requires_grad
 
@@ -83,3 +85,31 @@ def test_no_aux_loss_when_alpha_is_zero(tiny_config):
     ids = torch.randint(0, 512, (1, 6))
     out = model(ids, labels=ids)
     assert out.aux_loss is None and torch.isclose(out.loss, out.lm_loss + out.mtp_loss)
+
+
+def test_padding_does_not_count_in_loads_or_balance_loss(tiny_config):
+    """Left padding changes neither the expert loads nor the balance loss of the real tokens."""
+    model = DSV3ForCausalLM(tiny_config(num_nextn_predict_layers=1)).train()
+    a = torch.randint(2, 512, (1, 9))
+    b = torch.randint(2, 512, (1, 6))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    labels = batch.masked_fill(mask == 0, -100)
+    out = model(batch, attention_mask=mask, labels=labels)
+    alone = [model(x, labels=x) for x in (a, b)]
+    assert torch.equal(out.expert_load, alone[0].expert_load + alone[1].expert_load)
+    # The balance loss is a per-sequence mean over real tokens: the batch value is the mean of the two.
+    assert torch.isclose(out.aux_loss, (alone[0].aux_loss + alone[1].aux_loss) / 2, rtol=1e-5)
+
+
+def test_trainer_normalisation_scales_mtp_and_balance_losses(tiny_config):
+    """With num_items_in_batch (Trainer's gradient-accumulation normalisation) every part of the loss is a sum over
+    this micro-batch divided by the step's label count: doubling num_items halves each part."""
+    model = DSV3ForCausalLM(tiny_config(num_nextn_predict_layers=1))
+    ids = torch.randint(0, 512, (2, 10))
+    n = (ids[:, 1:] != -100).sum()
+    one = model(ids, labels=ids, num_items_in_batch=n)
+    two = model(ids, labels=ids, num_items_in_batch=2 * n)
+    for part in ("lm_loss", "mtp_loss", "aux_loss"):
+        assert torch.isclose(getattr(two, part), getattr(one, part) / 2, rtol=1e-5), part
