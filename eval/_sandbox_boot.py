@@ -55,7 +55,10 @@ def main() -> None:
     os.makedirs("/tmp/python")
     mount(sys.base_prefix, "/tmp/python", None, MS_BIND)
     mount(None, "/tmp/python", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    python = "/tmp/python/" + os.path.relpath(os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix))
+    # The base interpreter, not a virtual environment's (which may itself live under the /tmp hidden above): the
+    # program runs with -I and needs only the standard library.
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    python = "/tmp/python/" + os.path.relpath(base, os.path.realpath(sys.base_prefix))
     os.mkdir("/tmp/scratch", 0o700)
     os.chown("/tmp/scratch", uid, uid)
     os.chdir("/tmp/scratch")

@@ -3,6 +3,7 @@ code, trust_remote_code=True), and with the package installed (registration, no 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,9 +42,15 @@ def make_bare_venv(root: Path) -> Path:
     python = root / "bin" / "python"
     venv_site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip()  # fmt: skip
-    # Every directory this interpreter imports from (site-packages, dist-packages, user site, ...), except any that
-    # holds the package itself (a repo root, or an editable install in path mode).
-    paths = [p for p in dict.fromkeys(sys.path) if p and Path(p).is_dir() and not (Path(p) / "modeling_deepseek_v3").exists()]
+    # Every directory a fresh run of this interpreter imports from (site-packages, dist-packages, user site, ...),
+    # except any that holds the package itself (a repo root, or an editable install in path mode). Asked of a new
+    # process, not read off this one's sys.path: in-process additions such as transformers' own modules cache (put
+    # there once any earlier test loaded remote code) would shadow the HF_MODULES_CACHE the test sets.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    fresh = subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path))"], cwd=root.parent,
+                           env=env, check=True, capture_output=True, text=True).stdout  # fmt: skip
+    paths = [p for p in dict.fromkeys(json.loads(fresh))
+             if p and Path(p).is_dir() and not (Path(p) / "modeling_deepseek_v3").exists()]  # fmt: skip
     (Path(venv_site) / "system_site_packages.pth").write_text("\n".join(paths) + "\n")
     return python
 
