@@ -82,3 +82,6 @@ __all__ = [
     "quantize_weight_ref",
     "require_fp8",
 ]
+from .mla_decode import mla_decode, mla_decode_ref  # noqa: E402  (absorbed-MLA decode attention)
+
+__all__ += ["mla_decode", "mla_decode_ref"]

@@ -23,7 +23,7 @@ OFFICIAL_ROPE = {
     "original_max_position_embeddings": 4096,
 }
 ROPE_TYPES = ("default", "yarn")
-MLA_IMPLEMENTATIONS = ("auto", "naive", "absorbed")
+MLA_IMPLEMENTATIONS = ("auto", "naive", "absorbed", "triton")
 MOE_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "sorted", "fp8")
 LINEAR_IMPLEMENTATIONS = ("torch", "fp8")
 # Tells "no RoPE fields given" (take the official YaRN) from an explicit `"rope_scaling": null` (plain RoPE).
@@ -38,7 +38,8 @@ class DSV3Config(PretrainedConfig):
     - `bias_update_speed` (gamma, 0.001): step of the auxiliary-loss-free router-bias update.
     - `seq_aux_loss_alpha` (alpha, 0.0001): weight of the sequence-wise balance loss (0 disables it).
     - `mtp_loss_weight` (lambda, 0.3): weight of the MTP loss, divided by `num_nextn_predict_layers`.
-    - `mla_implementation`: "auto" (naive prefill/training, absorbed decode), "naive" or "absorbed".
+    - `mla_implementation`: "auto" (naive prefill/training, absorbed decode), "naive", "absorbed", or "triton"
+      (as "auto", with one-token decode steps in the Triton latent-cache kernel, kernels/mla_decode.py).
     - `moe_implementation`: "auto" (grouped_mm where torch has it, else "sorted"), "eager" (the test
       reference loop), "grouped_mm", "sorted", or "fp8" (Triton kernels).
     - `linear_implementation`: "torch" or "fp8" (block-scaled FP8 Triton kernels).

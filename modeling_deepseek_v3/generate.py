@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     p.add_argument("--seed", type=int, default=0, help="seeds sampling and the random init of --config")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--use-mtp", action="store_true", help="MTP self-speculative decoding (needs MTP weights)")
+    speed.add_argument("--fast", action="store_true", help="greedy decoding with a static latent cache and a CUDA graph")
     args = p.parse_args(argv)
     if (args.model_dir is None) == (args.config is None):
         p.error("give exactly one of MODEL_DIR or --config NAME")
@@ -80,24 +83,38 @@ def main(argv: list[str] | None = None) -> int:
         input_ids = [tokenizer.bos_token_id] + tokenizer(args.prompt, add_special_tokens=False).input_ids
     input_ids = torch.tensor([input_ids], device=device)
 
+    if args.fast and args.do_sample:
+        parser.error("--fast decodes greedily; drop --do-sample")
     print(args.prompt, end="", flush=True)
-    streamer = TextStreamer(tokenizer, skip_prompt=True)
+    mask = torch.ones_like(input_ids)
     set_seed(args.seed)
     start = time.perf_counter()
-    output = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature if args.do_sample else None,
-        top_p=args.top_p if args.do_sample else None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        streamer=streamer,
-    )
+    if args.fast:
+        from .fast_decode import fast_greedy_generate
+
+        output = fast_greedy_generate(model, input_ids, mask, args.max_new_tokens,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    else:
+        output = model.generate(
+            input_ids,
+            attention_mask=mask,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature if args.do_sample else None,
+            top_p=args.top_p if args.do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            # Speculative decoding emits several tokens per step: it prints once at the end instead of streaming.
+            **({"use_mtp": True} if args.use_mtp else {"streamer": TextStreamer(tokenizer, skip_prompt=True)}),
+        )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    if args.fast or args.use_mtp:
+        print(tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True), end="")
+    if args.use_mtp:
+        stats = model.last_speculative_stats
+        print(f"\n[dsv3 generate] MTP acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens per step", end="")
     new_tokens = output.shape[1] - input_ids.shape[1]
     print(
         f"\n[dsv3 generate] {new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} new tokens/s "

@@ -226,7 +226,7 @@ class DSV3Attention(nn.Module):
             c_kv, k_pe = c_kv.squeeze(1), k_pe.squeeze(1)
 
         mode = self.config.mla_implementation
-        if mode == "absorbed" or (mode == "auto" and past_length > 0):
+        if mode == "absorbed" or (mode in ("auto", "triton") and past_length > 0):
             out_BSHv = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask)
         else:
             out_BSHv = self._naive(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
@@ -260,6 +260,11 @@ class DSV3Attention(nn.Module):
         w = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
         q_lat_BSHR = torch.einsum("bshn,hnr->bshr", q_nope_BSHn, w_uk)  # q_nope . (W_UK c) == (q_nope W_UK) . c
+        if self.config.mla_implementation == "triton" and q_lat_BSHR.shape[1] == 1:  # decode: kernels/mla_decode.py
+            mla_decode = importlib.import_module("modeling_deepseek_v3.kernels").mla_decode  # package only, like FP8
+            mask_BT = None if attention_mask is None else attention_mask[:, 0, 0, :]  # [B, 1, 1, T] -> [B, T]
+            o_lat_BHR = mla_decode(q_lat_BSHR[:, 0], q_pe_BSHr[:, 0], c_kv_BTR, k_pe_BTr, self.scaling, mask=mask_BT)
+            return torch.einsum("bhr,hvr->bhv", o_lat_BHR, w_uv)[:, None]  # [B, 1, H, v]
         scores = torch.einsum("bshr,btr->bhst", q_lat_BSHR, c_kv_BTR)
         scores = (scores + torch.einsum("bshr,btr->bhst", q_pe_BSHr, k_pe_BTr)).float() * self.scaling
         S, T = scores.shape[-2:]
@@ -342,12 +347,19 @@ def experts_eager(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> to
     return out_TD.to(x_TD.dtype)
 
 
+def count_per_expert(idx: torch.Tensor, num_experts: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.bincount(idx, weight, minlength=num_experts) without its device sync (CUDA bincount reads max(idx) to
+    size its output), so that a decode step can be captured in a CUDA graph. Same int64 counts."""
+    weight = torch.ones_like(idx) if weight is None else weight.to(idx.dtype)
+    return torch.zeros(num_experts, dtype=torch.long, device=idx.device).scatter_add_(0, idx, weight)
+
+
 def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
     """Rows of x repeated per chosen expert and sorted by expert id; the token of each row; rows per expert."""
     flat_idx = topk_idx_TK.reshape(-1)
     order = flat_idx.argsort(stable=True)  # [T*K] positions in the flattened (token, slot) grid
     token_of_row = order // topk_idx_TK.shape[1]
-    counts_E = torch.bincount(flat_idx, minlength=num_experts)
+    counts_E = count_per_expert(flat_idx, num_experts)
     return x_TD[token_of_row], order, token_of_row, counts_E
 
 
@@ -478,8 +490,11 @@ class DSV3MoE(nn.Module):
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         with torch.no_grad():
-            counted_TK = topk_idx_TK if token_mask_BS is None else topk_idx_TK[token_mask_BS.reshape(-1)]
-            load_E = torch.bincount(counted_TK.reshape(-1), minlength=self.gate.n_routed_experts)
+            # Padding is weighted out rather than indexed out: a boolean index would sync the device.
+            real_TK = None if token_mask_BS is None else token_mask_BS.reshape(-1, 1).expand_as(topk_idx_TK)
+            load_E = count_per_expert(
+                topk_idx_TK.reshape(-1), self.gate.n_routed_experts, None if real_TK is None else real_TK.reshape(-1)
+            )
         aux = None
         if self.config.seq_aux_loss_alpha > 0 and torch.is_grad_enabled():
             aux = self.config.seq_aux_loss_alpha * sequence_balance_loss(

@@ -93,3 +93,18 @@ def test_bad_input_gives_a_clear_error(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["generate", *(a.format(tmp=tmp_path) for a in argv)])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["--use-mtp", "--fast"])
+def test_speculative_and_fast_decoding_print_the_greedy_text(model_dir, capsys, mode):
+    """Both decoders produce plain greedy's text (fp32 on the CPU: exact)."""
+    prompt = ("--prompt", "def add(a, b):", "--max-new-tokens", "6")
+    plain = run(capsys, str(model_dir), *prompt)
+    other = run(capsys, str(model_dir), *prompt, mode)
+
+    def text(out: str) -> str:
+        return out.split("\n[dsv3 generate]")[0].rstrip("\n")  # the streamer ends with a newline
+
+    assert text(other) == text(plain) and new_tokens(other) == new_tokens(plain)
+    if mode == "--use-mtp":
+        assert "MTP acceptance" in other
