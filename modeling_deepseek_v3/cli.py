@@ -16,8 +16,11 @@ COMMANDS = {
     "info": ("modeling_deepseek_v3.info", "model size, activated parameters, KV-cache bytes and FLOPs per token"),
     "generate": ("modeling_deepseek_v3.generate", "generate text from a model folder"),
     "train": ("modeling_deepseek_v3.training.pretrain", "pretrain with Accelerate (aux-loss-free balancing, MTP)"),
+    "sft": ("modeling_deepseek_v3.training.sft", "supervised fine-tuning with TRL's SFTTrainer (full or LoRA)"),
+    "grpo": ("modeling_deepseek_v3.training.grpo", "GRPO with verifiable rewards (arithmetic task or GSM8K jsonl)"),
     "eval": ("modeling_deepseek_v3.eval.runner", "evaluate a model folder on local tasks (perplexity, MC, GSM8K, HumanEval)"),
     "publish": ("modeling_deepseek_v3.publish", "write (and optionally push) a Hub-ready folder with a model card"),
+    "bench-generate": ("modeling_deepseek_v3.fast_decode", "new tokens/s of fast greedy decoding (static cache, CUDA graph)"),
 }
 
 
