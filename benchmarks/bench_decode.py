@@ -19,19 +19,13 @@ import traceback
 
 import torch
 import transformers
+from bench_model_gpu import SHAPE  # benchmarks/ is the script's folder, so it is on sys.path
+from bench_model_gpu import build as build_train_model
 from modeling_deepseek_v3.kernels import mla_decode, mla_decode_ref
 from modeling_deepseek_v3.kernels.mla_decode import default_config, latent_cache_bytes
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
 from modeling_deepseek_v3.fast_decode import StaticLatentCache, fast_greedy_generate
 
-SHAPE = dict(
-    vocab_size=32000, hidden_size=1024, intermediate_size=4096, moe_intermediate_size=512, num_hidden_layers=12,
-    num_attention_heads=16, num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
-    qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=4,
-    n_shared_experts=2, first_k_dense_replace=1, max_position_embeddings=8192, rope_scaling=None,
-)  # fmt: skip
 NEW_TOKENS = 128
 CASES = ((1, 512), (16, 4096))
 # Kernel shapes (B, T, H, R, r): the small model's heads, and the 671B head shape.
@@ -44,19 +38,8 @@ SPLITS = {"small_h16": [2, 4, 8, 16, 32], "671b_h128": [1, 2, 4, 8]}
 
 
 def build(kind: str):
-    torch.manual_seed(0)
-    if kind == "ours":
-        model = DSV3ForCausalLM(DSV3Config(**SHAPE, num_nextn_predict_layers=0, seq_aux_loss_alpha=0.0))
-    else:
-        cfg = DeepseekV3Config(**SHAPE)
-        cfg._experts_implementation = "grouped_mm"
-        model = DeepseekV3ForCausalLM(cfg)
-    model = model.to("cuda", torch.bfloat16)
-    model.config._attn_implementation = "sdpa"
-    for p in model.parameters():  # real-looking weights: routing spreads over experts
-        if p.dim() >= 2:
-            torch.nn.init.normal_(p, std=0.02)
-    return model.eval()
+    """The same model as bench_model_gpu.py's (the anchors' shape), in eval mode."""
+    return build_train_model(kind).eval()
 
 
 def timed(fn) -> tuple[object, float]:
