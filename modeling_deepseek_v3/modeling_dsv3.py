@@ -575,10 +575,13 @@ def build_attention_mask(
     """Boolean [B, 1, S, T] mask (True = attend), or None when plain causal attention from position 0 is exact.
 
     Built here rather than by transformers' mask utilities, whose signature changed across 5.x. A 4-D mask (from a
-    static cache in generate) passes through, converted to boolean.
+    static cache in generate) passes through, converted to boolean. A query that may attend to nothing (a left-pad
+    position) is allowed to attend everywhere instead: its output is never used, but an all-masked softmax is NaN,
+    which the cache would then carry into real rows (0 weight x NaN value = NaN), as transformers' masks also avoid.
     """
     if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        return mask | ~mask.any(dim=-1, keepdim=True)
     total = past_length + query_length
     if attention_mask is None and past_length == 0:
         return None
@@ -586,6 +589,7 @@ def build_attention_mask(
     mask = (torch.arange(total, device=device)[None, :] <= q_pos[:, None])[None, None]  # [1, 1, S, T]
     if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, -total:].bool()
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask.expand(batch, 1, query_length, total)
 
 

@@ -109,3 +109,20 @@ def test_past_key_values_name_still_works(tiny_config):
     with torch.no_grad():
         model(ids, past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == 5
+
+
+def test_left_padding_never_puts_nan_in_the_cache(tiny_config):
+    """A left-pad query attends to nothing; its all-masked softmax must not turn into NaN cache entries (bf16 sdpa
+    returns NaN for fully masked rows), since real rows multiply their 0 weight by those values later."""
+    model = make_model(tiny_config).to(torch.bfloat16)
+    ids = torch.randint(2, model.config.vocab_size, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    cache = DynamicCache()
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, cache=cache, use_cache=True).logits
+        step = model(ids[:, :1], attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1),
+                     cache=cache, use_cache=True).logits  # fmt: skip
+    assert torch.isfinite(logits[0]).all() and torch.isfinite(logits[1, 3:]).all() and torch.isfinite(step).all()
+    for layer in cache.layers:
+        assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
