@@ -68,3 +68,18 @@ def test_fp8_checkpoint_runs_in_fp8_without_a_float_copy(tmp_path, rel):
         a, b = again[name], tensor
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
                                                   b.view(torch.uint8) if b.element_size() == 1 else b), name  # fmt: skip
+
+
+def test_fast_decode_runs_on_fp8_weights(tmp_path):
+    """The static-cache decode path over e4m3 weights gives generate()'s tokens (same FP8 model, fp32 activations)."""
+    from modeling_deepseek_v3.fast_decode import fast_greedy_generate
+
+    folder = fp8_checkpoint(tmp_path)
+    model = DSV3ForCausalLM.from_pretrained(folder, dtype=torch.float32, linear_implementation="fp8",
+                                            moe_implementation="fp8")  # fmt: skip
+    ids = torch.randint(2, 256, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    got = fast_greedy_generate(model, ids, mask, max_new_tokens=5)
+    assert torch.equal(got, expected)
