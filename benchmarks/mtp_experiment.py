@@ -6,7 +6,8 @@ and the same main model; the MTP run also trains one MTP module (lambda = 0.3), 
 the comparison is at equal time, and the held-out main loss is reported with the step count of each run.
 Router biases follow the aux-loss-free update (gamma = 0.001) after every step.
 
-    python benchmarks/mtp_experiment.py --tokens .data/stdlib_tokens.npy --seconds 110   # writes $OUT/mtp_experiment.json
+    python benchmarks/mtp_experiment.py --make-tokens .data/stdlib_tokens.npy            # on any machine (CPU, ~20 s)
+    python benchmarks/mtp_experiment.py --tokens .data/stdlib_tokens.npy --seconds 110   # on the GPU; writes $OUT/mtp_experiment.json
 """
 
 from __future__ import annotations
@@ -26,6 +27,31 @@ from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
 from modeling_deepseek_v3.speculative import mtp_generate
 
 SMALL = Path(__file__).resolve().parents[1] / "hub_configs" / "deepseek-v3-small"
+
+
+def make_tokens(path: str) -> None:
+    """Tokenise the running Python's standard-library sources (no site-packages) into a uint32 .npy, one document
+    per file: BOS, the file's tokens, EOS."""
+    import glob
+    import sysconfig
+
+    from modeling_deepseek_v3.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    root = sysconfig.get_paths()["stdlib"]
+    files = sorted(f for f in glob.glob(f"{root}/**/*.py", recursive=True) if "site-packages" not in f)
+    texts = []
+    for name in files:
+        try:
+            texts.append(Path(name).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    ids = []
+    for doc in tokenizer(texts, add_special_tokens=False).input_ids:
+        ids += [tokenizer.bos_token_id, *doc, tokenizer.eos_token_id]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.array(ids, dtype=np.uint32))
+    print(f"{len(texts)} files from {root}: {len(ids):,} tokens -> {path}")
 
 
 def batches(tokens: np.ndarray, batch: int, seq: int, seed: int):
@@ -101,12 +127,17 @@ def acceptance(model, held, batch: int, prompt: int, new: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", required=True)
+    p.add_argument("--make-tokens", metavar="PATH", help="build the token file and exit")
+    p.add_argument("--tokens")
     p.add_argument("--seconds", type=float, default=110)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
+    if args.make_tokens:
+        return make_tokens(args.make_tokens)
+    if not args.tokens:
+        p.error("--tokens PATH is required (build it with --make-tokens PATH)")
     tokens = np.load(args.tokens)
     split = int(len(tokens) * 0.95)
     train_tokens, held = tokens[:split], tokens[split:]
