@@ -1,0 +1,83 @@
+"""GPU experiment: load balancing on deepseek-v3-small (no MTP), three ways, same data, same time budget each.
+
+- aux-free: router-bias update (gamma = 0.001) after every step, sequence-wise balance loss alpha = 1e-4 (the paper);
+- aux loss: no bias update, balance loss alpha = 0.001 (our sequence-wise loss stands in for the classic one);
+- none: neither.
+Reports batch MaxVio (mean over layers, averaged over the last 50 training steps), global MaxVio (loads summed over
+a held-out set, per layer, then averaged) and the held-out main loss. Data as in mtp_experiment.py.
+
+    python benchmarks/balancing_experiment.py --tokens .data/stdlib_tokens.npy --seconds 50   # $OUT/balancing.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from modeling_deepseek_v3.training.balancing import max_violation, update_router_biases
+from mtp_experiment import SMALL, batches
+
+from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
+
+SETTINGS = {"aux-free": (0.001, 1e-4), "aux loss": (0.0, 1e-3), "none": (0.0, 0.0)}  # (gamma, alpha)
+
+
+def run(name: str, gamma: float, alpha: float, train_tokens, held, args) -> dict:
+    torch.manual_seed(0)
+    config = DSV3Config.from_pretrained(SMALL, num_nextn_predict_layers=0, seq_aux_loss_alpha=alpha)
+    config._attn_implementation = "sdpa"
+    model = DSV3ForCausalLM(config).cuda().to(torch.bfloat16).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    data = batches(train_tokens, args.batch, args.seq, seed=1)
+    step, batch_vio, start = 0, [], time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 50)
+        ids = next(data)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_router_biases(model, out.expert_load, gamma)
+        batch_vio.append(max_violation(out.expert_load).mean().item())
+        step += 1
+    model.eval()
+    loads, loss = None, 0.0
+    with torch.no_grad():
+        for i in range(16):
+            ids = torch.from_numpy(held[i * args.seq : (i + 1) * args.seq].astype(np.int64))[None].cuda()
+            out = model(ids, labels=ids)
+            loss += out.lm_loss.item() / 16
+            loads = out.expert_load if loads is None else loads + out.expert_load
+    result = {"gamma": gamma, "alpha": alpha, "steps": step, "held_out_lm_loss": loss,
+              "batch_maxvio_last50": float(np.mean(batch_vio[-50:])),
+              "global_maxvio_held_out": max_violation(loads).mean().item()}  # fmt: skip
+    print(name, json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--seconds", type=float, default=50)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+    args = p.parse_args()
+    tokens = np.load(args.tokens)
+    split = int(len(tokens) * 0.95)
+    results = {"args": vars(args), "device": torch.cuda.get_device_name()}
+    for name, (gamma, alpha) in SETTINGS.items():
+        results[name] = run(name, gamma, alpha, tokens[:split], tokens[split:], args)
+        (Path(os.environ.get("OUT", "/tmp")) / "balancing.json").write_text(json.dumps(results, indent=1))
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
