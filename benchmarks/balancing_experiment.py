@@ -14,40 +14,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from modeling_deepseek_v3.training.balancing import max_violation, update_router_biases
-from mtp_experiment import SMALL, batches
+from modeling_deepseek_v3.training.balancing import max_violation
+from mtp_experiment import SMALL, train_for
 
-from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
+from modeling_deepseek_v3 import DSV3Config
 
 SETTINGS = {"aux-free": (0.001, 1e-4), "aux loss": (0.0, 1e-3), "none": (0.0, 0.0)}  # (gamma, alpha)
 
 
 def run(name: str, gamma: float, alpha: float, train_tokens, held, args) -> dict:
-    torch.manual_seed(0)
-    config = DSV3Config.from_pretrained(SMALL, num_nextn_predict_layers=0, seq_aux_loss_alpha=alpha)
-    config._attn_implementation = "sdpa"
-    model = DSV3ForCausalLM(config).cuda().to(torch.bfloat16).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    data = batches(train_tokens, args.batch, args.seq, seed=1)
-    step, batch_vio, start = 0, [], time.perf_counter()
-    while time.perf_counter() - start < args.seconds:
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 50)
-        ids = next(data)
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        update_router_biases(model, out.expert_load, gamma)
-        batch_vio.append(max_violation(out.expert_load).mean().item())
-        step += 1
-    model.eval()
+    config = DSV3Config.from_pretrained(SMALL, num_nextn_predict_layers=0, seq_aux_loss_alpha=alpha,
+                                        bias_update_speed=gamma)  # fmt: skip
+    batch_vio = []
+    model, step, _ = train_for(
+        config, train_tokens, args, lambda step, out, seconds: batch_vio.append(max_violation(out.expert_load).mean().item())
+    )
     loads, loss = None, 0.0
     with torch.no_grad():
         for i in range(16):

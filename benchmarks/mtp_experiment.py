@@ -61,18 +61,19 @@ def batches(tokens: np.ndarray, batch: int, seq: int, seed: int):
         yield torch.from_numpy(np.stack([tokens[s : s + seq] for s in starts]).astype(np.int64)).cuda()
 
 
-def train(depth: int, train_tokens, args, results: dict, name: str) -> DSV3ForCausalLM:
+def train_for(config: DSV3Config, train_tokens, args, on_step=None) -> tuple[DSV3ForCausalLM, int, float]:
+    """The experiments' shared loop: bf16 weights, AdamW with a 50-step warmup, grad clip 1.0, the aux-loss-free
+    bias update (gamma = config.bias_update_speed) after each step, for args.seconds of wall time.
+    `on_step(step, out, seconds)` sees every step's outputs. Returns the model (eval mode), steps and seconds."""
     torch.manual_seed(0)
-    config = DSV3Config.from_pretrained(SMALL, num_nextn_predict_layers=depth, mtp_loss_weight=0.3)
     config._attn_implementation = "sdpa"
     model = DSV3ForCausalLM(config).cuda().to(torch.bfloat16).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     data = batches(train_tokens, args.batch, args.seq, seed=1)
-    step, log, start = 0, [], time.perf_counter()
+    step, start = 0, time.perf_counter()
     while time.perf_counter() - start < args.seconds:
-        lr = args.lr * min(1.0, (step + 1) / 50)  # warmup, then constant (short run)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = args.lr * min(1.0, (step + 1) / 50)  # warmup, then constant (short run)
         ids = next(data)
         out = model(ids, labels=ids)
         out.loss.backward()
@@ -80,16 +81,27 @@ def train(depth: int, train_tokens, args, results: dict, name: str) -> DSV3ForCa
         opt.step()
         opt.zero_grad(set_to_none=True)
         update_router_biases(model, out.expert_load, config.bias_update_speed)
-        if step % 50 == 0:
-            log.append({"step": step, "s": round(time.perf_counter() - start, 1), "lm": out.lm_loss.item(),
-                        "mtp": None if out.mtp_loss is None else out.mtp_loss.item() / 0.3})  # fmt: skip
-            print(name, log[-1], flush=True)
+        if on_step is not None:
+            on_step(step, out, time.perf_counter() - start)
         step += 1
     torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    return model.eval(), step, time.perf_counter() - start
+
+
+def train(depth: int, train_tokens, args, results: dict, name: str) -> DSV3ForCausalLM:
+    config = DSV3Config.from_pretrained(SMALL, num_nextn_predict_layers=depth, mtp_loss_weight=0.3)
+    log = []
+
+    def record(step, out, seconds):
+        if step % 50 == 0:
+            log.append({"step": step, "s": round(seconds, 1), "lm": out.lm_loss.item(),
+                        "mtp": None if out.mtp_loss is None else out.mtp_loss.item() / 0.3})  # fmt: skip
+            print(name, log[-1], flush=True)
+
+    model, step, elapsed = train_for(config, train_tokens, args, record)
     results[name] = {"steps": step, "tokens": step * args.batch * args.seq, "seconds": elapsed,
                      "tokens_per_s": step * args.batch * args.seq / elapsed, "log": log}  # fmt: skip
-    return model.eval()
+    return model
 
 
 @torch.no_grad()
