@@ -2,13 +2,16 @@
 
 The shape is the anchors' 1.25B-total config (hub_configs/deepseek-v3-small without MTP, since the built-in has
 none; vocab 32000 as in ../shared/anchors/hf_anchor.py). Measures a bf16 AdamW train step (B=8, S=2048) and
-greedy decode (batch 1 / 512-token prompt, batch 16 / 4096-token prompts, 128 new tokens).
+greedy decode (batch 1 / 512-token prompt, batch 16 / 4096-token prompts, 128 new tokens). "ours+compile" is the
+same model with each decoder layer under torch.compile (regional compilation, as `dsv3 train --compile` does).
 
     PYTHONPATH=. python benchmarks/bench_model_gpu.py            # writes $OUT/bench_model_gpu.json if OUT is set
+    PYTHONPATH=. python benchmarks/bench_model_gpu.py --train-only
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
@@ -29,7 +32,7 @@ SHAPE = dict(
 
 def build(kind: str):
     torch.manual_seed(0)
-    if kind == "ours":
+    if kind.startswith("ours"):
         model = DSV3ForCausalLM(DSV3Config(**SHAPE, num_nextn_predict_layers=0, seq_aux_loss_alpha=0.0))
     else:
         cfg = DeepseekV3Config(**SHAPE)
@@ -40,6 +43,8 @@ def build(kind: str):
     for p in model.parameters():  # real-looking weights: routing spreads over experts
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=0.02)
+    if kind == "ours+compile":
+        model.compile_layers()
     return model
 
 
@@ -81,13 +86,16 @@ def decode_rate(model, batch: int, context: int, new_tokens=128) -> dict:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--train-only", action="store_true", help="skip the decode measurements")
+    args = p.parse_args()
     print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name(), flush=True)
     results = {}
-    for kind in ("builtin", "ours"):
+    for kind in ("builtin", "ours", "ours+compile"):
         model = build(kind)
         r = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "train": train_step_rate(model)}
         print(kind, "train", json.dumps(r["train"]), flush=True)
-        for batch, context in ((1, 512), (16, 4096)):
+        for batch, context in () if args.train_only or kind == "ours+compile" else ((1, 512), (16, 4096)):
             r[f"decode_bs{batch}_ctx{context}"] = decode_rate(model, batch, context)
             print(kind, f"decode bs{batch} ctx{context}", json.dumps(r[f"decode_bs{batch}_ctx{context}"]), flush=True)
         results[kind] = r
@@ -95,6 +103,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     ratios = {
         "train_tokens_per_s": results["ours"]["train"]["tokens_per_s"] / results["builtin"]["train"]["tokens_per_s"],
+        "train_tokens_per_s_compiled": results["ours+compile"]["train"]["tokens_per_s"] / results["builtin"]["train"]["tokens_per_s"],
         **{
             k: results["ours"][k]["new_tokens_per_s"] / results["builtin"][k]["new_tokens_per_s"]
             for k in results["ours"] if k.startswith("decode")

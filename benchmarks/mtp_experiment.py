@@ -1,13 +1,15 @@
 """GPU experiment: train deepseek-v3-small with MTP on and off on real text, then measure MTP draft acceptance.
 
 Data: the Python 3.11 standard library's source (PSF licence), tokenised with the DeepSeek-V3 tokenizer into a
-uint32 .npy (8.2M tokens; 5% held out at the end). Both runs get the same wall-clock budget, the same data order
-and the same main model; the MTP run also trains one MTP module (lambda = 0.3), so it does slightly fewer steps:
-the comparison is at equal time, and the held-out main loss is reported with the step count of each run.
+uint32 .npy (8.2M tokens; 5% held out at the end). Both runs get the same data order and the same main model; the
+MTP run also trains one MTP module (lambda = 0.3). With --steps both runs take that many steps: equal main-model
+compute and tokens (the MTP module's own compute comes on top). With --seconds instead, equal wall time: the MTP
+run then does fewer steps. The held-out main loss is reported with the step count of each run.
 Router biases follow the aux-loss-free update (gamma = 0.001) after every step.
 
     python benchmarks/mtp_experiment.py --make-tokens .data/stdlib_tokens.npy            # on any machine (CPU, ~20 s)
     python benchmarks/mtp_experiment.py --tokens .data/stdlib_tokens.npy --seconds 110   # on the GPU; writes $OUT/mtp_experiment.json
+    python benchmarks/mtp_experiment.py --tokens .data/stdlib_tokens.npy --steps 600 --skip-acceptance  # equal compute
 """
 
 from __future__ import annotations
@@ -63,15 +65,17 @@ def batches(tokens: np.ndarray, batch: int, seq: int, seed: int):
 
 def train_for(config: DSV3Config, train_tokens, args, on_step=None) -> tuple[DSV3ForCausalLM, int, float]:
     """The experiments' shared loop: bf16 weights, AdamW with a 50-step warmup, grad clip 1.0, the aux-loss-free
-    bias update (gamma = config.bias_update_speed) after each step, for args.seconds of wall time.
+    bias update (gamma = config.bias_update_speed) after each step, for args.steps steps when given (equal compute
+    and data across runs), else for args.seconds of wall time (equal time).
     `on_step(step, out, seconds)` sees every step's outputs. Returns the model (eval mode), steps and seconds."""
     torch.manual_seed(0)
     config._attn_implementation = "sdpa"
     model = DSV3ForCausalLM(config).cuda().to(torch.bfloat16).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     data = batches(train_tokens, args.batch, args.seq, seed=1)
+    max_steps = getattr(args, "steps", None)
     step, start = 0, time.perf_counter()
-    while time.perf_counter() - start < args.seconds:
+    while (step < max_steps) if max_steps else (time.perf_counter() - start < args.seconds):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / 50)  # warmup, then constant (short run)
         ids = next(data)
@@ -142,6 +146,8 @@ def main() -> None:
     p.add_argument("--make-tokens", metavar="PATH", help="build the token file and exit")
     p.add_argument("--tokens")
     p.add_argument("--seconds", type=float, default=110)
+    p.add_argument("--steps", type=int, help="train each run for this many steps instead of --seconds")
+    p.add_argument("--skip-acceptance", action="store_true", help="skip the speculative-decoding measurement")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -158,7 +164,7 @@ def main() -> None:
     held_p = np.maximum(probs[held], 1e-12)
     results = {"args": vars(args), "train_tokens": len(train_tokens), "held_out_tokens": len(held),
                "unigram_held_out_ce": float(-np.log(held_p).mean()), "device": torch.cuda.get_device_name()}  # fmt: skip
-    out_path = Path(os.environ.get("OUT", "/tmp")) / "mtp_experiment.json"
+    out_path = Path(os.environ.get("OUT", "/tmp")) / ("mtp_experiment_steps.json" if args.steps else "mtp_experiment.json")
 
     def save():
         out_path.write_text(json.dumps(results, indent=1))
@@ -166,7 +172,7 @@ def main() -> None:
     model = train(1, train_tokens, args, results, "mtp_on")
     results["mtp_on"].update(held_out_losses(model, held, args))
     save()
-    for batch in (1, 16):
+    for batch in () if args.skip_acceptance else (1, 16):
         results[f"acceptance_bs{batch}"] = acceptance(model, held, batch, prompt=256, new=64)
         print(results[f"acceptance_bs{batch}"], flush=True)
         save()

@@ -659,6 +659,15 @@ class DSV3PreTrainedModel(PreTrainedModel):
         """Every MoE layer, main model then MTP, in a fixed order (the rows of `expert_load`)."""
         return [m for m in self.modules() if isinstance(m, DSV3MoE)]
 
+    def compile_layers(self, **compile_kwargs) -> None:
+        """Regional compilation: torch.compile each decoder and MTP layer in place (`nn.Module.compile`). The layers
+        share one code path, so torch compiles it once and reuses it, which starts much faster than compiling the
+        whole model; the embedding, the head and the loss stay eager. Training and prefill only: generation's
+        growing cache shapes would recompile at every step (fast_decode.py has the compiled decode step)."""
+        for module in self.modules():
+            if isinstance(module, (DSV3DecoderLayer, DSV3MTPLayer)):
+                module.compile(**compile_kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load an official-format (or transformers-saved) folder: see `checkpoint.load_pretrained`."""

@@ -69,6 +69,8 @@ class PretrainArguments:
     mtp_loss_weight_final: float = 0.1
     mtp_weight_switch: float = field(default=10 / 14.8, metadata={"help": "fraction of tokens after which lambda is final"})
     mixed_precision: str = field(default="auto", metadata={"help": "no (fp32), bf16, or auto (bf16 on a bf16 GPU, else no)"})
+    fp8: bool = field(default=False, metadata={"help": "block-scaled FP8 (kernels/) for the MLA projections, dense/shared MLPs and routed experts; embedding, router, norms and head stay high precision. Needs a CUDA GPU of compute capability >= 8.9 and Triton"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile each decoder/MTP layer (regional compilation)"})
     use_cpu: bool = field(default=False, metadata={"help": "train on the CPU even with a GPU (always the case without CUDA)"})
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -132,6 +134,8 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
     for key in ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
+    if args.fp8:  # FP8 compute is a backend choice of the model (one selection point), not a checkpoint property
+        config.linear_implementation, config.moe_implementation = "fp8", "fp8"
     gamma0, lambda0 = config.bias_update_speed, config.mtp_loss_weight
     tokenizer = load_tokenizer(args.model if os.path.isdir(args.model) else None)
     if len(tokenizer) > config.vocab_size:
@@ -162,6 +166,8 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        model.compile_layers()
     # No weight decay on norms (1-D); the router bias is a buffer, moved only by the balancing rule.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
@@ -228,6 +234,8 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
 
     if state.step >= args.max_steps:
         unwrapped.config.bias_update_speed, unwrapped.config.mtp_loss_weight = gamma0, lambda0  # describe the model, not the schedule's end
+        # FP8 was how this run computed, not what the weights need: the saved folder loads anywhere (CPU included).
+        unwrapped.config.linear_implementation, unwrapped.config.moe_implementation = "torch", "auto"
         save_final(accelerator, model, tokenizer, os.path.join(args.output_dir, "final"))
         if metrics is not None and args.plots:
             plot_run(metrics.path, args.output_dir)

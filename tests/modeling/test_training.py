@@ -1,5 +1,6 @@
 """Oracle 4 (training lowers main and MTP loss), MTP alignment, gradient checkpointing, compile, import hygiene."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -85,6 +86,25 @@ def test_forward_compiles(tiny_config):
     # Under compile "auto" experts take the sort-by-expert path (grouped_mm's compile rule wants bf16): the same
     # fp32 products in another summation order.
     assert (got - expected).abs().max() <= 1e-5
+
+
+def test_compile_layers_trains_like_eager(tiny_config):
+    """Regional compilation (`dsv3 train --compile`): every decoder and MTP layer compiled, loss and gradients as
+    eager. Same fp32 ops, other expert-summation order under compile (see above), hence 1e-5, not equality."""
+    torch.manual_seed(0)
+    eager = DSV3ForCausalLM(tiny_config(num_nextn_predict_layers=1)).train()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_layers(backend="aot_eager")
+    ids = torch.randint(0, 512, (2, 11))
+    losses = []
+    for model in (eager, compiled):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    assert torch.isfinite(losses[0]) and (losses[1] - losses[0]).abs() <= 1e-5
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        if a.grad is not None:
+            assert (b.grad - a.grad).abs().max() <= 1e-5 * max(1.0, a.grad.abs().max().item()), name
 
 
 def test_design_folders_do_not_shadow_hub_kernels(tmp_path):
