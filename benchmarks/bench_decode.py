@@ -29,12 +29,21 @@ from modeling_deepseek_v3.fast_decode import StaticLatentCache, fast_greedy_gene
 NEW_TOKENS = 128
 CASES = ((1, 512), (16, 4096))
 # Kernel shapes (B, T, H, R, r): the small model's heads, and the 671B head shape.
-KERNEL_SHAPES = {"small_h16": (64, 8192, 16, 256, 32), "671b_h128": (64, 8192, 128, 512, 64)}
-TILES = {  # (block_h, block_t, num_warps, num_stages); None = default_config
-    "small_h16": [None, (16, 128, 8, 4), (16, 256, 8, 2), (16, 64, 4, 4), (16, 128, 4, 3), (16, 64, 8, 4)],
-    "671b_h128": [None, (64, 32, 4, 2), (64, 16, 4, 3), (64, 64, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2), (64, 16, 8, 2)],
+KERNEL_SHAPES = {"671b_h128": (64, 8192, 128, 512, 64), "small_h16": (64, 8192, 16, 256, 32)}
+# Sweep rows: (block_h, block_t, num_warps, num_stages, split_scores, tma, prefetch); None = default_config.
+TILE_KEYS = ("block_h", "block_t", "num_warps", "num_stages", "split_scores", "tma", "prefetch")
+TILES = {
+    "small_h16": [None, (16, 128, 4, 3, False, False, 1), (16, 128, 4, 3, False, False, 2),
+                  (16, 128, 4, 3, False, False, 4), (16, 64, 4, 4, False, False, 2), (16, 128, 8, 3, False, True, 1),
+                  (16, 256, 8, 2, False, False, 1)],
+    "671b_h128": [None,
+                  (64, 64, 8, 2, False, False, 0),  # the previous default: both warpgroups compute all scores
+                  (64, 64, 8, 2, True, False, 0), (64, 64, 8, 2, True, False, 1), (64, 64, 8, 2, True, False, 2),
+                  (64, 64, 8, 2, True, False, 4), (64, 64, 8, 2, True, True, 1),
+                  (64, 128, 8, 1, True, True, 0), (64, 128, 8, 1, True, True, 1), (64, 128, 8, 1, True, True, 2),
+                  (64, 128, 8, 1, True, False, 1), (64, 32, 8, 4, True, False, 2), (64, 32, 8, 4, True, True, 4)],
 }  # fmt: skip
-SPLITS = {"small_h16": [2, 4, 8, 16, 32], "671b_h128": [1, 2, 4, 8]}
+SPLITS = {"small_h16": [2, 4], "671b_h128": [1, 2]}
 
 
 def build(kind: str):
@@ -143,10 +152,34 @@ def kernel_section(results: dict) -> None:
     for name, shape in KERNEL_SHAPES.items():
         results[f"kernel_{name}"] = kernel_shape(name, *shape, copy_bw)
         torch.cuda.empty_cache()
+        if os.environ.get("OUT"):  # after each shape: a timeout keeps what was measured
+            with open(os.path.join(os.environ["OUT"], "bench_decode.json"), "w") as f:
+                json.dump(results, f, indent=1, default=str)
+
+
+def check_config(H: int, R: int, r: int, kw: dict) -> float:
+    """Relative error vs mla_decode_ref on fresh random inputs: odd T, lengths that end inside a tile, a hole,
+    left padding, and a row with nothing valid (must be zeros); the split count of the timed row."""
+    B, T = 4, 2999
+    q = torch.randn(B, H, R, device="cuda", dtype=torch.bfloat16)
+    qp = torch.randn(B, H, r, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(B, T, R, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, T, r, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    mask[1, :1000] = False
+    mask[0, 500:777] = False
+    mask[3] = False
+    lengths = torch.tensor([T, 2500, 37, T], device="cuda", dtype=torch.int32)
+    out = mla_decode(q, qp, c, k, 0.07, lengths=lengths, mask=mask, **kw)
+    ref = mla_decode_ref(q, qp, c, k, 0.07, lengths=lengths, mask=mask)
+    if out.isnan().any() or not torch.equal(out[3], torch.zeros_like(out[3])):
+        return float("nan")
+    return ((out[:3].float() - ref[:3].float()).norm() / ref[:3].float().norm()).item()
 
 
 def kernel_shape(name: str, B: int, T: int, H: int, R: int, r: int, copy_bw: float) -> dict:
-    """Timed inside a CUDA graph (triton.testing.do_bench_cudagraph), as in the decode step: no launch overhead."""
+    """Timed inside a CUDA graph (triton.testing.do_bench_cudagraph), as in the decode step: no launch overhead.
+    Every sweep row is first checked against the reference (check_config); a row that fails is not timed."""
     from triton.testing import do_bench_cudagraph
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -165,30 +198,39 @@ def kernel_shape(name: str, B: int, T: int, H: int, R: int, r: int, copy_bw: flo
     out = mla_decode(q[:4], qp[:4], c[:4], k[:4], scale)
     entry["rel_err_vs_ref"] = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
-    def measure(label, fn) -> dict:
+    def measure(label, fn, kw=None) -> dict:
+        res = {"config": label}
         try:
-            ms = do_bench_cudagraph(fn, rep=40)
+            if kw is not None:
+                res["rel_err"] = check_config(H, R, r, kw)
+                if not res["rel_err"] < 1e-2:  # bf16 output: ~3e-3 expected; NaN fails too
+                    print(name, label, "WRONG", res["rel_err"], flush=True)
+                    return res
+            ms = do_bench_cudagraph(fn, rep=30)
         except Exception as e:  # e.g. out of shared memory for a tile choice
-            return {"config": label, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            res["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(name, label, res["error"], flush=True)
+            return res
         bw = nbytes / (ms * 1e-3) / 1e12
-        res = {"config": label, "us": ms * 1e3, "TBps": bw, "frac_of_copy": bw / copy_bw, "TFLOPS": flops / ms / 1e9}
+        res.update(us=ms * 1e3, TBps=bw, frac_of_copy=bw / copy_bw, TFLOPS=flops / ms / 1e9)
         print(name, label, f"{ms * 1e3:.1f} us {bw:.2f} TB/s ({bw / copy_bw:.0%} of copy) {res['TFLOPS']:.0f} TFLOPS",
-              flush=True)  # fmt: skip
+              res.get("rel_err", ""), flush=True)  # fmt: skip
         return res
 
     def kwargs(cfg):
-        return {} if cfg is None else dict(zip(("block_h", "block_t", "num_warps", "num_stages"), cfg, strict=True))
+        return {} if cfg is None else dict(zip(TILE_KEYS, cfg, strict=True))
 
     sweep = []
     for cfg in TILES[name]:
         kw = kwargs(cfg)
-        sweep.append(measure(cfg, lambda kw=kw: mla_decode(q, qp, c, k, scale, **kw)))
+        sweep.append(measure(cfg, lambda kw=kw: mla_decode(q, qp, c, k, scale, **kw), kw))
     best_tile = max((s for s in sweep if "TBps" in s), key=lambda s: s["TBps"])["config"]
     for ns in SPLITS[name]:
         kw = dict(kwargs(best_tile), num_splits=ns)
-        sweep.append(measure([best_tile, f"splits={ns}"], lambda kw=kw: mla_decode(q, qp, c, k, scale, **kw)))
+        sweep.append(measure([best_tile, f"splits={ns}"], lambda kw=kw: mla_decode(q, qp, c, k, scale, **kw), kw))
     entry["sweep"] = sweep
     entry["best"] = max((s for s in sweep if "TBps" in s), key=lambda s: s["TBps"])
+    entry["default_repeat"] = measure("default (again)", lambda: mla_decode(q, qp, c, k, scale))
     entry["default_with_mask"] = measure("default+mask", lambda: mla_decode(q, qp, c, k, scale, mask=mask))
     entry["default_with_lengths"] = measure("default+lengths", lambda: mla_decode(q, qp, c, k, scale, lengths=lengths))
     try:
@@ -197,6 +239,22 @@ def kernel_shape(name: str, B: int, T: int, H: int, R: int, r: int, copy_bw: flo
         entry["torch_absorbed"] = "out of memory"
     print(name, json.dumps({k: v for k, v in entry.items() if k != "sweep"}), flush=True)
     return entry
+
+
+def kernel_table(results: dict) -> None:
+    """The compact table printed last: every sweep row of every shape."""
+    print("\nshape | config | us | TB/s | % copy | TFLOPS | rel_err")
+    for key, entry in results.items():
+        if not key.startswith("kernel_") or not isinstance(entry, dict):
+            continue
+        rows = entry["sweep"] + [entry[k] for k in ("default_repeat", "default_with_mask", "default_with_lengths",
+                                                     "torch_absorbed") if isinstance(entry.get(k), dict)]  # fmt: skip
+        for s in rows:
+            if "us" in s:
+                print(f"{key[7:]} | {s['config']} | {s['us']:.1f} | {s['TBps']:.2f} | {s['frac_of_copy']:.0%} | "
+                      f"{s['TFLOPS']:.0f} | {s.get('rel_err', '')}")  # fmt: skip
+            else:
+                print(f"{key[7:]} | {s['config']} | {s.get('error', 'WRONG')} | rel_err {s.get('rel_err', '')}")
 
 
 def memory_section(results: dict) -> None:
@@ -245,10 +303,11 @@ def main() -> None:
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--skip-kernel", action="store_true")
     args = p.parse_args()
-    print(
-        "torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name(), flush=True
-    )
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    import triton
+
+    print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
+          torch.cuda.get_device_name(), flush=True)  # fmt: skip
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                      "transformers": transformers.__version__}  # fmt: skip
     for section, skip in (
         (kernel_section, args.skip_kernel),
@@ -266,6 +325,7 @@ def main() -> None:
             with open(os.path.join(os.environ["OUT"], "bench_decode.json"), "w") as f:
                 json.dump(results, f, indent=1, default=str)
     print("RESULTS", json.dumps(results, default=str), flush=True)
+    kernel_table(results)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,16 @@ L2. The sequence is cut into splits (split-K, "flash-decoding"): each program ke
 m, sum l and accumulator acc [BLOCK_H, R] in fp32 over its split, and a second kernel combines the splits:
 o = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s. With one split the first kernel normalises and writes o itself.
 
+At the 671B head shape (128 heads, R = 512) the kernel is bound by the tensor cores and by latency, not by bytes:
+128 x (576 + 512) x 2 FLOP per cached token is ~242 FLOP per cache byte (bf16), above the H200's ~190 FLOP/byte
+ridge. Two code paths matter there (H200 sweep, batch 64, 8K context, benchmarks/bench_decode.py): SPLIT_SCORES
+(the score tile computed once, split across the two warpgroups, instead of by both: 500 -> 462 us) and PREFETCH
+(an L2 prefetch of the tile two steps ahead, since Triton issues a 2-stage loop's next load only after the
+current tile's last dot: 462 -> 417 us). TMA (descriptor loads, the copy engine) is an option that measured no
+faster. What keeps it far from the tensor-core rate is Triton's schedule: one program per SM (the [64, 512] fp32
+accumulator fills half the register file), and within it load, score dot, softmax and p.c_kv dot run one after
+the other, with no warpgroup specialisation to overlap them (FlashMLA's design).
+
 Masks: `lengths` [B] (positions >= lengths[b] are skipped: a static cache's unwritten tail) and/or a boolean `mask`
 [B, T] (False = padding hole). A mask alone also bounds the loop: its last True + 1 is computed on the device, so
 nothing syncs and a CUDA graph can capture the call. A row with no valid position returns zeros.
@@ -56,6 +66,26 @@ def require_triton(feature: str, device: torch.device) -> None:
 if tt.HAS_TRITON:
 
     @triton.jit
+    def _mla_dot_t(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """acc + a . b^T (a [M, K], b [N, K]) in fp32."""
+        if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bits: compute in fp32 from the same values
+            return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee")
+        elif IEEE:  # fp32 inputs: full-precision dots (the default on a GPU would be tf32)
+            return tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, tl.trans(b), acc)
+
+    @triton.jit
+    def _mla_dot(p, c, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """p . c (p already rounded to c's dtype) in fp32."""
+        if UPCAST:  # same rounding of p to the cache dtype, then an fp32 dot
+            return tl.dot(p.to(tl.float32), c.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            return tl.dot(p, c, input_precision="ieee")
+        else:
+            return tl.dot(p, c)
+
+    @triton.jit
     def _mla_decode_split_kernel(
         q_ptr, qpe_ptr, ckv_ptr, kpe_ptr, mask_ptr, len_ptr,
         o_ptr, m_ptr, l_ptr,
@@ -66,7 +96,7 @@ if tt.HAS_TRITON:
         stride_mb, stride_ms,
         H, T, R, RP, split_len, qk_scale,
         HAS_MASK: tl.constexpr, HAS_LEN: tl.constexpr, SINGLE_SPLIT: tl.constexpr, IEEE: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, SPLIT_SCORES: tl.constexpr, TMA: tl.constexpr, PREFETCH: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_RP: tl.constexpr,
     ):  # fmt: skip
         pid_h, pid_s, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -75,18 +105,23 @@ if tt.HAS_TRITON:
         offs_r = tl.arange(0, BLOCK_R)
         offs_p = tl.arange(0, BLOCK_RP)
         h_ok, r_ok, p_ok = offs_h < H, offs_r < R, offs_p < RP
-        # Queries [BLOCK_H, R] and [BLOCK_H, r] stay in registers for the whole split.
+        # Queries [BLOCK_H, R] and [BLOCK_H, r] stay on chip for the whole split (shared memory: the A operand of
+        # the score dots on Hopper).
         q = tl.load(q_ptr + b64 * stride_qb + offs_h[:, None] * stride_qh + offs_r[None, :],
                     mask=h_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip
         qp = tl.load(qpe_ptr + b64 * stride_pb + offs_h[:, None] * stride_ph + offs_p[None, :],
                      mask=h_ok[:, None] & p_ok[None, :], other=0.0)  # fmt: skip
-        if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bits: compute in fp32 from the same values
-            q, qp = q.to(tl.float32), qp.to(tl.float32)
 
         start = pid_s * split_len
         end = tl.minimum(start + split_len, T)
         if HAS_LEN:
             end = tl.minimum(end, tl.load(len_ptr + b))
+
+        if TMA:  # descriptors over this row's valid positions: the copy engine zero-fills t >= end, as the masks do
+            c_desc = tl.make_tensor_descriptor(ckv_ptr + b64 * stride_cb, shape=[end, R], strides=[stride_ct, 1],
+                                               block_shape=[BLOCK_T, BLOCK_R])  # fmt: skip
+            k_desc = tl.make_tensor_descriptor(kpe_ptr + b64 * stride_kb, shape=[end, RP], strides=[stride_kt, 1],
+                                               block_shape=[BLOCK_T, BLOCK_RP])  # fmt: skip
 
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of log2-scaled scores
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -94,37 +129,67 @@ if tt.HAS_TRITON:
         for t0 in range(start, end, BLOCK_T):
             offs_t = t0 + tl.arange(0, BLOCK_T)
             t_ok = offs_t < end
-            c = tl.load(ckv_ptr + b64 * stride_cb + offs_t[:, None] * stride_ct + offs_r[None, :],
-                        mask=t_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip  # [BLOCK_T, R]
-            kp = tl.load(kpe_ptr + b64 * stride_kb + offs_t[:, None] * stride_kt + offs_p[None, :],
-                         mask=t_ok[:, None] & p_ok[None, :], other=0.0)  # fmt: skip  # [BLOCK_T, r]
-            if UPCAST:
-                s = tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
-                s += tl.dot(qp, tl.trans(kp.to(tl.float32)), input_precision="ieee")
-            elif IEEE:  # fp32 inputs: full-precision dots (the default on a GPU would be tf32)
-                s = tl.dot(q, tl.trans(c), input_precision="ieee") + tl.dot(qp, tl.trans(kp), input_precision="ieee")
+            if PREFETCH > 0:  # pull the tile PREFETCH steps ahead into L2 (128-byte lines) while this one computes
+                pf_t = t0 + PREFETCH * BLOCK_T + tl.arange(0, BLOCK_T)
+                pf_ok = pf_t < end
+                pf_c = ckv_ptr + b64 * stride_cb + pf_t[:, None] * stride_ct + tl.arange(0, BLOCK_R // 64)[None, :] * 64
+                pf_c = tl.where(pf_ok[:, None], pf_c, ckv_ptr)  # past the end: the row's first line, harmless
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pf_c], dtype=tl.int32, is_pure=False,
+                                          pack=1)  # fmt: skip
+                pf_k = tl.where(pf_ok, kpe_ptr + b64 * stride_kb + pf_t * stride_kt, kpe_ptr)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [pf_k], dtype=tl.int32, is_pure=False,
+                                          pack=1)  # fmt: skip
+            if TMA:
+                c = c_desc.load([t0, 0])  # [BLOCK_T, R]
+                kp = k_desc.load([t0, 0])  # [BLOCK_T, r]
             else:
-                s = tl.dot(q, tl.trans(c)) + tl.dot(qp, tl.trans(kp))
-            s = s * qk_scale  # scale * log2(e): softmax through exp2
+                c = tl.load(ckv_ptr + b64 * stride_cb + offs_t[:, None] * stride_ct + offs_r[None, :],
+                            mask=t_ok[:, None] & r_ok[None, :], other=0.0)  # fmt: skip  # [BLOCK_T, R]
+                kp = tl.load(kpe_ptr + b64 * stride_kb + offs_t[:, None] * stride_kt + offs_p[None, :],
+                             mask=t_ok[:, None] & p_ok[None, :], other=0.0)  # fmt: skip  # [BLOCK_T, r]
             valid = t_ok
             if HAS_MASK:
                 valid = valid & (tl.load(mask_ptr + b64 * stride_mask_b + offs_t, mask=t_ok, other=0) != 0)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A head that has seen only masked positions keeps m = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_sub)
-            p = tl.math.exp2(s - m_sub[:, None])  # [BLOCK_H, BLOCK_T], in [0, 1]
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # p is cast to the cache dtype for the tensor-core dot, as the torch path casts its probabilities.
-            if UPCAST:  # same rounding of p to the cache dtype, then an fp32 dot
-                pv = tl.dot(p.to(c.dtype).to(tl.float32), c.to(tl.float32), input_precision="ieee")
-                acc = acc * alpha[:, None] + pv
-            elif IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c, input_precision="ieee")
+            if SPLIT_SCORES:
+                # Triton lays out a dot whose result feeds another dot ("chained", as s feeds p.c_kv) with every
+                # warp along the rows: at BLOCK_H = 64 and 8 warps both warpgroups then compute the whole score
+                # tile, twice the q.c_kv tensor work and shared-memory reads. A dot inside an `if` ends the forward
+                # slice that heuristic follows (at the scf.yield), so the score dots split their columns across
+                # the warpgroups. Both conditions are always true here; the compiler cannot know it. The rope dot
+                # runs first, in its own `if`, and is the accumulator of the q.c_kv dot.
+                if t0 < end:
+                    if t0 >= start:
+                        sp = _mla_dot_t(qp, kp, tl.zeros([BLOCK_H, BLOCK_T], dtype=tl.float32), UPCAST, IEEE)
+                    else:
+                        sp = tl.zeros([BLOCK_H, BLOCK_T], dtype=tl.float32)
+                    s = _mla_dot_t(q, c, sp, UPCAST, IEEE) * qk_scale
+                    s = tl.where(valid[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.math.exp2(m_i - m_sub)
+                    p = tl.math.exp2(s - m_sub[:, None])
+                    l_new = l_i * alpha + tl.sum(p, 1)
+                    p = p.to(c.dtype)
+                else:  # never taken (t0 < end in the loop); a no-op, written without constants, which cost smem
+                    m_new, l_new = m_i, l_i
+                    alpha = l_i * 0.0 + 1.0
+                    p = (tl.zeros([BLOCK_H, BLOCK_T], dtype=tl.float32) * l_i[:, None]).to(c.dtype)
+                acc = acc * alpha[:, None] + _mla_dot(p, c, UPCAST, IEEE)
+                m_i, l_i = m_new, l_new
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
-            m_i = m_new
+                s = _mla_dot_t(qp, kp, _mla_dot_t(q, c, tl.zeros([BLOCK_H, BLOCK_T], dtype=tl.float32), UPCAST, IEEE),
+                               UPCAST, IEEE)  # fmt: skip
+                s = s * qk_scale  # scale * log2(e): softmax through exp2
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # A head that has seen only masked positions keeps m = -inf; subtracting 0 instead keeps exp2 at 0.
+                m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.math.exp2(m_i - m_sub)
+                p = tl.math.exp2(s - m_sub[:, None])  # [BLOCK_H, BLOCK_T], in [0, 1]
+                l_i = l_i * alpha + tl.sum(p, 1)
+                # p is cast to the cache dtype for the tensor-core dot, as the torch path casts its probabilities.
+                acc = acc * alpha[:, None] + _mla_dot(p.to(c.dtype), c, UPCAST, IEEE)
+                m_i = m_new
 
         out_mask = h_ok[:, None] & r_ok[None, :]
         if SINGLE_SPLIT:  # normalise here; no combine pass
@@ -167,27 +232,62 @@ def _sm_count(index: int) -> int:
 def pick_splits(programs_per_split: int, T: int, sms: int) -> int:
     """Number of splits: as many as keep the grid within one wave of programs (one per SM), at least one, and no
     split shorter than 256 positions. Measured on an H200 (B=64, T=8K, 16 heads): 2 splits (128 programs) 76.8 us,
-    4: 81.3, 8: 87.4, 16: 94.5, 32: 111.7; at 128 heads, 1 split (128 programs) beats 2, 4 and 8. Beyond one wave
+    4: 81.3, 8: 87.4, 16: 94.5, 32: 111.7; at 128 heads, 1 split (128 programs) beats 2, 4 and 8 (2026-11-30, with
+    the default 128-head tiles: 416.8 us vs 431.6 at 2 splits). Beyond one wave
     the extra partial-result traffic and the second, partly filled wave cost more than they hide."""
     return max(1, min(sms // programs_per_split, triton.cdiv(T, 256)))
 
 
 def default_config(B: int, H: int, T: int, R: int, device: torch.device) -> dict:
-    """Tile sizes and split count, from the H200 sweep in benchmarks/bench_decode.py. BLOCK_H covers every head up
-    to 64 (tl.dot needs >= 16 rows); its fp32 accumulator [BLOCK_H, R] lives in registers, hence 64 x 512 at most
-    (8 warps). At R = 256, [128, 256] c_kv tiles with 4 warps and 3 stages read at 93% of copy bandwidth."""
+    """Tile sizes, split count and code path, from the H200 sweep in benchmarks/bench_decode.py. BLOCK_H covers
+    every head up to 64 (tl.dot needs >= 16 rows); its fp32 accumulator [BLOCK_H, R] lives in registers, hence
+    64 x 512 at most (8 warps). At R = 256, [128, 256] c_kv tiles with 4 warps and 3 stages read at 92-93% of
+    copy bandwidth (77 us); TMA, L2 prefetch and other tiles measured slower there. At R = 512 (128 heads):
+    [64, 512] tiles, 8 warps, 2 stages (q and two tiles fill 216 of the 227 KB of shared memory), scores split
+    across warpgroups, L2 prefetch two tiles ahead: 417 us, against 420-423 us prefetching one tile ahead, 437 at
+    four, 462 without prefetch, 420 for [128, 512] TMA tiles in one stage, 500 for the previous default, and
+    503-533 us for [32, 512] tiles at 3-4 stages. `split_scores`, `tma` and `prefetch` pick the kernel's code
+    paths (see the kernel's comments)."""
     block_h = min(64, max(16, triton.next_power_of_2(H)))
     head_blocks = triton.cdiv(H, block_h)
     if R >= 512:
         block_t, num_warps, num_stages = 64, 8, 2
+        split_scores, tma, prefetch = True, False, 2
     else:
         block_t, num_warps, num_stages = 128, 4, 3
+        split_scores, tma, prefetch = False, False, 0
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         num_splits = pick_splits(B * head_blocks, T, sms)
     else:
         num_splits = 1  # the interpreter runs programs one by one: fewest is fastest
-    return dict(block_h=block_h, block_t=block_t, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    return dict(block_h=block_h, block_t=block_t, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages,
+                split_scores=split_scores, tma=tma, prefetch=prefetch)  # fmt: skip
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """The copy engine's rules for a [rows, width] descriptor per batch row: 16-byte aligned base addresses and
+    16-byte multiples for the batch and row strides (the last dim is contiguous, checked by the caller)."""
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or (t.stride(0) * es) % 16 or (t.stride(1) * es) % 16:
+            return False
+    return True
+
+
+def _scratch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton launches on the current device; the interpreter runs on the CPU."""
+    device = torch.device("cpu") if tt.interpreting() else torch.device("cuda", torch.cuda.current_device())
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def _ensure_allocator() -> None:
+    """In-kernel TMA descriptors live in a global scratch buffer (128 bytes each) that Triton asks its allocator
+    for at launch: set one (a torch allocation, so CUDA graphs capture it) unless the caller set their own."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch_allocator)
 
 
 def valid_lengths(mask_BT: torch.Tensor) -> torch.Tensor:
@@ -211,6 +311,9 @@ def mla_decode(
     block_t: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    split_scores: bool | None = None,
+    tma: bool | None = None,
+    prefetch: int | None = None,
 ) -> torch.Tensor:
     """Absorbed-MLA decode attention: o_lat [B, H, R] (dtype of c_kv) from q_lat [B, H, R], q_pe [B, H, r],
     c_kv [B, T, R], k_pe [B, T, r], the softmax scale, and optionally lengths [B] (int) and/or mask [B, T] (bool,
@@ -228,7 +331,8 @@ def mla_decode(
         return out.zero_()
     cfg = default_config(B, H, T, R, c_kv.device)
     for key, value in (("num_splits", num_splits), ("block_h", block_h), ("block_t", block_t),
-                       ("num_warps", num_warps), ("num_stages", num_stages)):  # fmt: skip
+                       ("num_warps", num_warps), ("num_stages", num_stages), ("split_scores", split_scores),
+                       ("tma", tma), ("prefetch", prefetch)):  # fmt: skip
         if value is not None:
             cfg[key] = value
     if mask is not None:
@@ -257,6 +361,10 @@ def mla_decode(
         l_part = torch.empty_like(m_part)
         so = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
         sm = (m_part.stride(0), m_part.stride(1))
+    use_tma = bool(cfg["tma"]) and _tma_ok(c_kv, k_pe)
+    if use_tma:
+        _ensure_allocator()
+    prefetch_tiles = 0 if tt.interpreting() else int(cfg["prefetch"])  # inline PTX: GPU only
     dummy = c_kv  # pointer for absent optional inputs (never dereferenced: HAS_MASK / HAS_LEN are False)
     _mla_decode_split_kernel[grid](
         q_lat, q_pe, c_kv, k_pe, mask if mask is not None else dummy, lengths if lengths is not None else dummy,
@@ -268,6 +376,7 @@ def mla_decode(
         H, T, R, r, split_len, scale * LOG2E,
         HAS_MASK=mask is not None, HAS_LEN=lengths is not None, SINGLE_SPLIT=ns == 1,
         IEEE=c_kv.dtype == torch.float32, UPCAST=tt.interpreting() and c_kv.dtype != torch.float32,
+        SPLIT_SCORES=bool(cfg["split_scores"]), TMA=use_tma, PREFETCH=prefetch_tiles,
         BLOCK_H=cfg["block_h"], BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_RP=block_rp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip

@@ -79,6 +79,39 @@ def test_lengths_holes_and_splits(dtype, rel):
     assert rel(out, mla_decode_ref(q, q_pe, c_kv, k_pe, 0.1, mask=tail)) < MLA_TOL[dtype]
 
 
+@pytest.mark.parametrize("split_scores", [False, True])
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_code_paths(split_scores, tma, dtype, rel):
+    """Each of the kernel's code paths (scores split across warpgroups or not; TMA descriptors, which zero-fill
+    past a row's end, or masked pointer loads) on fresh inputs: lengths that end inside a tile, holes, a row with
+    nothing valid, one and several splits, R not a power of two (padded to BLOCK_R). The L2 prefetch (inline PTX)
+    runs on GPUs only; the interpreter skips it, and it changes no result."""
+    B, H, T, R, r = 4, 20, 203, 48, 16
+    q, q_pe, c_kv, k_pe = _inputs(B, H, T, R, r, dtype, seed=7)
+    mask = _left_padding(B, T)
+    mask[0, 90:101] = False
+    mask[3] = False
+    lengths = torch.tensor([203, 77, 160, 203])
+    for ns, bt in ((1, 32), (3, 16)):
+        out = mla_decode(q, q_pe, c_kv, k_pe, 0.15, lengths=lengths, mask=mask, num_splits=ns, block_t=bt,
+                         split_scores=split_scores, tma=tma)  # fmt: skip
+        ref = mla_decode_ref(q, q_pe, c_kv, k_pe, 0.15, lengths=lengths, mask=mask)
+        assert not out.isnan().any() and torch.equal(out[3], torch.zeros_like(out[3]))
+        assert rel(out[:3], ref[:3]) < MLA_TOL[dtype]
+
+
+def test_tma_falls_back_on_misaligned_views(rel):
+    """A cache view whose rows are not 16-byte aligned cannot be a TMA descriptor: the pointer path runs instead,
+    with the same result."""
+    B, H, T, R, r = 2, 16, 50, 36, 8  # 36 x 4 B = 144 B rows: aligned; offset the view by one element
+    buf = torch.randn(B, T * (R + 1) + 1)
+    c_kv = buf[:, 1 : 1 + T * (R + 1)].view(B, T, R + 1)[..., :R]  # row stride 37 x 4 B: not a 16-byte multiple
+    q, q_pe, _, k_pe = _inputs(B, H, T, R, r, torch.float32, seed=3)
+    out = mla_decode(q, q_pe, c_kv, k_pe, 0.2, tma=True, split_scores=True, num_splits=2)
+    assert rel(out, mla_decode_ref(q, q_pe, c_kv, k_pe, 0.2)) < MLA_TOL[torch.float32]
+
+
 def test_no_mask_strided_inputs_and_empty_rows(rel):
     """Views as the model passes them (q [B, S=1, H, R][:, 0], cache [B, 1, T, R].squeeze(1) of a larger
     buffer); a row with no valid position gives zeros (not NaN)."""
