@@ -78,5 +78,61 @@ def main() -> None:
             json.dump(results, f, indent=1)
 
 
+def kernels_table() -> None:
+    """The grouped FP8 GEMMs of this layer alone (8192 tokens x top-8 over 256 experts, random routing): the
+    TMA kernels vs the pointer kernels they replace, checked against each other first."""
+    import importlib
+    import sys
+
+    from modeling_deepseek_v3 import kernels as K_
+
+    GG = importlib.import_module(K_.fp8_grouped_gemm.__module__)
+    torch.manual_seed(0)
+    idx = torch.rand(T, E, device="cuda").topk(K, dim=1).indices
+    offs = torch.bincount(idx.flatten(), minlength=E).cumsum(0).to(torch.int32)
+    S = T * K
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    ms = lambda f: do_bench(f, warmup=5, rep=40, return_mode="median")  # noqa: E731
+    table = {}
+    for name, N, Kd in [("gate_up", 2 * F, D), ("down", D, F)]:
+        fl = 2 * S * N * Kd
+        x = torch.randn(S, Kd, device="cuda", dtype=torch.bfloat16)
+        dy = torch.randn(S, N, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(E, N, Kd, device="cuda", dtype=torch.bfloat16) * 0.02
+        xq, xs = K_.quantize_act(x)
+        wq, ws, wqt = K_.quantize_weight(w, transposed=True)
+        t_q = ms(lambda: K_.quantize_weight(w))
+        t_qt = ms(lambda: K_.quantize_weight(w, transposed=True))
+        del w
+        dq, dsc = K_.quantize_act(dy)
+        dtq, dts = K_.quantize_act_t(dy)
+        xtq, xts = K_.quantize_act_t(x)
+        r = dict(quant_weight_ms=t_q, quant_weight_plus_T_ms=t_qt)
+        for tag, f_new, f_old in [
+            ("fwd", lambda: GG._grouped_launch(xq, xs, wq, ws, offs, torch.bfloat16, use_tma=True),
+             lambda: GG._grouped_launch(xq, xs, wq, ws, offs, torch.bfloat16, use_tma=False)),
+            ("dgrad", lambda: K_.fp8_grouped_gemm_dgrad(dq, dsc, None, ws, offs, w_EKN=wqt),
+             lambda: GG._grouped_launch(dq, dsc, wqt, ws.transpose(1, 2).contiguous(), offs, torch.bfloat16, use_tma=False)),
+            ("wgrad", lambda: K_.fp8_grouped_gemm_wgrad(dtq, dts, xtq, xts, offs, torch.bfloat16, use_tma=True),
+             lambda: K_.fp8_grouped_gemm_wgrad(dtq, dts, xtq, xts, offs, torch.bfloat16, use_tma=False)),
+        ]:  # fmt: skip
+            r[f"{tag}_rel_diff_new_vs_old"] = rel(f_new(), f_old())
+            r[f"{tag}_tflops_new"] = fl / ms(f_new) / 1e9
+            r[f"{tag}_tflops_old"] = fl / ms(f_old) / 1e9
+        table[name] = r
+        print(name, json.dumps({k: round(v, 5) for k, v in r.items()}), flush=True)
+        del x, dy, xq, wq, wqt, dq, dtq, xtq
+        torch.cuda.empty_cache()
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "moe_kernels.json"), "w") as f:
+            json.dump(table, f, indent=1)
+    sys.stdout.flush()
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--kernels" in sys.argv:
+        kernels_table()
+    else:
+        main()

@@ -12,10 +12,18 @@ operands K-major (e4m3 tensor-core operands must be) and A scaled per row in 1x1
   wgrad    dW[N, K] = dy^T[N, M]  . x^T[K, M]   B scaled per row in 1x128 tiles along tokens,
                                                 i.e. the 128x1 tiling of x (quant.quantize_act_t)
 
+Two kernels compute it. On Hopper, where the operands suit the bulk tensor copy engine (TMA: row
+strides and base pointers 16-byte aligned), `_fp8_gemm_tma_kernel` runs: persistent (one program
+per SM walking the output tiles), operands loaded by TMA descriptors, ragged edges zero-filled by
+the copy engine and clipped on the TMA store. Elsewhere (other strides, Ada) `_fp8_gemm_kernel`
+runs with plain pointer loads. Both run under TRITON_INTERPRET=1, so the tests cover both.
+
 Shape legend: M tokens, N output features, K input features; Mb, Nb, Kb = ceil(dim / 128).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -23,6 +31,8 @@ from . import _triton as tt
 from .quant import BLOCK, dequantize_act_ref, expand_block_scale
 
 triton, tl = tt.triton, tt.tl
+if tt.HAS_TRITON:
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 def _gemm_configs() -> list:
@@ -32,17 +42,48 @@ def _gemm_configs() -> list:
     # Hopper: BLOCK_K = 128 is fixed by the scale blocks; one stage holds (BM + BN) * 128 B of fp8,
     # so 3-4 stages of 128x128..128x256 tiles fit in 228 KB of shared memory. 8 warps = two
     # warpgroups issuing wgmma on a 128-row tile; 4 warps for the narrower tiles.
-    cfg = [
-        (128, 128, 8, 3),
-        (128, 128, 8, 4),
-        (128, 128, 4, 4),
-        (128, 256, 8, 3),
-        (256, 128, 8, 3),
-        (64, 128, 4, 4),
-        (64, 256, 4, 3),
-    ]
+    # (Fallback path since the TMA kernel: 64x128 / 4 warps / 4 stages won every V3 shape on an H200.)
+    cfg = [(64, 128, 4, 4), (128, 128, 8, 3), (64, 256, 4, 3)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s) for bm, bn, w, s in cfg
+    ]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the TMA kernel's autotuner. Triton waits for each
+# tensor-core result before the per-128-K scale FMA, so a warpgroup holds both the accumulator and
+# the fresh dot result: 64x128 per warpgroup (64 + 64 fp32 registers a thread) is the largest
+# tile that does not spill; 8 warps = two warpgroups on a 128-row tile.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs resident per SM, flatten the tile and K loops)
+# Swept on an H200 (2026-11-30): 64x128 / 4 warps / 3 stages with 2 programs an SM won most V3 shapes
+# (two independent programs let one's tensor-core work overlap the other's scale FMAs), 128x128 /
+# 8 warps / 4 stages the dgrad ones; 64x256 and 128x128 with a float32 output (wgrad) lost.
+TMA_CONFIGS = [
+    (64, 128, 4, 3, 2, True),
+    (64, 128, 4, 4, 2, True),
+    (128, 128, 8, 4, 1, False),
+    (64, 128, 4, 4, 8, False),
+]
+
+
+def _set_tma_blocks(nargs) -> None:
+    bm, bn = nargs["BLOCK_M"], nargs["BLOCK_N"]
+    nargs["a_desc"].block_shape = [bm, 128]
+    nargs["b_desc"].block_shape = [bn, 128]
+    nargs["c_desc"].block_shape = [bm, bn]
+
+
+def _tma_configs() -> list:
+    if tt.interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "GROUP_M": 2, "OCC": 1, "FLATTEN": False}, num_warps=4,
+                              num_stages=1, pre_hook=_set_tma_blocks)]  # fmt: skip
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8, "OCC": occ, "FLATTEN": fl},
+            num_warps=w,
+            num_stages=s,
+            pre_hook=_set_tma_blocks,
+        )  # fmt: skip
+        for bm, bn, w, s, occ, fl in TMA_CONFIGS
     ]
 
 
@@ -146,6 +187,82 @@ if tt.HAS_TRITON:
         c_ptrs = c_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
+    @triton.jit
+    def _fp8_gemm_tma_body(
+        a_desc,
+        b_desc,
+        c_desc,
+        as_ptr,
+        bs_ptr,
+        M,
+        N,
+        K,
+        B_BLOCKWISE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        NUM_SMS: tl.constexpr,
+        OCC: tl.constexpr,
+        FLATTEN: tl.constexpr,
+    ):
+        # Persistent: NUM_SMS * OCC programs (OCC resident per SM); program p computes output tiles
+        # p, p + NUM_SMS * OCC, ... in grouped order.
+        # a_desc over A[M, K] with block [BLOCK_M, 128]; b_desc over B[N, K], block [BLOCK_N, 128];
+        # c_desc over C[M, N], block [BLOCK_M, BLOCK_N]. TMA zero-fills loads past the edges (a
+        # ragged K tail adds zeros) and clips the store, so nothing here is masked.
+        start_pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        kb = tl.cdiv(K, 128)
+        per_group = GROUP_M * num_n
+        for tile_id in tl.range(start_pid, num_m * num_n, NUM_SMS * OCC, flatten=FLATTEN):
+            first_m = (tile_id // per_group) * GROUP_M
+            group_m = min(num_m - first_m, GROUP_M)
+            pid_m = first_m + (tile_id % per_group) % group_m
+            pid_n = (tile_id % per_group) // group_m
+            off_m = pid_m * BLOCK_M
+            off_n = pid_n * BLOCK_N
+            # scale rows: wrapped into range (rows past the edge are computed on zeros, never stored)
+            as_ptrs = as_ptr + ((off_m + tl.arange(0, BLOCK_M)) % M) * kb
+            SCALAR_B: tl.constexpr = B_BLOCKWISE and BLOCK_N <= 128  # the tile sits in one 128-block of B
+            if SCALAR_B:
+                bs_ptrs = bs_ptr + (off_n // 128) * kb
+            elif B_BLOCKWISE:
+                bs_ptrs = bs_ptr + (((off_n + tl.arange(0, BLOCK_N)) % N) // 128) * kb
+            else:
+                bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % N) * kb
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for ki in range(kb):
+                a = a_desc.load([off_m, ki * 128])
+                b = b_desc.load([off_n, ki * 128])
+                a_s = tl.load(as_ptrs + ki)
+                b_s = tl.load(bs_ptrs + ki)
+                if SCALAR_B:
+                    acc += tl.dot(a, b.T) * (a_s * b_s)[:, None]
+                else:
+                    acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+    @triton.jit
+    def _fp8_gemm_tma_kernel(
+        a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
+        B_BLOCKWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+        NUM_SMS: tl.constexpr, OCC: tl.constexpr, FLATTEN: tl.constexpr,
+    ):  # fmt: skip
+        # The same kernel without the autotuner, for benchmarks that sweep configurations by hand.
+        _fp8_gemm_tma_body(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, B_BLOCKWISE, BLOCK_M, BLOCK_N, GROUP_M,
+                           NUM_SMS, OCC, FLATTEN)  # fmt: skip
+
+    @triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "B_BLOCKWISE", "OUT_BITS"])
+    @triton.jit
+    def _fp8_gemm_tma_tuned(
+        a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, M_BUCKET, OUT_BITS,
+        B_BLOCKWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+        NUM_SMS: tl.constexpr, OCC: tl.constexpr, FLATTEN: tl.constexpr,
+    ):  # fmt: skip
+        _fp8_gemm_tma_body(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, B_BLOCKWISE, BLOCK_M, BLOCK_N, GROUP_M,
+                           NUM_SMS, OCC, FLATTEN)  # fmt: skip
+
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
@@ -168,7 +285,52 @@ def m_bucket(m: int) -> int:
     return 1 << max(int(m) - 1, 0).bit_length()
 
 
-def _launch(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype) -> torch.Tensor:
+@functools.cache
+def num_sms(device_index: int | None = None) -> int:
+    """Programs of a persistent launch: the SM count (a few under the interpreter, to exercise the tile loop)."""
+    if tt.interpreting() or not torch.cuda.is_available():
+        return 3
+    return torch.cuda.get_device_properties(device_index or torch.cuda.current_device()).multi_processor_count
+
+
+# Best TMA config per (token bucket, N, K, B blockwise, out dtype, device), filled by the autotuner's
+# first call; later calls launch the un-autotuned kernel with it directly (less host time a call).
+_TMA_BEST: dict = {}
+DIRECT_LAUNCH = True
+
+
+def can_use_tma(*tensors: torch.Tensor) -> bool:
+    """TMA (Hopper's bulk tensor copy) needs compute capability 9.0+, 16-byte aligned bases and row strides."""
+    if tt.interpreting():
+        ok = True
+    else:
+        cc = tt.capabilities().compute_capability
+        ok = cc is not None and cc >= (9, 0) and all(t.is_cuda for t in tensors)
+    return ok and all(t.data_ptr() % 16 == 0 and (t.shape[-1] * t.element_size()) % 16 == 0 for t in tensors)
+
+
+def _tma_descs(a, b, c, bm=1, bn=1):
+    # Block shapes are placeholders the autotuner's pre-hook replaces with the chosen config's.
+    return (TensorDescriptor(a, list(a.shape), [a.shape[1], 1], [bm, 128]),
+            TensorDescriptor(b, list(b.shape), [b.shape[1], 1], [bn, 128]),
+            TensorDescriptor(c, list(c.shape), [c.shape[1], 1], [bm, bn]))  # fmt: skip
+
+
+def launch_tma_config(a, a_s, b, b_s, b_blockwise, out_dtype, bm, bn, warps, stages, occ=1, flatten=True, group_m=8):
+    """One explicit configuration of the TMA kernel (for benchmark sweeps; the launchers autotune)."""
+    M, K = a.shape
+    N = b.shape[0]
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    nsm = num_sms()
+    _fp8_gemm_tma_kernel[(min(nsm * occ, tiles),)](
+        *_tma_descs(a, b, c, bm, bn), a_s, b_s, M, N, K, B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn,
+        GROUP_M=group_m, NUM_SMS=nsm, OCC=occ, FLATTEN=flatten, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return c
+
+
+def _launch(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, use_tma: bool | None = None) -> torch.Tensor:
     M, K = a.shape
     N = b.shape[0]
     Kb = triton.cdiv(K, BLOCK)
@@ -181,6 +343,30 @@ def _launch(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype) -> torch.
         return c
     if K == 0:
         return c.zero_()
+    if use_tma is None:
+        use_tma = can_use_tma(a, b, c)
+    if use_tma:
+        nsm = num_sms()
+        key = (m_bucket(M), N, K, b_blockwise, c.dtype, a.device)
+        cfg = _TMA_BEST.get(key) if DIRECT_LAUNCH else None
+        if cfg is not None:  # tuned before: launch the plain kernel, skipping the autotuner's per-call work
+            kw = cfg.kwargs
+            bm, bn = kw["BLOCK_M"], kw["BLOCK_N"]
+            _fp8_gemm_tma_kernel[(min(nsm * kw["OCC"], triton.cdiv(M, bm) * triton.cdiv(N, bn)),)](
+                *_tma_descs(a, b, c, bm, bn), a_s, b_s, M, N, K, B_BLOCKWISE=b_blockwise, NUM_SMS=nsm, **kw,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+            return c
+
+        def grid_tma(meta):
+            return (min(nsm * meta["OCC"], triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])),)
+
+        _fp8_gemm_tma_tuned[grid_tma](
+            *_tma_descs(a, b, c), a_s, b_s, M, N, K, m_bucket(M), c.element_size() * 8,
+            B_BLOCKWISE=b_blockwise, NUM_SMS=nsm,
+        )  # fmt: skip
+        _TMA_BEST[key] = _fp8_gemm_tma_tuned.best_config
+        return c
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -208,17 +394,25 @@ def fp8_gemm(
 def fp8_gemm_dgrad(
     dy_MN: torch.Tensor,
     dy_scale_MNb: torch.Tensor,
-    w_NK: torch.Tensor,
+    w_NK: torch.Tensor | None,
     w_scale_NbKb: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    w_KN: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dx[M, K] = dy W from e4m3 dy (1x128 scales along N) and the forward's e4m3 W blocks."""
+    """dx[M, K] = dy W from e4m3 dy (1x128 scales along N) and the forward's e4m3 W blocks.
+
+    `w_KN`, if given, is W's N-major copy (`quantize_weight(..., transposed=True)` writes it in the
+    same pass as W; w_NK may then be None); otherwise it is made here.
+    """
     tt.require_fp8("fp8_gemm_dgrad")
     _check_fp8(dy_MN, dy_scale_MNb, "dy_MN")
-    _check_fp8(w_NK, w_scale_NbKb, "w_NK")
-    # The reduction runs over N now, so W must become N-major: a copy of N*K bytes, small beside
-    # the GEMM's 2*M*N*K flops; a 128x128 block's scale is the same in either orientation.
-    w_KN = w_NK.t().contiguous()
+    _check_fp8(w_NK if w_NK is not None else w_KN, w_scale_NbKb, "w_NK")
+    # The reduction runs over N now, so W must become N-major (fp8 tensor-core operands are K-major):
+    # a copy of N*K bytes; a 128x128 block's scale is the same in either orientation.
+    if w_KN is None:
+        w_KN = w_NK.t().contiguous()
+    else:
+        assert w_NK is None or (w_KN.shape == w_NK.shape[::-1] and w_KN.dtype == w_NK.dtype)
     return _launch(dy_MN, dy_scale_MNb, w_KN, w_scale_NbKb.t().contiguous(), True, out_dtype)
 
 

@@ -20,10 +20,21 @@ from __future__ import annotations
 import torch
 
 from . import _triton as tt
-from .fp8_gemm import _check_fp8
+from .fp8_gemm import _check_fp8, can_use_tma
 from .quant import BLOCK, dequantize_act_ref, expand_block_scale
 
 triton, tl = tt.triton, tt.tl
+if tt.HAS_TRITON:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+# TMA grouped kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M is fixed per launch (the
+# tile -> expert map is built for it), so this is a list to sweep in benchmarks, not an autotune.
+# Swept on an H200 (2026-11-30) at V3 gate_up (K = 7168) / down (K = 2048): 4 stages 673 / 688 TFLOPS,
+# 3 stages 656 / 732; 128x128 / 8 warps 630 / 601; the pointer kernel 520 / 469.
+GROUPED_TMA_CONFIG = (64, 128, 4, 4)
+GROUPED_TMA_CONFIG_SHORT_K = (64, 128, 4, 3)
+# Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops).
+GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True)
 
 
 def _grouped_configs() -> list:
@@ -83,6 +94,90 @@ if tt.HAS_TRITON:
         c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
+    @triton.jit
+    def _grouped_gemm_tma_kernel(
+        a_desc, b_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr,
+        S, N, K, NUM_N,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # a_desc over A[S, K] (block [BLOCK_M, 128]); b_desc over the stacked B[E*N, K] (block
+        # [BLOCK_N, 128]); c_SN written with masked stores (a tile's rows past its expert's end
+        # belong to the next expert). One program: one row tile x one N tile; the N tiles of a
+        # row tile are neighbours in launch order, so the row tile (and its expert's weight,
+        # shared by that expert's row tiles) is re-read from L2, not from memory.
+        pid = tl.program_id(0)
+        t = pid // NUM_N
+        pid_n = pid % NUM_N
+        e = tl.load(tile_expert_ptr + t)
+        if e < 0:
+            return
+        row0 = tl.load(tile_row_ptr + t)
+        row_end = tl.load(offs_ptr + e)
+        kb = tl.cdiv(K, 128)
+        nb = tl.cdiv(N, 128)
+        off_n = pid_n * BLOCK_N
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        as_ptrs = as_ptr + tl.minimum(offs_m, S - 1) * kb
+        SCALAR_B: tl.constexpr = BLOCK_N <= 128
+        if SCALAR_B:
+            bs_ptrs = bs_ptr + e * nb * kb + (off_n // 128) * kb
+        else:
+            bs_ptrs = bs_ptr + e * nb * kb + (tl.minimum(offs_n, N - 1) // 128) * kb
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(kb):
+            a = a_desc.load([row0, ki * 128])
+            b = b_desc.load([e * N + off_n, ki * 128])
+            a_s = tl.load(as_ptrs + ki)
+            b_s = tl.load(bs_ptrs + ki)
+            if SCALAR_B:
+                acc += tl.dot(a, b.T) * (a_s * b_s)[:, None]
+            else:
+                acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _grouped_wgrad_tma_kernel(
+        a_desc, b_desc, c_ptr, as_ptr, bs_ptr, offs_ptr,
+        S, N, K, E,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr,
+    ):  # fmt: skip
+        # a_desc over dyT_NS (block [BLOCK_M, 128]), b_desc over xT_KS (block [BLOCK_N, 128]), both
+        # K-major along tokens; as_NSb, bs_KSb; c = dW_ENK. Persistent: NUM_PROGS programs walk the
+        # E * tiles work items (expert-major, so an expert's token columns stay in L2 while its tiles
+        # run); each item reduces over its expert's tokens in steps aligned to the global 128-token
+        # scale tiles. A step may straddle experts: the other experts' tokens are zeroed in the A
+        # tile (in registers), which zeroes their products whatever B holds there; TMA zero-fills
+        # tokens past S.
+        num_m = tl.cdiv(N, BLOCK_M)
+        num_n = tl.cdiv(K, BLOCK_N)
+        tiles = num_m * num_n
+        sb = tl.cdiv(S, 128)
+        for item in tl.range(tl.program_id(0), E * tiles, NUM_PROGS, flatten=FLATTEN):
+            e = item // tiles
+            t = item % tiles
+            off_m = (t // num_n) * BLOCK_M
+            off_n = (t % num_n) * BLOCK_N
+            start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+            end = tl.load(offs_ptr + e)
+            as_ptrs = as_ptr + ((off_m + tl.arange(0, BLOCK_M)) % N) * sb
+            bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % K) * sb
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kb in range(start // 128, tl.cdiv(end, 128)):
+                tok = kb * 128 + tl.arange(0, 128)
+                a = a_desc.load([off_m, kb * 128])
+                a = tl.where(((tok >= start) & (tok < end))[None, :], a, tl.zeros_like(a))
+                b = b_desc.load([off_n, kb * 128])
+                a_s = tl.load(as_ptrs + kb)
+                b_s = tl.load(bs_ptrs + kb)
+                acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+            # An expert with no tokens runs no step and stores zeros: its weight gradient is zero.
+            offs_m = off_m + tl.arange(0, BLOCK_M)
+            offs_n = off_n + tl.arange(0, BLOCK_N)
+            c_ptrs = c_ptr + e.to(tl.int64) * N * K + offs_m[:, None] * K + offs_n[None, :]
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_n[None, :] < K))
+
     @triton.autotune(configs=_wgrad_configs(), key=["N", "K"])
     @triton.jit
     def _grouped_wgrad_kernel(
@@ -138,7 +233,7 @@ def _check_offs(offs_E: torch.Tensor, E: int) -> None:
     assert offs_E.dtype == torch.int32 and offs_E.dim() == 1 and offs_E.numel() == E, "offs_E must be int32 [E]"
 
 
-def _grouped_launch(a_SK, a_s, b_ENK, b_s, offs_E, out_dtype) -> torch.Tensor:
+def _grouped_launch(a_SK, a_s, b_ENK, b_s, offs_E, out_dtype, use_tma=None, config=None) -> torch.Tensor:
     S, K = a_SK.shape
     E, N, Kw = b_ENK.shape
     assert Kw == K, f"reduction dims differ: {K} vs {Kw}"
@@ -147,6 +242,23 @@ def _grouped_launch(a_SK, a_s, b_ENK, b_s, offs_E, out_dtype) -> torch.Tensor:
     _check_offs(offs_E, E)
     c = torch.empty(S, N, dtype=out_dtype, device=a_SK.device)
     if S == 0 or N == 0:
+        return c
+    if use_tma is None:
+        use_tma = can_use_tma(a_SK, b_ENK)
+    if use_tma:
+        if config is None:
+            config = (
+                (32, 64, 4, 1) if tt.interpreting() else GROUPED_TMA_CONFIG if K > 4096 else GROUPED_TMA_CONFIG_SHORT_K
+            )
+        bm, bn, warps, stages = config
+        tile_expert, tile_row = _tile_map(offs_E, S, bm)
+        num_n = triton.cdiv(N, bn)
+        a_desc = TensorDescriptor(a_SK, [S, K], [K, 1], [bm, 128])
+        b_desc = TensorDescriptor(b_ENK, [E * N, K], [K, 1], [bn, 128])
+        _grouped_gemm_tma_kernel[(tile_expert.numel() * num_n,)](
+            a_desc, b_desc, c, a_s, b_s, offs_E, tile_expert, tile_row, S, N, K, num_n,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
         return c
     block_m = _grouped_block_m()
     tile_expert, tile_row = _tile_map(offs_E, S, block_m)
@@ -179,17 +291,25 @@ def fp8_grouped_gemm(
 def fp8_grouped_gemm_dgrad(
     dy_SN: torch.Tensor,
     dy_scale_SNb: torch.Tensor,
-    w_ENK: torch.Tensor,
+    w_ENK: torch.Tensor | None,
     w_scale_ENbKb: torch.Tensor,
     offs_E: torch.Tensor,
     out_dtype: torch.dtype = torch.bfloat16,
+    w_EKN: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """dx[S, K]: each expert's rows of e4m3 dy (1x128 scales along N) times its W[e]."""
+    """dx[S, K]: each expert's rows of e4m3 dy (1x128 scales along N) times its W[e].
+
+    `w_EKN`, if given, is the weights' N-major copy (`quantize_weight(..., transposed=True)`; w_ENK
+    may then be None).
+    """
     tt.require_fp8("fp8_grouped_gemm_dgrad")
     _check_fp8(dy_SN, dy_scale_SNb, "dy_SN")
-    _check_fp8(w_ENK, w_scale_ENbKb, "w_ENK")
+    _check_fp8(w_ENK if w_ENK is not None else w_EKN, w_scale_ENbKb, "w_ENK")
     # N-major copy of the weights ([E, K, N]) so the reduction dim is contiguous (fp8 wgmma).
-    w_EKN = w_ENK.transpose(1, 2).contiguous()
+    if w_EKN is None:
+        w_EKN = w_ENK.transpose(1, 2).contiguous()
+    else:
+        assert w_ENK is None or w_EKN.shape == w_ENK.transpose(1, 2).shape
     return _grouped_launch(dy_SN, dy_scale_SNb, w_EKN, w_scale_ENbKb.transpose(1, 2).contiguous(), offs_E, out_dtype)
 
 
@@ -200,6 +320,8 @@ def fp8_grouped_gemm_wgrad(
     xT_scale_KSb: torch.Tensor,
     offs_E: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
+    use_tma: bool | None = None,
+    config: tuple | None = None,
 ) -> torch.Tensor:
     """dW[E, N, K]: per expert, dy^T x over its tokens, both in the 128x1 tiling along tokens."""
     tt.require_fp8("fp8_grouped_gemm_wgrad")
@@ -211,6 +333,23 @@ def fp8_grouped_gemm_wgrad(
     _check_offs(offs_E, E)
     c = torch.empty(E, N, K, dtype=out_dtype, device=dyT_NS.device)
     if E == 0 or N == 0 or K == 0:
+        return c
+
+    if use_tma is None:
+        use_tma = can_use_tma(dyT_NS, xT_KS)
+    if use_tma:
+        bm, bn, warps, stages, occ, flatten = config or (
+            GROUPED_WGRAD_TMA_CONFIG if not tt.interpreting() else (32, 64, 4, 1, 1, False)
+        )
+        from .fp8_gemm import num_sms
+
+        progs = min(num_sms() * occ, E * triton.cdiv(N, bm) * triton.cdiv(K, bn))
+        a_desc = TensorDescriptor(dyT_NS, [N, S], [S, 1], [bm, 128])
+        b_desc = TensorDescriptor(xT_KS, [K, S], [S, 1], [bn, 128])
+        _grouped_wgrad_tma_kernel[(progs,)](
+            a_desc, b_desc, c, dyT_scale_NSb, xT_scale_KSb, offs_E, S, N, K, E,
+            BLOCK_M=bm, BLOCK_N=bn, NUM_PROGS=progs, FLATTEN=flatten, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
         return c
 
     def grid(meta):

@@ -1,9 +1,11 @@
 """FP8 linear layers and FP8 routed experts, built on the block-scaled GEMMs.
 
 Training (DeepSeek-V3 sec. 3.3): the master weight stays in bf16/fp32; each forward quantises it in
-128x128 blocks and the input in 1x128 tiles, computes y in fp32-promoted FP8, and keeps for
-backward only FP8 tensors: the input in the 128x1 tiling that the weight-gradient GEMM reads, and
-the quantised weight. Backward quantises dy twice (1x128 for dgrad, 128x1 for wgrad).
+128x128 blocks (once per forward+backward: the same pass writes the K-major copy that dgrad reads)
+and the input in 1x128 tiles, computes y in fp32-promoted FP8, and keeps for backward only FP8
+tensors: the input in the 128x1 tiling that the weight-gradient GEMM reads (written by the same
+pass that reads x for the 1x128 tiles), and the quantised weight. Backward quantises dy once into
+both tilings (1x128 for dgrad, 128x1 for wgrad).
 
 Inference: `FP8InferenceLinear` holds the official checkpoint's e4m3 `weight` and fp32
 `weight_scale_inv` [ceil(N/128), ceil(K/128)] and never makes a bf16 copy.
@@ -28,6 +30,7 @@ from .quant import (
     dequantize_act_ref,
     dequantize_weight_ref,
     quantize_act,
+    quantize_act_both,
     quantize_act_ref,
     quantize_act_t,
     quantize_act_t_ref,
@@ -39,6 +42,29 @@ from .quant import (
 # autograd.Functions
 
 
+def _quantize_input(x_MK: torch.Tensor, pow2: bool, need_t: bool):
+    """x in the 1x128 tiling, and (if need_t) in the 128x1 tiling too, from one read of x."""
+    if need_t:
+        return quantize_act_both(x_MK, pow2)
+    return (*quantize_act(x_MK, pow2), None, None)
+
+
+def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool):
+    """dy in the tilings that dgrad (1x128) and wgrad (128x1) read, from one read of dy."""
+    if need_dx and need_dw:
+        return quantize_act_both(dy_MN, pow2)
+    if need_dx:
+        return (*quantize_act(dy_MN, pow2), None, None)
+    return (None, None, *quantize_act_t(dy_MN, pow2)) if need_dw else (None,) * 4
+
+
+def _quantize_master_weight(weight: torch.Tensor, pow2: bool, need_t: bool):
+    """(w_fp8, weight_scale_inv, K-major w_fp8 copy for dgrad or None), in one pass over the weight."""
+    if need_t:
+        return quantize_weight(weight.contiguous(), pow2, transposed=True)
+    return (*quantize_weight(weight.contiguous(), pow2), None)
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """y = x W^T with FP8 forward, dgrad and wgrad (no bias; add it outside in high precision)."""
 
@@ -46,58 +72,65 @@ class FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight_NK: torch.Tensor, pow2: bool = False) -> torch.Tensor:
         N, K = weight_NK.shape
         x_MK = x.reshape(-1, K).contiguous()  # [M, K], M = all leading dims
-        x_q, x_s = quantize_act(x_MK, pow2)
-        w_q, w_s = quantize_weight(weight_NK.contiguous(), pow2)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        x_q, x_s, xT_q, xT_s = _quantize_input(x_MK, pow2, need_dw)
+        w_q, w_s, wT_q = _quantize_master_weight(weight_NK, pow2, need_dx)
         y_MN = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
         # Only FP8 is saved: the 128x1 tiling of x (what wgrad reads; the 1x128 copy is dead now)
-        # and the quantised weight (dgrad reuses its blocks; no second quantisation of W).
-        xT_q, xT_s = quantize_act_t(x_MK, pow2) if ctx.needs_input_grad[1] else (None, None)
-        ctx.save_for_backward(xT_q, xT_s, w_q, w_s)
+        # and the K-major quantised weight (dgrad reads it; no second quantisation of W).
+        ctx.save_for_backward(xT_q, xT_s, wT_q, w_s)
         ctx.pow2, ctx.x_shape, ctx.x_dtype, ctx.w_dtype = pow2, x.shape, x.dtype, weight_NK.dtype
         return y_MN.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        xT_q, xT_s, w_q, w_s = ctx.saved_tensors
-        dy_MN = dy.reshape(-1, w_q.shape[0]).contiguous()  # [M, N]
+        xT_q, xT_s, wT_q, w_s = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dy_MN = dy.reshape(-1, dy.shape[-1]).contiguous()  # [M, N]
+        dy_q, dy_s, dyT_q, dyT_s = _quantize_grad(dy_MN, ctx.pow2, need_dx, need_dw)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dy_q, dy_s = quantize_act(dy_MN, ctx.pow2)
-            dx = fp8_gemm_dgrad(dy_q, dy_s, w_q, w_s, out_dtype=ctx.x_dtype).view(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
-            dyT_q, dyT_s = quantize_act_t(dy_MN, ctx.pow2)
+        if need_dx:
+            dx = fp8_gemm_dgrad(dy_q, dy_s, None, w_s, out_dtype=ctx.x_dtype, w_KN=wT_q).view(ctx.x_shape)
+        if need_dw:
             dw = fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, out_dtype=ctx.w_dtype)
         return dx, dw, None
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
-    """y[rows_e] = x[rows_e] W[e]^T for tokens sorted by expert; FP8 forward and backward."""
+    """y[rows_e] = x[rows_e] W[e]^T for tokens sorted by expert; FP8 forward and backward.
+
+    `quantized_weight`, if given, is (w_fp8, weight_scale_inv, w_fp8T) of `weight_ENK` made by the
+    caller (`quantize_weight(weight, transposed=True)`), so that one quantisation serves a whole
+    forward+backward however the caller splits it.
+    """
 
     @staticmethod
     def forward(
-        ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False
-    ) -> torch.Tensor:
+        ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False,
+        quantized_weight: tuple | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         x_SK = x_SK.contiguous()
-        x_q, x_s = quantize_act(x_SK, pow2)
-        w_q, w_s = quantize_weight(weight_ENK.contiguous(), pow2)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        x_q, x_s, xT_q, xT_s = _quantize_input(x_SK, pow2, need_dw)
+        if quantized_weight is None:
+            quantized_weight = _quantize_master_weight(weight_ENK, pow2, need_dx)
+        w_q, w_s, wT_q = quantized_weight
         y_SN = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offs_E, out_dtype=x_SK.dtype)
-        xT_q, xT_s = quantize_act_t(x_SK, pow2) if ctx.needs_input_grad[1] else (None, None)
-        ctx.save_for_backward(xT_q, xT_s, w_q, w_s, offs_E)
+        ctx.save_for_backward(xT_q, xT_s, wT_q, w_s, offs_E)
         ctx.pow2, ctx.x_dtype, ctx.w_dtype = pow2, x_SK.dtype, weight_ENK.dtype
         return y_SN
 
     @staticmethod
     def backward(ctx, dy_SN: torch.Tensor):
-        xT_q, xT_s, w_q, w_s, offs_E = ctx.saved_tensors
-        dy_SN = dy_SN.contiguous()
+        xT_q, xT_s, wT_q, w_s, offs_E = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dy_q, dy_s, dyT_q, dyT_s = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dy_q, dy_s = quantize_act(dy_SN, ctx.pow2)
-            dx = fp8_grouped_gemm_dgrad(dy_q, dy_s, w_q, w_s, offs_E, out_dtype=ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            dyT_q, dyT_s = quantize_act_t(dy_SN, ctx.pow2)
+        if need_dx:
+            dx = fp8_grouped_gemm_dgrad(dy_q, dy_s, None, w_s, offs_E, out_dtype=ctx.x_dtype, w_EKN=wT_q)
+        if need_dw:
             dw = fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs_E, out_dtype=ctx.w_dtype)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,33 @@ def test_wgrad(M, N, K, tol, rel):
     assert rel(dw, fp8_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs)) < tol[torch.float32]
 
 
+def test_tma_kernel_paths(tol, rel):
+    """Shapes with 16-byte aligned rows take the persistent TMA kernel (on Hopper, and always under the
+    interpreter): forward, dgrad from the pre-transposed weight, and wgrad over tokens (M % 16 == 0),
+    with ragged M, N and a K tail that is not a multiple of 128 (TMA zero-fills it)."""
+    import importlib
+
+    G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm")
+    M, N, K = 48, 200, 208
+    xq, xs = quantize_act_ref(_rand(M, K, seed=5))
+    w = _rand(N, K, seed=6)
+    wq, ws = quantize_weight_ref(w)
+    assert G.can_use_tma(xq, wq)
+    y = _poison(lambda: fp8_gemm(xq, xs, wq, ws, torch.float32))
+    assert rel(y, fp8_gemm_ref(xq, xs, wq, ws, torch.float32)) < tol[torch.float32]
+    dyq, dys = quantize_act_ref(_rand(M, N, seed=7))
+    _, _, wqt = quantize_weight(w, transposed=True)
+    dx = _poison(lambda: fp8_gemm_dgrad(dyq, dys, None, ws, torch.float32, w_KN=wqt))
+    assert rel(dx, fp8_gemm_dgrad_ref(dyq, dys, wq, ws, torch.float32)) < tol[torch.float32]
+    dyTq, dyTs = quantize_act_t_ref(_rand(M, N, seed=8))
+    xTq, xTs = quantize_act_t_ref(_rand(M, K, seed=9))
+    dw = _poison(lambda: fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs))
+    assert rel(dw, fp8_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs)) < tol[torch.float32]
+    # The pointer kernel on the same operands gives the same answer.
+    y_ptr = G._launch(xq, xs, wq, ws, True, torch.float32, use_tma=False)
+    assert rel(y, y_ptr) < tol[torch.float32]
+
+
 def test_scales_are_applied_per_block(rel, tol):
     """Scaling one 128x128 weight block must change only the outputs it feeds, by that factor."""
     xq, xs = quantize_act_ref(_rand(16, 256, seed=0))

@@ -48,6 +48,30 @@ def test_grouped_forward_and_dgrad(counts, N, K, tol, rel):
     assert rel(dx, fp8_grouped_gemm_dgrad_ref(dyq, dys, wq, ws, offs, torch.float32)) < tol[torch.float32]
 
 
+def test_grouped_tma_path_ragged_n(tol, rel):
+    """The TMA grouped kernels: forward with N not a multiple of its tile (reads into the next expert's
+    weight rows, which must not reach the output), dgrad from the pre-transposed weight copy, and the
+    persistent wgrad (experts straddling 128-token scale tiles, an expert with no tokens)."""
+    import importlib
+
+    GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
+    counts = [3, 0, 130, 27]  # S = 160: 16-byte token rows for the wgrad's TMA; expert 2 straddles a 128-token tile
+    offs, x, w, dy = _case(counts, 80, 144, seed=3)
+    xq, xs = quantize_act_ref(x)
+    wq, ws = quantize_weight_ref(w)
+    y = GG._grouped_launch(xq, xs, wq, ws, offs, torch.float32, use_tma=True)
+    assert rel(y, fp8_grouped_gemm_ref(xq, xs, wq, ws, offs, torch.float32)) < tol[torch.float32]
+    dyq, dys = quantize_act_ref(dy)
+    wqt = wq.transpose(1, 2).contiguous()
+    dx = fp8_grouped_gemm_dgrad(dyq, dys, None, ws, offs, torch.float32, w_EKN=wqt)
+    assert rel(dx, fp8_grouped_gemm_dgrad_ref(dyq, dys, wq, ws, offs, torch.float32)) < tol[torch.float32]
+    dyTq, dyTs = quantize_act_t_ref(dy)
+    xTq, xTs = quantize_act_t_ref(x)
+    dw = fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, use_tma=True)
+    assert rel(dw, fp8_grouped_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs, offs)) < tol[torch.float32]
+    assert torch.equal(dw[1], torch.zeros(80, 144)), "an expert with no tokens has a zero gradient"
+
+
 @pytest.mark.parametrize("counts", COUNTS)
 def test_grouped_wgrad(counts, tol, rel):
     N, K = 200, 300

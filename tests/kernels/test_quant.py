@@ -79,6 +79,32 @@ def test_quantize_weight(shape, pow2):
     assert torch.equal(_codes(y), _codes(y_ref))
 
 
+@pytest.mark.parametrize("shape", [(130, 200), (7, 300)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_act_both_is_both(shape, pow2):
+    """Both tilings at once (fused: from one read of x): each equal, bit for bit, to its reference."""
+    from modeling_deepseek_v3.kernels.quant import quantize_act_both
+
+    x = _inputs(shape, torch.bfloat16, seed=shape[0] + pow2)
+    y_ref, s_ref = quantize_act_ref(x, pow2)
+    yt_ref, st_ref = quantize_act_t_ref(x, pow2)
+    for fused in (True, False):
+        y, s, yt, st = quantize_act_both(x, pow2, fused=fused)
+        assert torch.equal(s, s_ref) and torch.equal(_codes(y), _codes(y_ref))
+        assert torch.equal(st, st_ref) and torch.equal(_codes(yt), _codes(yt_ref))
+
+
+@pytest.mark.parametrize("shape", [(200, 300), (2, 130, 129)])
+def test_quantize_weight_transposed_copy(shape):
+    """transposed=True also writes the K-major copy dgrad reads, from the same pass: W's codes, transposed."""
+    w = _inputs(shape, torch.bfloat16, seed=9)
+    y, s, yt = quantize_weight(w, transposed=True)
+    y_ref, s_ref = quantize_weight_ref(w)
+    assert torch.equal(s, s_ref) and torch.equal(_codes(y), _codes(y_ref))
+    assert yt.shape == (*shape[:-2], shape[-1], shape[-2]) and yt.is_contiguous()
+    assert torch.equal(_codes(yt), _codes(y_ref.transpose(-1, -2).contiguous()))
+
+
 def _trunc_bf16(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> bf16 by truncation: what the interpreter's cast does (hardware rounds to nearest)."""
     return (x.float().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
