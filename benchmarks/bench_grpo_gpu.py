@@ -7,6 +7,7 @@ generation tokens/s (new positions produced by `generate`, all rows, over the ti
 GPU memory.
 
     python benchmarks/bench_grpo_gpu.py --steps 30      # needs trl, peft, datasets; writes $OUT/bench_grpo_gpu.json
+    python benchmarks/bench_grpo_gpu.py --steps 30 --cache-implementation static     # fast_decode generation
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def main() -> None:
     p.add_argument("--max-completion-length", type=int, default=64)
     p.add_argument("--config", default="deepseek-v3-small", help="hub_configs name (deepseek-v3-debug for a CPU try)")
     p.add_argument("--folder", default="/tmp/dsv3-grpo-bench")
+    p.add_argument("--cache-implementation", default=None,
+                   help="'static': generation through fast_decode (static latent cache, CUDA graph)")  # fmt: skip
     args = p.parse_args()
     torch.manual_seed(0)
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -85,7 +88,7 @@ def main() -> None:
         output_dir="/tmp/grpo-out", max_steps=args.steps, per_device_train_batch_size=args.batch,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
         learning_rate=1e-6, logging_steps=1, bf16=CUDA, use_cpu=not CUDA, gradient_checkpointing=True, report_to="none",
-        save_strategy="no", seed=0,
+        save_strategy="no", seed=0, cache_implementation=args.cache_implementation,
     )  # fmt: skip
     data = arithmetic_dataset(2000, level="easy").select_columns(["prompt", "answer"])
     trainer = build_grpo_trainer(args.folder, data, grpo_args, tokenizer=tokenizer, dtype=str(dtype).split(".")[1])
@@ -115,7 +118,8 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, list)}), flush=True)
     print("reward first/last", rewards[:3], rewards[-3:], flush=True)
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_grpo_gpu.json"), "w") as f:
+        name = f"bench_grpo_gpu{'_' + args.cache_implementation if args.cache_implementation else ''}.json"
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(result, f, indent=1)
 
 

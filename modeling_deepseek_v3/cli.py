@@ -20,7 +20,7 @@ COMMANDS = {
     "grpo": ("modeling_deepseek_v3.training.grpo", "GRPO with verifiable rewards (arithmetic task or GSM8K jsonl)"),
     "eval": ("modeling_deepseek_v3.eval.runner", "evaluate a model folder on local tasks (perplexity, MC, GSM8K, HumanEval)"),
     "publish": ("modeling_deepseek_v3.publish", "write (and optionally push) a Hub-ready folder with a model card"),
-    "bench-generate": ("modeling_deepseek_v3.fast_decode", "new tokens/s of fast greedy decoding (static cache, CUDA graph)"),
+    "bench-generate": ("modeling_deepseek_v3.bench_generate", "new tokens/s of fast greedy decoding (static cache, CUDA graph)"),
 }
 
 

@@ -1,7 +1,8 @@
-"""Fast greedy decoding: a preallocated latent cache and a decode step replayed as one CUDA graph.
+"""Fast decoding: a preallocated latent cache and a decode step replayed as one CUDA graph, greedy or sampled.
 
-    dsv3 bench-generate --config deepseek-v3-small --batch 1 --prompt-length 512 --max-new-tokens 128
-    dsv3 bench-generate path/to/model --batch 16 --prompt-length 4096 --mla triton
+`model.generate(..., cache_implementation="static")` (or a generation config that says so, as TRL's
+`cache_implementation="static"` does) runs `generate_static`; `fast_greedy_generate` is the greedy entry point;
+`dsv3 bench-generate` (bench_generate.py) times it.
 
 Decoding a small model at batch 1 is launch-bound: a step is a few hundred small kernels, and Python plus the
 launches cost more than the GPU work. So the step is captured once in a torch.cuda.CUDAGraph and replayed. A graph
@@ -21,15 +22,17 @@ mask), same absorbed-attention maths, same EOS/padding rule and stopping length.
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
+import importlib
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from .modeling_dsv3 import DSV3ForCausalLM
+from .modeling_dsv3 import DSV3ForCausalLM, resolve_generate_call
+from .speculative import warped_probs
 
 
 class StaticLatentCache:
@@ -130,30 +133,91 @@ def _eos_pad(model: DSV3ForCausalLM, eos_token_id, pad_token_id) -> tuple[list[i
 
 
 def default_mla_implementation(device: torch.device) -> str | None:
-    """The Triton latent-cache kernel ("triton") on CUDA with Triton, else None (keep the config's choice)."""
-    from .kernels._triton import capabilities
-
+    """The Triton latent-cache kernel ("triton") on CUDA with Triton, else None (keep the config's choice).
+    A Hub folder's remote code has no kernels package: it keeps the torch absorbed path."""
+    try:  # by name, like modeling_dsv3.optional_kernels: the Hub folder's loader must not look for kernels/
+        capabilities = importlib.import_module("modeling_deepseek_v3.kernels._triton").capabilities
+    except ImportError:
+        return None
     return "triton" if device.type == "cuda" and capabilities().triton else None
 
 
+def sampler(config: GenerationConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next-token choice from logits [B, V] -> [B], as generate() makes it: argmax without do_sample; with it, the
+    distribution of transformers' warpers (temperature, top-k, top-p, min-p: `speculative.warped_probs`) and one
+    categorical draw. The draw is an exponential race, argmax(p / E) with E ~ Exp(1) per entry, which picks i with
+    probability p_i (the law of torch.multinomial(p, 1)) using only fixed-shape ops that a CUDA graph replays."""
+    if not config.do_sample:
+        return lambda logits: logits.float().argmax(-1)
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        probs = warped_probs(logits, config.temperature, config.top_k, config.top_p, config.min_p)
+        race = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)  # no 0/0
+        return (probs / race).argmax(-1)
+
+    return sample
+
+
+# generate() options generate_static honours; any other non-default GenerationConfig value is refused.
+STATIC_SUPPORTED = {
+    "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+    "eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "use_cache", "cache_implementation",
+    "disable_compile", "return_dict_in_generate", "transformers_version", "_from_model_config",
+}  # fmt: skip
+
+
+def generate_static(model: DSV3ForCausalLM, inputs=None, generation_config: GenerationConfig | None = None, **kwargs):
+    """`model.generate(..., cache_implementation="static")`: generate()'s arguments and generation config, decoded
+    by `fast_generate`. Returns the sequences (or GenerateDecoderOnlyOutput(sequences=...) with
+    return_dict_in_generate). Extra keyword: `use_cuda_graph` (default True; ignored off CUDA)."""
+    use_cuda_graph = kwargs.pop("use_cuda_graph", True)
+    input_ids, attention_mask, config, max_new = resolve_generate_call(
+        model, inputs, generation_config, kwargs, STATIC_SUPPORTED, 'generate(cache_implementation="static")'
+    )
+    was_training = model.training
+    model.eval()  # no dropout in this model: eval changes nothing but keeps training-only bookkeeping off the graph
+    try:
+        sequences = fast_generate(
+            model, input_ids, attention_mask, max_new, choose=sampler(config), min_new_tokens=config.min_new_tokens or 0,
+            use_cuda_graph=use_cuda_graph, pad_token_id=config.pad_token_id,
+            eos_token_id=config.eos_token_id if config.eos_token_id is not None else [],  # None here means none
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+    return GenerateDecoderOnlyOutput(sequences=sequences) if config.return_dict_in_generate else sequences
+
+
+def fast_greedy_generate(model: DSV3ForCausalLM, input_ids: torch.LongTensor, attention_mask=None,
+                         max_new_tokens: int = 32, **kwargs) -> torch.LongTensor:  # fmt: skip
+    """Greedy `fast_generate`: equals `model.generate(..., do_sample=False)`."""
+    return fast_generate(model, input_ids, attention_mask, max_new_tokens, **kwargs)
+
+
 @torch.no_grad()
-def fast_greedy_generate(
+def fast_generate(
     model: DSV3ForCausalLM,
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32,
+    choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    min_new_tokens: int = 0,
     use_cuda_graph: bool = True,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     mla_implementation: str | None = "default",
     stop_check_every: int = 16,
 ) -> torch.LongTensor:
-    """Greedy decoding with a static latent cache and (on CUDA) a CUDA-graph-replayed decode step.
+    """Decoding with a static latent cache and (on CUDA) a CUDA-graph-replayed decode step.
 
-    Returns [B, prompt + new] token ids laid out as `model.generate(input_ids, attention_mask=attention_mask,
-    max_new_tokens=..., do_sample=False)` returns them (left padding supported; rows that finished are padded and
-    the output stops when every row has finished). `mla_implementation` overrides the config's for the call
-    ("default": "triton" on CUDA, the config's elsewhere). `use_cuda_graph` is ignored off CUDA."""
+    `choose` maps the next-token logits [B, V] to tokens [B] (default: argmax; `sampler(config)` for generate()'s
+    sampling); it runs inside the graph, so it must use fixed-shape device ops only. EOS cannot be chosen before
+    `min_new_tokens` new tokens (generate()'s MinNewTokensLengthLogitsProcessor). Returns [B, prompt + new] token
+    ids laid out as `model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=...)` returns them
+    (left padding supported; rows that finished are padded and the output stops when every row has finished).
+    `mla_implementation` overrides the config's for the call ("default": "triton" on CUDA, the config's
+    elsewhere). `use_cuda_graph` is ignored off CUDA."""
+    if choose is None:
+        choose = lambda logits: logits.float().argmax(-1)  # noqa: E731
     if mla_implementation == "default":
         mla_implementation = default_mla_implementation(input_ids.device)
     B, P = input_ids.shape
@@ -190,8 +254,13 @@ def fast_greedy_generate(
         valid[:, :P] = attention_mask.bool()
         cache.write_position = write_position
 
+        eos_column = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
+        eos_column[eos] = True
+
         def emit(next_logits: torch.Tensor) -> None:
-            nxt = next_logits.float().argmax(-1)
+            if min_new_tokens:  # EOS is not a candidate before min_new_tokens
+                next_logits = next_logits.masked_fill(eos_column & (step_index < min_new_tokens), float("-inf"))
+            nxt = choose(next_logits)
             nxt = torch.where(unfinished, nxt, pad)
             unfinished.logical_and_(~(nxt[:, None] == eos_t[None, :]).any(-1))
             out.index_copy_(1, step_index, nxt[:, None])
@@ -235,67 +304,3 @@ def fast_greedy_generate(
     finished_at = torch.nonzero(~alive[: done + 1])
     length = int(finished_at[0, 0]) + 1 if finished_at.numel() else done + 1
     return torch.cat([input_ids, out[:, :length]], dim=1)
-
-
-# ------------------------------------------------------------------------------------------------------------ CLI
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dsv3 bench-generate", description=__doc__.split("\n")[0])
-    p.add_argument("model_dir", nargs="?", help="folder written by save_pretrained (or an official checkpoint)")
-    p.add_argument("--config", help="hub_configs name or config folder: a RANDOMLY initialised model (speed only)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-length", type=int, default=512)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--mla", default="default", choices=["default", "triton", "auto"],
-                   help="decode attention: the Triton latent-cache kernel, or 'auto' (torch absorbed path)")  # fmt: skip
-    p.add_argument("--no-cuda-graph", action="store_true")
-    p.add_argument("--skip-plain", action="store_true", help="do not time model.generate() for comparison")
-    p.add_argument("--dtype", default="bfloat16", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if (args.model_dir is None) == (args.config is None):
-        p.error("give exactly one of MODEL_DIR or --config NAME")
-    return args
-
-
-def _timed(fn) -> tuple[torch.Tensor, float]:
-    fn()  # warm-up: compilation, allocator, graph capture
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`dsv3 bench-generate`: new tokens/s of fast_greedy_generate (and of plain generate), random prompts."""
-    from .generate import load_model
-
-    args = parse_args(argv)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
-    model, description = load_model(args, device)
-    model.eval()
-    print(f"[dsv3 bench-generate] model: {description}", flush=True)
-    ids = torch.randint(2, model.config.vocab_size, (args.batch, args.prompt_length), device=device)
-    mask = torch.ones_like(ids)
-    n = args.max_new_tokens
-    mla = None if args.mla == "default" and device == "cpu" else args.mla
-    fast, dt_fast = _timed(lambda: fast_greedy_generate(
-        model, ids, mask, n, use_cuda_graph=not args.no_cuda_graph, eos_token_id=[], mla_implementation=mla))  # fmt: skip
-    report = {"batch": args.batch, "prompt_length": args.prompt_length, "new_tokens": n,
-              "fast_new_tokens_per_s": args.batch * (fast.shape[1] - args.prompt_length) / dt_fast}  # fmt: skip
-    if not args.skip_plain:
-        plain, dt_plain = _timed(lambda: model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                                        do_sample=False))  # fmt: skip
-        report["plain_new_tokens_per_s"] = args.batch * (plain.shape[1] - args.prompt_length) / dt_plain
-        report["speedup"] = report["fast_new_tokens_per_s"] / report["plain_new_tokens_per_s"]
-        report["same_tokens"] = bool(torch.equal(plain, fast))
-    print(json.dumps(report), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

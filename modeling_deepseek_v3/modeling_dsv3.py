@@ -10,6 +10,7 @@ G groups; `x_TD` is a [T, D] tensor.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import math
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -817,6 +818,43 @@ class DSV3CausalLMOutput(MoeCausalLMOutputWithPast):
     expert_load: torch.Tensor | None = None
 
 
+# GenerationConfig values that mean "off" although they differ from its defaults (callers such as TRL spell them out).
+NEUTRAL_GENERATION_VALUES = {
+    "num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "top_k": 0,
+    "top_p": 1.0, "typical_p": 1.0, "temperature": 1.0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_repetition_penalty": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_new_tokens": 0, "min_length": 0,
+}  # fmt: skip
+
+
+def resolve_generate_call(
+    model: PreTrainedModel, inputs, generation_config, kwargs: dict, supported: set[str], feature: str
+) -> tuple[torch.LongTensor, torch.Tensor | None, GenerationConfig, int]:
+    """Resolve a generate() call for the package's own decoders as GenerationMixin would: the generation config
+    (the given one or the model's, updated by keywords), input_ids, attention_mask (guessed from pad_token_id when
+    absent) and the number of new tokens. Any other keyword, and any config value outside `supported` that differs
+    from transformers' default, is refused with a ValueError naming it: silently ignoring an option would change
+    the output. None, False and the values in NEUTRAL_GENERATION_VALUES change nothing and pass."""
+    kwargs = dict(kwargs)
+    input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+    if input_ids is None:
+        raise ValueError(f"{feature} needs input_ids")
+    attention_mask = kwargs.pop("attention_mask", None)
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    unused = config.update(**kwargs)
+    changed = {
+        k for k, v in config.to_diff_dict().items()
+        if k not in supported and v is not None and v is not False
+        and not (k in NEUTRAL_GENERATION_VALUES and NEUTRAL_GENERATION_VALUES[k] == v)
+    }  # fmt: skip
+    unsupported = sorted(set(unused) | changed)
+    if unsupported:
+        raise ValueError(f"{feature} does not support: {', '.join(unsupported)}")
+    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
+    if attention_mask is None and config.pad_token_id is not None and config.pad_token_id != config.eos_token_id:
+        attention_mask = input_ids.ne(config.pad_token_id).long()  # generate()'s guess when no mask is passed
+    return input_ids, attention_mask, config, max_new
+
+
 class DSV3ForCausalLM(DSV3PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -832,13 +870,23 @@ class DSV3ForCausalLM(DSV3PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def generate(self, *args, use_mtp: bool = False, **kwargs):
-        """GenerationMixin.generate; `use_mtp=True` decodes with MTP self-speculation (speculative.py)."""
+    def generate(self, inputs=None, generation_config=None, use_mtp: bool = False, **kwargs):
+        """GenerationMixin.generate, plus two decoders of this package's own:
+        - `use_mtp=True`: MTP self-speculative decoding (speculative.py);
+        - `cache_implementation="static"` (keyword or generation config; TRL's `--cache_implementation static`):
+          a preallocated latent cache and a CUDA-graph-replayed decode step (fast_decode.py), greedy or sampled.
+        Both refuse generation options they do not implement rather than ignore them."""
         if use_mtp:
             from .speculative import generate_with_mtp  # lazy: speculative.py imports this module
 
-            return generate_with_mtp(self, *args, **kwargs)
-        return super().generate(*args, **kwargs)
+            return generate_with_mtp(self, inputs, generation_config, **kwargs)
+        cache_implementation = kwargs.get("cache_implementation",
+                                          getattr(generation_config or self.generation_config, "cache_implementation", None))  # fmt: skip
+        if cache_implementation == "static":
+            from .fast_decode import generate_static  # lazy: fast_decode.py imports this module
+
+            return generate_static(self, inputs, generation_config, **kwargs)
+        return super().generate(inputs, generation_config, **kwargs)
 
     def forward(
         self,

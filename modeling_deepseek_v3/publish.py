@@ -40,7 +40,7 @@ from .checkpoint import official_state_dict
 from .configuration_dsv3 import DSV3Config
 from .modeling_dsv3 import DSV3ForCausalLM
 
-CODE_FILES = ("configuration_dsv3.py", "modeling_dsv3.py", "checkpoint.py", "speculative.py")
+CODE_FILES = ("configuration_dsv3.py", "modeling_dsv3.py", "checkpoint.py", "speculative.py", "fast_decode.py")
 REMOTE_DEPS = ("torch", "transformers", "safetensors", "huggingface_hub")  # what a Hub user needs installed
 AUTO_MAP = {
     "AutoConfig": "configuration_dsv3.DSV3Config",

@@ -28,7 +28,6 @@ verification forwards.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,7 +36,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 from transformers.utils import ModelOutput
 
-from .modeling_dsv3 import DSV3ForCausalLM, build_attention_mask
+from .modeling_dsv3 import DSV3ForCausalLM, build_attention_mask, resolve_generate_call
 
 
 @dataclass
@@ -53,9 +52,11 @@ class SpeculativeOutput(ModelOutput):
     accepted: int | None = None
 
 
-def warped_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
-    """Sampling distribution of logits [..., V] after temperature, top-k and top-p, in that order and with the same
-    tie rules as transformers' warpers (so mtp_generate samples what generate(do_sample=True) samples)."""
+def warped_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None):  # fmt: skip
+    """Sampling distribution of logits [..., V] after temperature, top-k, top-p and min-p, in that order and with
+    the same tie rules as transformers' warpers (so mtp_generate and fast_decode sample what
+    generate(do_sample=True) samples). Fixed-shape ops only: a CUDA graph can replay it."""
     logits = logits.float()
     if temperature is not None and temperature != 1.0:
         logits = logits / temperature
@@ -67,7 +68,10 @@ def warped_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
         drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
         drop_sorted[..., -1] = False  # keep at least the best token
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.softmax(-1)
+    probs = logits.softmax(-1)
+    if min_p is not None:  # drop tokens below min_p x the top probability (never the top token itself)
+        probs = logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf")).softmax(-1)
+    return probs
 
 
 def _edit_cache(cache: DynamicCache, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -262,24 +266,10 @@ def generate_with_mtp(
     classes) when return_dict_in_generate=True. Either way the statistics are left on
     `model.last_speculative_stats`. Extra keywords: `generator`, `num_draft_tokens`.
     """
-    input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
-    if input_ids is None:
-        raise ValueError("generate(use_mtp=True) needs input_ids")
-    attention_mask = kwargs.pop("attention_mask", None)
     extra = {k: kwargs.pop(k) for k in ("generator", "num_draft_tokens") if k in kwargs}
-    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-    unused = config.update(**kwargs)
-    # Refuse what would change the output; False/None/1 (e.g. output_attentions=False, num_beams=1) change nothing.
-    changed = {k for k, v in config.to_diff_dict().items() if k not in _SUPPORTED and v not in (None, False, 1)}
-    unsupported = sorted(set(unused) | changed)
-    if unsupported:
-        raise ValueError(f"generate(use_mtp=True) does not support: {', '.join(unsupported)}")
-
-    max_new = config.max_new_tokens
-    if max_new is None:
-        max_new = config.max_length - input_ids.shape[1]
-    if attention_mask is None and config.pad_token_id is not None and config.pad_token_id != config.eos_token_id:
-        attention_mask = input_ids.ne(config.pad_token_id).long()  # generate()'s guess when no mask is passed
+    input_ids, attention_mask, config, max_new = resolve_generate_call(
+        model, inputs, generation_config, kwargs, _SUPPORTED, "generate(use_mtp=True)"
+    )
     out = mtp_generate(
         model,
         input_ids,

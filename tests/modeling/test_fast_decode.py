@@ -1,4 +1,5 @@
-"""Static latent cache and fast greedy decoding (fast_decode.py) against generate() and DynamicCache, on the CPU.
+"""Static latent cache and fast decoding (fast_decode.py, generate(cache_implementation="static")) against
+generate() and DynamicCache, on the CPU.
 
 CUDA graphs need a GPU; here the same step runs eagerly (use_cuda_graph is ignored off CUDA), which checks
 everything the graph would replay: the in-place state updates, the static cache and the full-width masks.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 
 from modeling_deepseek_v3 import DSV3ForCausalLM
 from modeling_deepseek_v3.fast_decode import StaticLatentCache, fast_greedy_generate
+from modeling_deepseek_v3.speculative import warped_probs
 
 PROMPT = 9
 
@@ -147,3 +150,63 @@ def test_decode_step_compiles_as_one_graph(tiny_config):
         compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(token, position, valid)
     # aot_eager runs the same ATen ops in the same order: the compiled step is bit-identical.
     assert torch.isfinite(eager).all() and torch.equal(compiled, eager)
+
+
+# ----------------------------------------------------------------- generate(cache_implementation="static")
+
+
+@pytest.mark.parametrize("B,holes", [(1, [0]), (3, [0, 3, 6])])
+def test_generate_static_greedy_equals_generate(tiny_config, B, holes):
+    model = _model(tiny_config)
+    ids, mask = _batch(B, holes)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, ref)
+    # min_new_tokens keeps EOS out until then, as generate()'s processor does; the EOS is a token greedy emits.
+    eos = int(ref[0, PROMPT + 2])
+    kw = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(model.generate(ids, cache_implementation="static", **kw), model.generate(ids, **kw))
+
+
+def test_generate_static_from_a_trl_style_generation_config(tiny_config):
+    """TRL's GRPO builds a GenerationConfig (do_sample, temperature, top_p=1.0, top_k=0, min_p=None, repetition
+    penalty 1.0, cache_implementation from its config, disable_compile) and calls generate(input_ids=...,
+    attention_mask=..., generation_config=...). With top_k=1 sampling is deterministic: it must equal greedy, which
+    checks the sampled path end to end (prefill token and graph steps) without statistics."""
+    model = _model(tiny_config)
+    ids, mask = _batch(3, [0, 2, 5])
+    config = GenerationConfig(max_new_tokens=10, do_sample=True, pad_token_id=0, bos_token_id=1, eos_token_id=[1],
+                              temperature=0.7, top_p=1.0, top_k=1, min_p=None, repetition_penalty=1.0,
+                              cache_implementation="static", disable_compile=True)  # fmt: skip
+    model.train()  # TRL generates from the training-mode model; the mode is restored afterwards
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    assert model.training
+    ref = model.eval().generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=[1], pad_token_id=0)
+    assert torch.equal(out, ref)
+    dict_out = model.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
+    assert torch.equal(dict_out.sequences, ref)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, min_p", [(1.0, None, 0.9, None), (0.8, 5, None, 0.1)],
+                         ids=["top_p", "top_k-min_p"])  # fmt: skip
+def test_generate_static_sampling_keeps_the_distribution(tiny_config, check_three_token_law, temperature, top_k,
+                                                         top_p, min_p):  # fmt: skip
+    """Joint law of 3 sampled tokens (vocabulary 8: 512 cells, N = 6000): token 1 from the prefill, tokens 2-3 from
+    the static-cache step, each through the exponential race over the warped distribution."""
+    torch.manual_seed(0)
+    model = DSV3ForCausalLM(tiny_config(vocab_size=8, num_hidden_layers=2)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10)  # peaked distributions, so that top-k/top-p/min-p cut real mass
+    prompt = torch.tensor([[3, 5, 2, 7]])
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    out = model.generate(prompt.expand(6000, -1), max_new_tokens=3, do_sample=True, eos_token_id=None,
+                         cache_implementation="static", **kw)  # fmt: skip
+    check_three_token_law(model, prompt, out[:, -3:], lambda logits: warped_probs(logits, **kw))
+
+
+def test_generate_static_refuses_what_it_does_not_implement(tiny_config):
+    model = _model(tiny_config)
+    ids, _ = _batch(1, [0])
+    for option in (dict(repetition_penalty=1.3), dict(num_beams=2), dict(output_scores=True), dict(streamer=object())):
+        with pytest.raises(ValueError, match=f'cache_implementation="static"\\) does not support: {next(iter(option))}'):
+            model.generate(ids, max_new_tokens=4, cache_implementation="static", **option)
