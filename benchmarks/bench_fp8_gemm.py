@@ -6,7 +6,7 @@ Prints one JSON line per shape, then a summary; writes $OUT/fp8_gemm.json when O
 TFLOPS = 2*M*N*K / median time (triton.testing.do_bench, random inputs, never zeros).
 """
 
-# ruff: noqa: B023  (each lambda is timed inside its own loop iteration, so late binding is harmless)
+# ruff: noqa: B023, F821  (each lambda is timed inside its own loop iteration; names are deleted only after)
 from __future__ import annotations
 
 import importlib.util
@@ -109,7 +109,11 @@ def main() -> None:
         xc = x.cpu()
         w = x[:, : shape[1] // 2 * 2].reshape(2, shape[0], -1).contiguous() if shape[0] % 2 == 0 else x
         for pow2 in (False, True):
-            refs = (*Q.quantize_act_ref(xc, pow2), *Q.quantize_act_t_ref(xc, pow2), *Q.quantize_weight_ref(w.cpu(), pow2))
+            refs = (
+                *Q.quantize_act_ref(xc, pow2),
+                *Q.quantize_act_t_ref(xc, pow2),
+                *Q.quantize_weight_ref(w.cpu(), pow2),
+            )
             for fast in (False, True):
                 Q.FAST_DIV, saved = fast, Q.FAST_DIV
                 got = (*Q.quantize_act(x, pow2), *Q.quantize_act_t(x, pow2), *Q.quantize_weight(w, pow2)[:2])
@@ -118,8 +122,10 @@ def main() -> None:
                 Q.FAST_DIV = saved
                 same = [torch.equal(g.cpu().view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g.cpu(),
                                     r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r)
-                        for g, r in zip((*got, *got_b), (*refs, *refs[:4]))]  # fmt: skip
-                same.append(torch.equal(wt.cpu().view(torch.uint8), refs[4].transpose(-1, -2).contiguous().view(torch.uint8)))
+                        for g, r in zip((*got, *got_b), (*refs, *refs[:4]), strict=True)]  # fmt: skip
+                same.append(
+                    torch.equal(wt.cpu().view(torch.uint8), refs[4].transpose(-1, -2).contiguous().view(torch.uint8))
+                )
                 exact.append(dict(shape=shape, pow2=pow2, fast_div=fast, all_equal=all(same), which=same))
                 print(json.dumps(exact[-1]), flush=True)
 
@@ -159,7 +165,9 @@ def main() -> None:
             row["wgrad_err_vs_ref"] = rel(dw, K_.fp8_gemm_wgrad_ref(dtq, dts, xtq, xts))
             row["dgrad_tflops"] = flops / bench(lambda: K_.fp8_gemm_dgrad(dq, ds, None, ws, w_KN=wqt)) / 1e9
             row["wgrad_tflops"] = flops / bench(lambda: K_.fp8_gemm_wgrad(dtq, dts, xtq, xts)) / 1e9
-            row["wgrad_bf16out_tflops"] = flops / bench(lambda: K_.fp8_gemm_wgrad(dtq, dts, xtq, xts, torch.bfloat16)) / 1e9
+            row["wgrad_bf16out_tflops"] = (
+                flops / bench(lambda: K_.fp8_gemm_wgrad(dtq, dts, xtq, xts, torch.bfloat16)) / 1e9
+            )
             row["fp8_over_bf16"] = row["fp8_block_tflops"] / row["bf16_cublas_tflops"]
             if "scaled_mm_rowwise_tflops" in row:
                 row["fp8_over_scaled_mm"] = row["fp8_block_tflops"] / row["scaled_mm_rowwise_tflops"]
@@ -179,10 +187,14 @@ def main() -> None:
         sfx = "_fastdiv" if fast else "_divrn"
         quant["quant_act" + sfx] = nbytes_q / bench(lambda: K_.quantize_act(x)) / 1e6
         quant["quant_act_t" + sfx] = nbytes_q / bench(lambda: K_.quantize_act_t(x)) / 1e6
-        quant["quant_both_fused" + sfx] = (n * 4 + n // 64 * 4) / bench(lambda: Q.quantize_act_both(x, fused=True)) / 1e6
+        quant["quant_both_fused" + sfx] = (
+            (n * 4 + n // 64 * 4) / bench(lambda: Q.quantize_act_both(x, fused=True)) / 1e6
+        )
         quant["quant_both_2launch" + sfx] = 2 * nbytes_q / bench(lambda: Q.quantize_act_both(x, fused=False)) / 1e6
         quant["quant_weight" + sfx] = (wbig.numel() * 3) / bench(lambda: K_.quantize_weight(wbig)) / 1e6
-        quant["quant_weight_plus_T" + sfx] = (wbig.numel() * 4) / bench(lambda: K_.quantize_weight(wbig, transposed=True)) / 1e6
+        quant["quant_weight_plus_T" + sfx] = (
+            (wbig.numel() * 4) / bench(lambda: K_.quantize_weight(wbig, transposed=True)) / 1e6
+        )
         Q.FAST_DIV = saved
     # The two divisions on 117M elements, kernel against kernel (the CPU reference above covers fewer).
     same = []
@@ -193,7 +205,7 @@ def main() -> None:
     quant = {k: round(v, 1) for k, v in quant.items()}
     quant["fast_div_equals_div_rn_117M"] = all(
         torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn else torch.equal(a, b)
-        for a, b in zip(*same)
+        for a, b in zip(*same, strict=True)
     )
     del same
     quant.update({k + "_of_copy": round(v / quant["copy_GBps"], 3) for k, v in quant.items()
@@ -217,7 +229,9 @@ def main() -> None:
     Q.QUANT_BOTH_FUSED, G.DIRECT_LAUNCH = False, True
     linear["speedup"] = linear["bf16_fwd_bwd_ms"] / linear["fp8_fwd_bwd_ms"]
     if not small:
-        linear["bf16_host_ms"], linear["bf16_graph_ms"] = _host_and_graph_ms(lambda: lin(xi).backward(g), [xi, lin.weight])
+        linear["bf16_host_ms"], linear["bf16_graph_ms"] = _host_and_graph_ms(
+            lambda: lin(xi).backward(g), [xi, lin.weight]
+        )
         linear["fp8_host_ms"], linear["fp8_graph_ms"] = _host_and_graph_ms(lambda: f8(xi).backward(g), [xi, f8.weight])
         linear["speedup_graphs"] = linear["bf16_graph_ms"] / linear["fp8_graph_ms"]
     xq, xs = K_.quantize_act(xi.detach())
@@ -246,8 +260,10 @@ def main() -> None:
         print(f"{r['M']:<6} {r['N']:<6} {r['K']:<6} {r['fp8_block_tflops']:4.0f} {r['bf16_cublas_tflops']:5.0f} "
               f"{r.get('scaled_mm_rowwise_tflops', float('nan')):9.0f} {r['dgrad_tflops']:6.0f} {r['wgrad_tflops']:6.0f} "
               f"{r['wgrad_bf16out_tflops']:10.0f}  {r['err_vs_ref']:.1e}  {r['err_vs_bf16']:.1e}  {r['best_config'][:60]}")  # fmt: skip
-    print(f"median fp8/bf16 = {meds}; quant exact = {all(e['all_equal'] for e in exact if not e['fast_div'])} (div.rn), "
-          f"{all(e['all_equal'] for e in exact if e['fast_div'])} (fast div)")
+    print(
+        f"median fp8/bf16 = {meds}; quant exact = {all(e['all_equal'] for e in exact if not e['fast_div'])} (div.rn), "
+        f"{all(e['all_equal'] for e in exact if e['fast_div'])} (fast div)"
+    )
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "fp8_gemm.json").write_text(json.dumps(summary, indent=1, default=str))
 
@@ -323,7 +339,9 @@ def sweep() -> None:
                     ms = _ms(lambda: Q._quant_launch(big, kind != "col", kind != "row", False, t, fast))
                     gbps = (nb if kind != "both" else big.numel() * 4 + big.numel() // 64 * 4) / ms / 1e6
                     q[f"{kind}{t}fast{fast}"] = gbps
-                    log(f"quant {kind} {t} fast={fast}: {ms * 1e3:.0f} us {gbps:.0f} GB/s = {gbps / copy_gbps:.0%} of copy")
+                    log(
+                        f"quant {kind} {t} fast={fast}: {ms * 1e3:.0f} us {gbps:.0f} GB/s = {gbps / copy_gbps:.0%} of copy"
+                    )
                 except Exception as e:
                     log(f"quant {kind} {t}: ERR {type(e).__name__} {str(e)[:200]}")
     w = torch.randn(*((256, 256) if small else (7168, 16384)), device=dev, dtype=torch.bfloat16)
@@ -332,7 +350,9 @@ def sweep() -> None:
             for fast in (False, True):
                 ms = _ms(lambda: Q.quantize_weight(w, False, transposed=tr, num_warps=warps, fast_div=fast))
                 gbps = w.numel() * (3 + tr) / ms / 1e6
-                log(f"quant weight transposed={tr} warps={warps} fast={fast}: {ms * 1e3:.0f} us {gbps:.0f} GB/s = {gbps / copy_gbps:.0%}")
+                log(
+                    f"quant weight transposed={tr} warps={warps} fast={fast}: {ms * 1e3:.0f} us {gbps:.0f} GB/s = {gbps / copy_gbps:.0%}"
+                )
     out["quant"] = q
     del big, w
 
@@ -382,7 +402,9 @@ def sweep() -> None:
                 xtq, xts = K_.quantize_act_t(x)
                 wref = K_.fp8_gemm_wgrad_ref(dtq, dts, xtq, xts)
                 row["d_ptr"] = fl / _ms(lambda: G._launch(dq, ds, wqt, wst, True, torch.bfloat16, use_tma=False)) / 1e9
-                row["w_ptr"] = fl / _ms(lambda: G._launch(dtq, dts, xtq, xts, False, torch.float32, use_tma=False)) / 1e9
+                row["w_ptr"] = (
+                    fl / _ms(lambda: G._launch(dtq, dts, xtq, xts, False, torch.float32, use_tma=False)) / 1e9
+                )
                 for c in cfgs[:6]:
                     for tag, args, r, od in [("d", (dq, ds, wqt, wst, True), dref, torch.bfloat16),
                                              ("w", (dtq, dts, xtq, xts, False), wref, torch.float32)]:  # fmt: skip
@@ -403,7 +425,10 @@ def sweep() -> None:
             if M <= 4096:
                 for tag in ("d", "w"):
                     ks = [k for k in row if k.startswith(tag + "_tma")]
-                    log(f"   {tag}: ptr {row.get(tag + '_ptr', 0):.0f} | " + " ".join(f"{k[len(tag) + 4:]}={row[k]:.0f}" for k in ks))
+                    log(
+                        f"   {tag}: ptr {row.get(tag + '_ptr', 0):.0f} | "
+                        + " ".join(f"{k[len(tag) + 4 :]}={row[k]:.0f}" for k in ks)
+                    )
     out["gemm"] = gem
     # Ragged edges on the GPU (M, N, K not multiples of the tiles; K not of 128).
     x, wt = torch.randn(777, 1040, device=dev), torch.randn(1000, 1040, device=dev)
@@ -417,7 +442,7 @@ def sweep() -> None:
     log(f"ragged (777,1000,1040) fp32 errs max {max(errs):.2e}")
 
     # Grouped GEMMs at V3 MoE size: 8192 tokens x top-8 over 256 experts.
-    T, E, D, I = (64, 8, 256, 128) if small else (8192, 256, 7168, 2048)
+    T, E, D, I = (64, 8, 256, 128) if small else (8192, 256, 7168, 2048)  # noqa: E741  (I: expert width, as in the paper)
     idx = torch.rand(T, E, device=dev).topk(8, dim=1).indices
     counts = torch.bincount(idx.flatten(), minlength=E)
     offs = counts.cumsum(0).to(torch.int32)
@@ -432,20 +457,31 @@ def sweep() -> None:
         del w
         r["ptr"] = fl / _ms(lambda: GG._grouped_launch(xq, xs, wq, ws, offs, torch.bfloat16, use_tma=False)) / 1e9
         y0 = GG._grouped_launch(xq, xs, wq, ws, offs, torch.float32, use_tma=False)
-        for c in [(64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3), (128, 128, 8, 4)][: 2 if small else 5]:
+        for c in [(64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3), (128, 128, 8, 4)][
+            : 2 if small else 5
+        ]:
             try:
                 y = GG._grouped_launch(xq, xs, wq, ws, offs, torch.float32, use_tma=True, config=c)
                 e_ = rel(y, y0)
                 if not e_ < 1e-5:
                     log(f"  grouped {c} WRONG {e_:.2e}")
                     continue
-                r[str(c)] = fl / _ms(lambda: GG._grouped_launch(xq, xs, wq, ws, offs, torch.bfloat16, use_tma=True, config=c)) / 1e9
+                r[str(c)] = (
+                    fl
+                    / _ms(lambda: GG._grouped_launch(xq, xs, wq, ws, offs, torch.bfloat16, use_tma=True, config=c))
+                    / 1e9
+                )
             except Exception as e:
                 log(f"  grouped {c} ERR {type(e).__name__}: {str(e)[:200]}")
         dq, dsc = K_.quantize_act_t(torch.randn(S, N, device=dev, dtype=torch.bfloat16))
         xtq, xts = K_.quantize_act_t(x)
-        r["wgrad_ptr"] = fl / _ms(lambda: K_.fp8_grouped_gemm_wgrad(dq, dsc, xtq, xts, offs, torch.bfloat16)) / 1e9
+        r["wgrad_ptr"] = (
+            fl / _ms(lambda: K_.fp8_grouped_gemm_wgrad(dq, dsc, xtq, xts, offs, torch.bfloat16, use_tma=False)) / 1e9
+        )
         r["wgrad_cfg"] = str(GG._grouped_wgrad_kernel.best_config)
+        r["wgrad_tma"] = (
+            fl / _ms(lambda: K_.fp8_grouped_gemm_wgrad(dq, dsc, xtq, xts, offs, torch.bfloat16, use_tma=True)) / 1e9
+        )
         log(f"grouped {name} (S={S}, N={N}, K={Kd}): " + " ".join(f"{k}={v:.0f}" if isinstance(v, float) else f"{k}={v}"
                                                                 for k, v in r.items()))  # fmt: skip
         out[f"grouped_{name}"] = r
@@ -461,7 +497,9 @@ def sweep() -> None:
     for _ in range(2):
         t_bf = _ms(lambda: lin(xi).backward(g), rep=100)
         t_f8 = _ms(lambda: f8(xi).backward(g), rep=100)
-        log(f"FP8Linear fwd+bwd {(Mi, Ni, Ki)}: bf16 {t_bf * 1e3:.0f} us, fp8 {t_f8 * 1e3:.0f} us, speedup {t_bf / t_f8:.2f}")
+        log(
+            f"FP8Linear fwd+bwd {(Mi, Ni, Ki)}: bf16 {t_bf * 1e3:.0f} us, fp8 {t_f8 * 1e3:.0f} us, speedup {t_bf / t_f8:.2f}"
+        )
     out["linear"] = dict(bf16_ms=t_bf, fp8_ms=t_f8)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "sweep.json").write_text(json.dumps(out, indent=1))

@@ -54,9 +54,10 @@ def _gemm_configs() -> list:
 # the fresh dot result: 64x128 per warpgroup (64 + 64 fp32 registers a thread) is the largest
 # tile that does not spill; 8 warps = two warpgroups on a 128-row tile.
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, programs resident per SM, flatten the tile and K loops)
-# Swept on an H200 (2026-11-30): 64x128 / 4 warps / 3 stages with 2 programs an SM won most V3 shapes
-# (two independent programs let one's tensor-core work overlap the other's scale FMAs), 128x128 /
-# 8 warps / 4 stages the dgrad ones; 64x256 and 128x128 with a float32 output (wgrad) lost.
+# Swept on an H200 (2026-11-30, benchmarks/bench_fp8_gemm.py --sweep): 64x128 / 4 warps / 3 stages with
+# 2 programs an SM won most V3 shapes (745-934 TFLOPS at M=4096; two independent programs let one's
+# tensor-core work overlap the other's scale FMAs), 128x128 / 8 warps / 4 stages some dgrad and
+# M=16384 ones; 64x256 (592-670) and 128x128 with a float32 output (wgrad, spills: 216-247) lost.
 TMA_CONFIGS = [
     (64, 128, 4, 3, 2, True),
     (64, 128, 4, 4, 2, True),
