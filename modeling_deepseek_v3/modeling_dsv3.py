@@ -566,8 +566,11 @@ class DSV3MTPLayer(DSV3DecoderLayer):
     def forward(
         self, hidden_states, token_embeds, position_embeddings, attention_mask, cache=None, token_mask=None, **kwargs
     ):
+        """Returns (h, router stats, shared_head.norm(h)): h feeds depth k + 1, the normed copy the output head. The
+        norm runs here, inside the module, because FSDP2 gathers a unit's parameters only for its own forward."""
         h = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(hidden_states)], dim=-1))
-        return super().forward(h, position_embeddings, attention_mask, cache, token_mask, **kwargs)
+        h, stats = super().forward(h, position_embeddings, attention_mask, cache, token_mask, **kwargs)
+        return h, stats, self.shared_head.norm(h)
 
 
 def build_attention_mask(
@@ -766,7 +769,8 @@ class DSV3Model(DSV3PreTrainedModel):
         position_ids: torch.LongTensor | None = None,
     ) -> tuple[list[torch.Tensor], list[RouterStats]]:
         """Training-time MTP over full sequences: depth k sees token t_{i+k} at position i (ids rolled left by k;
-        the last k positions see padding and must carry no label). Returns each depth's pre-norm hidden states."""
+        the last k positions see padding and must carry no label). Returns each depth's output-head input
+        (shared_head.norm of its hidden states) and router stats."""
         B, S, _ = hidden_states.shape
         if position_ids is None:
             position_ids = torch.arange(S, device=hidden_states.device)[None]
@@ -780,10 +784,10 @@ class DSV3Model(DSV3PreTrainedModel):
             shifted = F.pad(input_ids[:, k:], (0, k), value=self.config.pad_token_id or 0)
             # Position i is real at depth k only if token i+k is real too (the last k positions embed padding).
             sees_real = token_mask & F.pad(token_mask[:, k:], (0, k), value=False)
-            hidden_states, stats = self._run_layer(
+            hidden_states, stats, head_input = self._run_layer(
                 layer, hidden_states, self.embed_tokens(shifted), position_embeddings, mask, None, sees_real
             )
-            outputs.append(hidden_states)
+            outputs.append(head_input)
             if stats is not None:
                 all_stats.append(stats)
         return outputs, all_stats
@@ -929,7 +933,7 @@ class DSV3ForCausalLM(DSV3PreTrainedModel, GenerationMixin):
                 mtp_hidden, mtp_stats = self.model.mtp_forward(hidden_states, input_ids, attention_mask, position_ids)
                 mtp_loss = 0.0
                 for k, h in enumerate(mtp_hidden, start=1):
-                    mtp_logits = self.lm_head(self.model.mtp_layers[k - 1].shared_head.norm(h))
+                    mtp_logits = self.lm_head(h)
                     # Position i predicts t_{i+k+1}: labels rolled left by k (the loss shifts by one more).
                     mtp_labels = F.pad(labels[:, k:], (0, k), value=-100)
                     mtp_loss = mtp_loss + self.loss_function(

@@ -149,10 +149,10 @@ def mtp_generate(
         drafts, probs = [], []
         for k, layer in enumerate(inner.mtp_layers[:D], start=1):
             # Depth k at position i embeds t_{i+k}: ext shifted by k - 1.
-            h_BAH, _ = layer(
+            h_BAH, _, head_input = layer(
                 h_BAH, inner.embed_tokens(ext_BX[:, k - 1 : k - 1 + A]), position_embeddings, mask, mtp_cache
             )
-            token, prob = pick(model.lm_head(layer.shared_head.norm(h_BAH[rows, last_B])))
+            token, prob = pick(model.lm_head(head_input[rows, last_B]))
             ext_BX.scatter_(1, (last_B + k)[:, None], token[:, None])  # what depth k + 1 embeds at last_B
             drafts.append(token)
             probs.append(prob)

@@ -37,7 +37,7 @@ def test_mtp_loss_pairs_position_i_with_token_i_plus_k_plus_1(tiny_config):
         mtp = model.model.mtp_layers[0]
         pos = torch.arange(9)[None]
         cos_sin = model.model.rotary_emb(h, pos)
-        h1, _ = mtp(h[:, :9], model.model.embed_tokens(ids[:, 1:]), cos_sin, None)
+        h1, _, _ = mtp(h[:, :9], model.model.embed_tokens(ids[:, 1:]), cos_sin, None)
         logits = model.lm_head(mtp.shared_head.norm(h1))[:, :8]
         ce = F.cross_entropy(logits.reshape(-1, 512), ids[:, 2:].reshape(-1))
     assert torch.isclose(out.mtp_loss, model.config.mtp_loss_weight * ce, atol=1e-6)
