@@ -56,7 +56,8 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="dry run of this script on CPUs (no FSDP there)")
     args = p.parse_args()
     base = dict(model=args.model, seq_len=64, per_device_batch_size=4, gradient_accumulation_steps=2,
-                max_steps=args.steps, warmup_steps=2, save_steps=args.steps // 2, bias_update_speed=0.01, plots=False)  # fmt: skip
+                max_steps=args.steps, warmup_steps=2, save_steps=args.steps // 2, bias_update_speed=0.01, plots=False,
+                mixed_precision="no")  # fmt: skip  # fp32 everywhere: FSDP2 and DDP then compute the same function
     work = Path(tempfile.mkdtemp())
     launch("fsdp2.yaml", work / "straight", base, args.cpu)
     launch("fsdp2.yaml", work / "resumed", {**base, "stop_at_step": args.steps // 2}, args.cpu)
@@ -66,7 +67,7 @@ def main() -> None:
     result = {"args": vars(args), "gpus": torch.cuda.device_count(),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
     for run in ("straight", "resumed", "ddp"):
-        rank0, rank1 = (torch.load(work / run / f"biases-rank{r}.pt") for r in (0, 1))
+        rank0, rank1 = (torch.load(work / run / f"biases-rank{r}.pt", map_location="cpu") for r in (0, 1))
         result[f"{run}_biases_identical_across_ranks"] = all(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
         result[f"{run}_bias_max_abs"] = max(b.abs().max().item() for b in rank0)
     straight, resumed, ddp = (metrics(work / run) for run in ("straight", "resumed", "ddp"))
@@ -80,7 +81,7 @@ def main() -> None:
     from modeling_deepseek_v3 import DSV3ForCausalLM
 
     final = DSV3ForCausalLM.from_pretrained(work / "straight" / "final")
-    saved = torch.load(work / "straight" / "biases-rank0.pt")
+    saved = torch.load(work / "straight" / "biases-rank0.pt", map_location="cpu")
     result["final_folder_biases_equal_rank0"] = all(
         torch.equal(a.cpu(), m.gate.e_score_correction_bias) for a, m in zip(saved, final.moe_layers(), strict=True)
     )
