@@ -65,14 +65,23 @@ def _quantize_master_weight(weight: torch.Tensor, pow2: bool, need_t: bool):
     return (*quantize_weight(weight.contiguous(), pow2), None)
 
 
+def _needs_grads(ctx, grad_enabled: bool) -> tuple[bool, bool]:
+    """(dx needed, dW needed). Under torch.no_grad ctx.needs_input_grad still reports the weight's requires_grad,
+    so the caller passes torch.is_grad_enabled() and a forward-only call skips the backward-only copies (the 128x1
+    tiling of x, the K-major weight)."""
+    return ctx.needs_input_grad[0] and grad_enabled, ctx.needs_input_grad[1] and grad_enabled
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """y = x W^T with FP8 forward, dgrad and wgrad (no bias; add it outside in high precision)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight_NK: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, weight_NK: torch.Tensor, pow2: bool = False, grad_enabled: bool = True
+    ) -> torch.Tensor:
         N, K = weight_NK.shape
         x_MK = x.reshape(-1, K).contiguous()  # [M, K], M = all leading dims
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dx, need_dw = _needs_grads(ctx, grad_enabled)
         x_q, x_s, xT_q, xT_s = _quantize_input(x_MK, pow2, need_dw)
         w_q, w_s, wT_q = _quantize_master_weight(weight_NK, pow2, need_dx)
         y_MN = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
@@ -93,7 +102,7 @@ class FP8LinearFunction(torch.autograd.Function):
             dx = fp8_gemm_dgrad(dy_q, dy_s, None, w_s, out_dtype=ctx.x_dtype, w_KN=wT_q).view(ctx.x_shape)
         if need_dw:
             dw = fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, out_dtype=ctx.w_dtype)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
 class FP8GroupedLinearFunction(torch.autograd.Function):
@@ -107,10 +116,10 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False,
-        quantized_weight: tuple | None = None,
+        quantized_weight: tuple | None = None, grad_enabled: bool = True,
     ) -> torch.Tensor:  # fmt: skip
         x_SK = x_SK.contiguous()
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_dx, need_dw = _needs_grads(ctx, grad_enabled)
         x_q, x_s, xT_q, xT_s = _quantize_input(x_SK, pow2, need_dw)
         if quantized_weight is None:
             quantized_weight = _quantize_master_weight(weight_ENK, pow2, need_dx)
@@ -130,7 +139,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
             dx = fp8_grouped_gemm_dgrad(dy_q, dy_s, None, w_s, offs_E, out_dtype=ctx.x_dtype, w_EKN=wT_q)
         if need_dw:
             dw = fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs_E, out_dtype=ctx.w_dtype)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +158,7 @@ class FP8Linear(nn.Linear):
         self.pow2_scales = pow2_scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = FP8LinearFunction.apply(x, self.weight, self.pow2_scales)
+        y = FP8LinearFunction.apply(x, self.weight, self.pow2_scales, torch.is_grad_enabled())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @classmethod
@@ -235,10 +244,11 @@ def fp8_experts_forward(
     E = gate_up_proj_EFD.shape[0]
     order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, E)
     x_SD = hidden_TD[token_S]  # [S, D], rows grouped by expert
-    h_SF = FP8GroupedLinearFunction.apply(x_SD, gate_up_proj_EFD, offs_E, pow2_scales)
+    grad = torch.is_grad_enabled()
+    h_SF = FP8GroupedLinearFunction.apply(x_SD, gate_up_proj_EFD, offs_E, pow2_scales, None, grad)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_SI = act(gate_SI) * up_SI
-    y_SD = FP8GroupedLinearFunction.apply(a_SI, down_proj_EDI, offs_E, pow2_scales)
+    y_SD = FP8GroupedLinearFunction.apply(a_SI, down_proj_EDI, offs_E, pow2_scales, None, grad)
     w_S = topk_weight_TK.reshape(-1)[order_S].float()
     out_TD = hidden_TD.new_zeros(hidden_TD.shape, dtype=torch.float32)
     out_TD = out_TD.index_add(0, token_S, y_SD.float() * w_S[:, None])

@@ -119,3 +119,32 @@ def test_fp8_experts_vs_full_precision(rel):
     y = fp8_experts_forward(h, idx, wt, gu, dn)
     y_hp = experts_forward_ref(h.detach(), idx, wt, gu.detach(), dn.detach(), fp8=False)
     assert rel(y, y_hp) < TOL_EXPERTS_VS_FP32
+
+
+def test_forward_only_calls_skip_the_backward_copies(monkeypatch):
+    """Under torch.no_grad ctx.needs_input_grad still reports the weight's requires_grad: FP8Linear and the FP8
+    experts must then quantise x in the 1x128 tiling only and the weight without its K-major copy, and give the
+    same output as with gradients enabled."""
+    from modeling_deepseek_v3.kernels import fp8_linear
+
+    calls = []
+    for name in ("quantize_act_both", "quantize_weight"):
+        real = getattr(fp8_linear, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append((_name, kwargs.get("transposed", False)))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(fp8_linear, name, spy)
+    torch.manual_seed(0)
+    layer = FP8Linear(256, 130, bias=False)
+    x = torch.randn(5, 256)
+    h, idx, wt, gu, dn = _experts_case(0)
+    with torch.no_grad():
+        y_nograd = layer(x)
+        e_nograd = fp8_experts_forward(h, idx, wt, gu, dn)
+    assert calls and all(name == "quantize_weight" and not transposed for name, transposed in calls), calls
+    calls.clear()
+    y, e = layer(x), fp8_experts_forward(h, idx, wt, gu, dn)
+    assert ("quantize_act_both", False) in calls and ("quantize_weight", True) in calls  # training path unchanged
+    assert torch.equal(y, y_nograd) and torch.equal(e, e_nograd)
