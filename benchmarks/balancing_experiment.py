@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from modeling_deepseek_v3.training.balancing import max_violation
-from mtp_experiment import SMALL, train_for
+from mtp_experiment import SMALL, add_common_arguments, split_tokens, train_for
 
 from modeling_deepseek_v3 import DSV3Config
 
@@ -49,17 +49,15 @@ def run(name: str, gamma: float, alpha: float, train_tokens, held, args) -> dict
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", required=True)
+    add_common_arguments(p)
     p.add_argument("--seconds", type=float, default=50)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
-    tokens = np.load(args.tokens)
-    split = int(len(tokens) * 0.95)
+    if not args.tokens:
+        p.error("--tokens PATH is required (build it with mtp_experiment.py --make-tokens PATH)")
+    train_tokens, held = split_tokens(args.tokens)
     results = {"args": vars(args), "device": torch.cuda.get_device_name()}
     for name, (gamma, alpha) in SETTINGS.items():
-        results[name] = run(name, gamma, alpha, tokens[:split], tokens[split:], args)
+        results[name] = run(name, gamma, alpha, train_tokens, held, args)
         (Path(os.environ.get("OUT", "/tmp")) / "balancing.json").write_text(json.dumps(results, indent=1))
         torch.cuda.empty_cache()
 

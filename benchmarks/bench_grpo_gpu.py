@@ -20,13 +20,13 @@ import time
 import torch
 import transformers
 import trl
+from modeling_deepseek_v3.training.grpo import build_grpo_trainer
+from modeling_deepseek_v3.training.tasks import arithmetic_dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig
 
 from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
 from modeling_deepseek_v3.tokenizer import load_tokenizer
-from modeling_deepseek_v3.training.grpo import build_grpo_trainer
-from modeling_deepseek_v3.training.tasks import arithmetic_dataset
 
 HUB_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hub_configs")
 CUDA = torch.cuda.is_available()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mtp_experiment import SMALL, held_out_losses, train_for
+from mtp_experiment import SMALL, add_common_arguments, held_out_losses, split_tokens, train_for
 
 from modeling_deepseek_v3 import DSV3Config
 
@@ -48,18 +48,16 @@ def run(name: str, train_tokens, held, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--tokens", required=True)
+    add_common_arguments(p)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
-    tokens = np.load(args.tokens)
-    split = int(len(tokens) * 0.95)
+    if not args.tokens:
+        p.error("--tokens PATH is required (build it with mtp_experiment.py --make-tokens PATH)")
+    train_tokens, held = split_tokens(args.tokens)
     results = {"args": vars(args), "device": torch.cuda.get_device_name()}
     out_path = Path(os.environ.get("OUT", "/tmp")) / "fp8_training.json"
     for name in BACKENDS:
-        results[name] = run(name, tokens[:split], tokens[split:], args)
+        results[name] = run(name, train_tokens, held, args)
         out_path.write_text(json.dumps(results))
         torch.cuda.empty_cache()
     bf16, fp8 = results["bf16"], results["fp8"]

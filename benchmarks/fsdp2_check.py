@@ -68,7 +68,9 @@ def main() -> None:
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}  # fmt: skip
     for run in ("straight", "resumed", "ddp"):
         rank0, rank1 = (torch.load(work / run / f"biases-rank{r}.pt", map_location="cpu") for r in (0, 1))
-        result[f"{run}_biases_identical_across_ranks"] = all(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
+        result[f"{run}_biases_identical_across_ranks"] = all(
+            torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True)
+        )
         result[f"{run}_bias_max_abs"] = max(b.abs().max().item() for b in rank0)
     straight, resumed, ddp = (metrics(work / run) for run in ("straight", "resumed", "ddp"))
     result["resumed_vs_straight_max_rel_diff"] = max_rel_diff(resumed, straight)
@@ -76,7 +78,9 @@ def main() -> None:
     result["fsdp2_vs_ddp_max_rel_diff"] = max_rel_diff(straight, ddp)
     result["fsdp2_loads_equal_ddp"] = [r["expert_load"] for r in straight] == [r["expert_load"] for r in ddp]
     result["losses_straight"] = [r["loss"] for r in straight]
-    result["checkpoint_files"] = sorted(os.listdir(work / "straight" / "checkpoints" / sorted(os.listdir(work / "straight" / "checkpoints"))[-1]))
+    result["checkpoint_files"] = sorted(
+        os.listdir(work / "straight" / "checkpoints" / sorted(os.listdir(work / "straight" / "checkpoints"))[-1])
+    )
 
     from modeling_deepseek_v3 import DSV3ForCausalLM
 

@@ -56,6 +56,21 @@ def make_tokens(path: str) -> None:
     print(f"{len(texts)} files from {root}: {len(ids):,} tokens -> {path}")
 
 
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments every experiment on the token file shares (same defaults everywhere)."""
+    p.add_argument("--tokens", help="uint32 .npy from --make-tokens")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
+
+
+def split_tokens(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training tokens, held-out tokens): the last 5% of the file is held out."""
+    tokens = np.load(path)
+    split = int(len(tokens) * 0.95)
+    return tokens[:split], tokens[split:]
+
+
 def batches(tokens: np.ndarray, batch: int, seq: int, seed: int):
     rng = np.random.default_rng(seed)
     while True:
@@ -144,21 +159,16 @@ def acceptance(model, held, batch: int, prompt: int, new: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--make-tokens", metavar="PATH", help="build the token file and exit")
-    p.add_argument("--tokens")
+    add_common_arguments(p)
     p.add_argument("--seconds", type=float, default=110)
     p.add_argument("--steps", type=int, help="train each run for this many steps instead of --seconds")
     p.add_argument("--skip-acceptance", action="store_true", help="skip the speculative-decoding measurement")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args()
     if args.make_tokens:
         return make_tokens(args.make_tokens)
     if not args.tokens:
         p.error("--tokens PATH is required (build it with --make-tokens PATH)")
-    tokens = np.load(args.tokens)
-    split = int(len(tokens) * 0.95)
-    train_tokens, held = tokens[:split], tokens[split:]
+    train_tokens, held = split_tokens(args.tokens)
     counts = np.bincount(train_tokens, minlength=129280).astype(np.float64)
     probs = counts / counts.sum()
     held_p = np.maximum(probs[held], 1e-12)

@@ -1,7 +1,7 @@
 """`dsv3 bench-generate`: new tokens/s of fast decoding (fast_decode.py) against plain generate(), random prompts.
 
-    dsv3 bench-generate --config deepseek-v3-small --batch 1 --prompt-length 512 --max-new-tokens 128
-    dsv3 bench-generate path/to/model --batch 16 --prompt-length 4096 --mla triton
+dsv3 bench-generate --config deepseek-v3-small --batch 1 --prompt-length 512 --max-new-tokens 128
+dsv3 bench-generate path/to/model --batch 16 --prompt-length 4096 --mla triton
 """
 
 from __future__ import annotations

@@ -52,7 +52,9 @@ def main(output_dir: str) -> None:
         if distributed:
             dist.all_reduce(loss)
         losses.append(loss.item() / world)
-    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
+    full = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
+    }
     if rank == 0:
         with open(os.path.join(output_dir, "losses.json"), "w") as f:
             json.dump(losses, f)

@@ -22,11 +22,10 @@ ARGS = dict(seq_len=16, gradient_accumulation_steps=2, max_steps=4, warmup_steps
 KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm")
 
 
-def test_two_process_gloo_matches_one_process(tmp_path):
-    worker = Path(__file__).with_name("ddp_worker.py")
+def _torchrun(worker: Path, *args: str) -> None:
+    """`torchrun --nproc_per_node 2 worker args` on the CPU; the workers' stderr tail on failure."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker), str(tmp_path / "ddp"), json.dumps({**ARGS, "per_device_batch_size": 2})]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), *args]
     # A new session lets a timeout end the workers too, not only the launcher.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -35,6 +34,10 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         raise
     assert proc.returncode == 0, stderr[-4000:]
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    _torchrun(Path(__file__).with_name("ddp_worker.py"), str(tmp_path / "ddp"), json.dumps({**ARGS, "per_device_batch_size": 2}))
 
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"biases-rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))  # bit-identical on every rank
@@ -52,18 +55,6 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     for a, b in zip(ddp, ref, strict=True):
         for key in KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (a["step"], key)
-
-
-def _torchrun(worker: Path, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), *args]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, stderr[-4000:]
 
 
 def test_fsdp2_sharded_model_matches_one_process(tmp_path):
