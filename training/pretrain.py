@@ -234,8 +234,8 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
 
     if state.step >= args.max_steps:
         unwrapped.config.bias_update_speed, unwrapped.config.mtp_loss_weight = gamma0, lambda0  # describe the model, not the schedule's end
-        # FP8 was how this run computed, not what the weights need: the saved folder loads anywhere (CPU included).
-        unwrapped.config.linear_implementation, unwrapped.config.moe_implementation = "torch", "auto"
+        if args.fp8:  # how this run computed, not what the weights need: the saved folder loads anywhere (CPU too)
+            unwrapped.config.linear_implementation, unwrapped.config.moe_implementation = "torch", "auto"
         save_final(accelerator, model, tokenizer, os.path.join(args.output_dir, "final"))
         if metrics is not None and args.plots:
             plot_run(metrics.path, args.output_dir)
