@@ -142,13 +142,17 @@ def default_mla_implementation(device: torch.device) -> str | None:
     return "triton" if device.type == "cuda" and capabilities().triton else None
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float().argmax(-1)
+
+
 def sampler(config: GenerationConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     """Next-token choice from logits [B, V] -> [B], as generate() makes it: argmax without do_sample; with it, the
     distribution of transformers' warpers (temperature, top-k, top-p, min-p: `speculative.warped_probs`) and one
     categorical draw. The draw is an exponential race, argmax(p / E) with E ~ Exp(1) per entry, which picks i with
     probability p_i (the law of torch.multinomial(p, 1)) using only fixed-shape ops that a CUDA graph replays."""
     if not config.do_sample:
-        return lambda logits: logits.float().argmax(-1)
+        return greedy
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         probs = warped_probs(logits, config.temperature, config.top_k, config.top_p, config.min_p)
@@ -199,7 +203,7 @@ def fast_generate(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 32,
-    choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    choose: Callable[[torch.Tensor], torch.Tensor] = greedy,
     min_new_tokens: int = 0,
     use_cuda_graph: bool = True,
     eos_token_id: int | list[int] | None = None,
@@ -209,15 +213,13 @@ def fast_generate(
 ) -> torch.LongTensor:
     """Decoding with a static latent cache and (on CUDA) a CUDA-graph-replayed decode step.
 
-    `choose` maps the next-token logits [B, V] to tokens [B] (default: argmax; `sampler(config)` for generate()'s
+    `choose` maps the next-token logits [B, V] to tokens [B] (`greedy`, or `sampler(config)` for generate()'s
     sampling); it runs inside the graph, so it must use fixed-shape device ops only. EOS cannot be chosen before
     `min_new_tokens` new tokens (generate()'s MinNewTokensLengthLogitsProcessor). Returns [B, prompt + new] token
     ids laid out as `model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=...)` returns them
     (left padding supported; rows that finished are padded and the output stops when every row has finished).
     `mla_implementation` overrides the config's for the call ("default": "triton" on CUDA, the config's
     elsewhere). `use_cuda_graph` is ignored off CUDA."""
-    if choose is None:
-        choose = lambda logits: logits.float().argmax(-1)  # noqa: E731
     if mla_implementation == "default":
         mla_implementation = default_mla_implementation(input_ids.device)
     B, P = input_ids.shape
@@ -255,7 +257,7 @@ def fast_generate(
         cache.write_position = write_position
 
         eos_column = torch.zeros(model.config.vocab_size, dtype=torch.bool, device=device)
-        eos_column[eos] = True
+        eos_column[[e for e in eos if 0 <= e < model.config.vocab_size]] = True  # ids the head can emit
 
         def emit(next_logits: torch.Tensor) -> None:
             if min_new_tokens:  # EOS is not a candidate before min_new_tokens
