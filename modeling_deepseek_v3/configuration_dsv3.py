@@ -26,6 +26,7 @@ ROPE_TYPES = ("default", "yarn")
 MLA_IMPLEMENTATIONS = ("auto", "naive", "absorbed", "triton")
 MOE_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "sorted", "fp8")
 LINEAR_IMPLEMENTATIONS = ("torch", "fp8")
+AUX_LOSS_SCOPES = ("sequence", "batch")
 # Tells "no RoPE fields given" (take the official YaRN) from an explicit `"rope_scaling": null` (plain RoPE).
 _NOT_GIVEN: Any = object()
 
@@ -37,6 +38,8 @@ class DSV3Config(PretrainedConfig):
 
     - `bias_update_speed` (gamma, 0.001): step of the auxiliary-loss-free router-bias update.
     - `seq_aux_loss_alpha` (alpha, 0.0001): weight of the sequence-wise balance loss (0 disables it).
+    - `aux_loss_scope`: "sequence" (the paper's complementary sequence-wise loss, eq. 17-20) or "batch" (the classic
+      auxiliary loss over all tokens of a micro-batch, the baseline the aux-loss-free paper compares against).
     - `mtp_loss_weight` (lambda, 0.3): weight of the MTP loss, divided by `num_nextn_predict_layers`.
     - `mla_implementation`: "auto" (naive prefill/training, absorbed decode), "naive", "absorbed", or "triton"
       (as "auto", with one-token decode steps in the Triton latent-cache kernel, kernels/mla_decode.py).
@@ -95,6 +98,7 @@ class DSV3Config(PretrainedConfig):
         quantization_config: dict | None = None,
         bias_update_speed: float = 0.001,
         seq_aux_loss_alpha: float = 0.0001,
+        aux_loss_scope: str = "sequence",
         mtp_loss_weight: float = 0.3,
         mla_implementation: str = "auto",
         moe_implementation: str = "auto",
@@ -135,6 +139,7 @@ class DSV3Config(PretrainedConfig):
         self.quantization_config = quantization_config
         self.bias_update_speed = bias_update_speed
         self.seq_aux_loss_alpha = seq_aux_loss_alpha
+        self.aux_loss_scope = aux_loss_scope
         self.mtp_loss_weight = mtp_loss_weight
         self.mla_implementation = mla_implementation
         self.moe_implementation = moe_implementation
@@ -215,6 +220,7 @@ class DSV3Config(PretrainedConfig):
             ("mla_implementation", MLA_IMPLEMENTATIONS),
             ("moe_implementation", MOE_IMPLEMENTATIONS),
             ("linear_implementation", LINEAR_IMPLEMENTATIONS),
+            ("aux_loss_scope", AUX_LOSS_SCOPES),
         ):
             if getattr(self, field) not in allowed:
                 fail(field, f"must be one of {allowed}")

@@ -498,9 +498,12 @@ class DSV3MoE(nn.Module):
             )
         aux = None
         if self.config.seq_aux_loss_alpha > 0 and torch.is_grad_enabled():
+            # "batch" scope: the whole micro-batch as one sequence, i.e. the classic auxiliary loss.
+            groups = B if self.config.aux_loss_scope == "sequence" else 1
             aux = self.config.seq_aux_loss_alpha * sequence_balance_loss(
-                logits_TE.view(B, S, -1), topk_idx_TK.view(B, S, -1), token_mask_BS
-            )
+                logits_TE.view(groups, B * S // groups, -1), topk_idx_TK.view(groups, B * S // groups, -1),
+                None if token_mask_BS is None else token_mask_BS.reshape(groups, -1),
+            )  # fmt: skip
         return out_TD.view(B, S, D), RouterStats(logits_TE, load_E, aux)
 
 

@@ -65,6 +65,7 @@ class PretrainArguments:
     bias_update_speed: float | None = field(default=None, metadata={"help": "gamma; default: the config's (0.001)"})
     bias_update_stop: float = field(default=500 / 14800, metadata={"help": "final fraction of tokens with gamma = 0"})
     seq_aux_loss_alpha: float | None = field(default=None, metadata={"help": "alpha; default: the config's (0.0001)"})
+    aux_loss_scope: str | None = field(default=None, metadata={"help": "sequence (the paper's) or batch (the classic auxiliary loss); default: the config's"})
     mtp_loss_weight: float | None = field(default=None, metadata={"help": "lambda at first; default: the config's (0.3)"})
     mtp_loss_weight_final: float = 0.1
     mtp_weight_switch: float = field(default=10 / 14.8, metadata={"help": "fraction of tokens after which lambda is final"})
@@ -131,11 +132,12 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
     )
     set_seed(args.seed)
     config = load_config(args.model)
-    for key in ("bias_update_speed", "seq_aux_loss_alpha", "mtp_loss_weight"):
+    for key in ("bias_update_speed", "seq_aux_loss_alpha", "aux_loss_scope", "mtp_loss_weight"):
         if getattr(args, key) is not None:
             setattr(config, key, getattr(args, key))
     if args.fp8:  # FP8 compute is a backend choice of the model (one selection point), not a checkpoint property
         config.linear_implementation, config.moe_implementation = "fp8", "fp8"
+    config.validate()  # the overrides above, checked with the config's own rules
     gamma0, lambda0 = config.bias_update_speed, config.mtp_loss_weight
     tokenizer = load_tokenizer(args.model if os.path.isdir(args.model) else None)
     if len(tokenizer) > config.vocab_size:

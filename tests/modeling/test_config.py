@@ -133,6 +133,7 @@ def test_auto_config_knows_dsv3(tmp_path):
         ({"num_nextn_predict_layers": -1}, "num_nextn_predict_layers"),
         ({"bias_update_speed": -0.1}, "bias_update_speed"),
         ({"moe_implementation": "magic"}, "moe_implementation"),
+        ({"aux_loss_scope": "global"}, "aux_loss_scope"),
         ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}}, "quantization_config"),
     ],
 )

@@ -65,6 +65,33 @@ def test_sequence_balance_loss_by_hand():
     assert torch.isclose(sequence_balance_loss(logits, idx), torch.tensor(1.25))
 
 
+def test_batch_scope_is_the_classic_auxiliary_loss(tiny_config):
+    """aux_loss_scope="batch": f and P over every real token of the micro-batch at once (the classic auxiliary loss),
+    computed here by hand from the router's own logits and choices; "sequence" averages per-sequence losses."""
+    torch.manual_seed(0)
+    cfg = tiny_config(num_nextn_predict_layers=0, seq_aux_loss_alpha=0.01, aux_loss_scope="batch")
+    moe = next(m for m in DSV3ForCausalLM(cfg).modules() if isinstance(m, DSV3MoE))
+    x = torch.randn(3, 7, cfg.hidden_size)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, :4] = False  # left padding: out of f and P
+    _, stats = moe(x, mask)
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    with torch.no_grad():
+        _, _, idx_TK = moe.gate(x.reshape(21, -1))
+    real = mask.reshape(21)
+    scores = stats.logits.float().sigmoid()
+    P = (scores / scores.sum(-1, keepdim=True))[real].mean(0)
+    f = torch.bincount(idx_TK[real].reshape(-1), minlength=E).float() * E / (K * real.sum())
+    assert torch.allclose(stats.seq_aux_loss, 0.01 * (f * P).sum(), rtol=1e-6)
+    cfg.aux_loss_scope = "sequence"
+    _, per_sequence = moe(x, mask)
+    assert not torch.allclose(per_sequence.seq_aux_loss, stats.seq_aux_loss)  # the two scopes differ on 3 rows
+    _, one_row_seq = moe(x[:1], mask[:1])
+    cfg.aux_loss_scope = "batch"
+    _, one_row_batch = moe(x[:1], mask[:1])
+    assert torch.equal(one_row_seq.seq_aux_loss, one_row_batch.seq_aux_loss)  # and agree on one
+
+
 def test_expert_load_and_router_logits_are_reported(tiny_config):
     cfg = tiny_config()
     model = DSV3ForCausalLM(cfg)

@@ -142,6 +142,10 @@ def test_training_lowers_lm_and_mtp_loss(tmp_path):
 def test_bad_input_names_the_problem(straight, tmp_path):
     with pytest.raises(ValueError, match="deepseek-v3-nonexistent.*deepseek-v3-debug"):
         run(tmp_path, model="deepseek-v3-nonexistent")
+    with pytest.raises(ValueError, match="aux_loss_scope"):
+        run(tmp_path, aux_loss_scope="global")
+    with pytest.raises(ValueError, match="bias_update_speed"):
+        run(tmp_path, bias_update_speed=-1.0)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         run(tmp_path, data_files=[str(tmp_path / "missing.jsonl")])
     small = tmp_path / "small-vocab"
