@@ -49,11 +49,10 @@ def _gemm_configs() -> list:
     ]
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the TMA kernel's autotuner. Triton waits for each
-# tensor-core result before the per-128-K scale FMA, so a warpgroup holds both the accumulator and
-# the fresh dot result: 64x128 per warpgroup (64 + 64 fp32 registers a thread) is the largest
-# tile that does not spill; 8 warps = two warpgroups on a 128-row tile.
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs resident per SM, flatten the tile and K loops)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, programs resident per SM, flatten the tile and K loops) tried by
+# the TMA kernel's autotuner. Triton waits for each tensor-core result before the per-128-K scale FMA, so a
+# warpgroup holds both the accumulator and the fresh dot result: 64x128 per warpgroup (64 + 64 fp32 registers
+# a thread) is the largest tile that does not spill; 8 warps = two warpgroups on a 128-row tile.
 # Swept on an H200 (2026-11-30, benchmarks/bench_fp8_gemm.py --sweep): 64x128 / 4 warps / 3 stages with
 # 2 programs an SM won most V3 shapes (745-934 TFLOPS at M=4096; two independent programs let one's
 # tensor-core work overlap the other's scale FMAs), 128x128 / 8 warps / 4 stages some dgrad and
@@ -297,7 +296,7 @@ def num_sms(device_index: int | None = None) -> int:
 # Best TMA config per (token bucket, N, K, B blockwise, out dtype, device), filled by the autotuner's
 # first call; later calls launch the un-autotuned kernel with it directly (less host time a call).
 _TMA_BEST: dict = {}
-DIRECT_LAUNCH = True
+DIRECT_LAUNCH = True  # benchmarks set False to time the autotuner's own dispatch
 
 
 def can_use_tma(*tensors: torch.Tensor) -> bool:
