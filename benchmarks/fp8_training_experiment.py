@@ -9,6 +9,7 @@ below 0.25% between FP8 and BF16 training; we report the relative difference of 
 last 50 steps) and of the held-out loss after training. Data as in mtp_experiment.py (--make-tokens).
 
     python benchmarks/fp8_training_experiment.py --tokens .data/stdlib_tokens.npy --steps 300   # $OUT/fp8_training.json
+    python benchmarks/fp8_training_experiment.py --tokens .data/stdlib_tokens.npy --steps 300 --noise-seed 1
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ BACKENDS = {"bf16": dict(linear_implementation="torch", moe_implementation="grou
             "fp8": dict(linear_implementation="fp8", moe_implementation="fp8")}  # fmt: skip
 
 
-def run(name: str, train_tokens, held, args) -> dict:
-    config = DSV3Config.from_pretrained(SMALL, num_nextn_predict_layers=1, **BACKENDS[name])
+def run(name: str, backend: str, train_tokens, held, args) -> dict:
+    config = DSV3Config.from_pretrained(SMALL, num_nextn_predict_layers=1, **BACKENDS[backend])
     losses, times = [], []
 
     def record(step, out, seconds):
@@ -50,6 +51,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     add_common_arguments(p)
     p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--noise-seed", type=int, help="also train bf16 from this init seed: the seed-to-seed spread")
     args = p.parse_args()
     if not args.tokens:
         p.error("--tokens PATH is required (build it with mtp_experiment.py --make-tokens PATH)")
@@ -57,9 +59,13 @@ def main() -> None:
     results = {"args": vars(args), "device": torch.cuda.get_device_name()}
     out_path = Path(os.environ.get("OUT", "/tmp")) / "fp8_training.json"
     for name in BACKENDS:
-        results[name] = run(name, train_tokens, held, args)
+        results[name] = run(name, name, train_tokens, held, args)
         out_path.write_text(json.dumps(results))
         torch.cuda.empty_cache()
+    if args.noise_seed is not None:
+        seed, args.seed = args.seed, args.noise_seed
+        results["bf16_other_seed"] = run(f"bf16 seed {args.noise_seed}", "bf16", train_tokens, held, args)
+        args.seed = seed
     bf16, fp8 = results["bf16"], results["fp8"]
     summary = {
         "step0_loss": [bf16["lm_loss_per_step"][0], fp8["lm_loss_per_step"][0]],
@@ -68,6 +74,10 @@ def main() -> None:
         "per_step_rel_diff_last50": float(np.mean(np.array(fp8["lm_loss_per_step"][-50:]) / np.array(bf16["lm_loss_per_step"][-50:]) - 1)),
         "fp8_over_bf16_tokens_per_s": fp8["tokens_per_s"] / bf16["tokens_per_s"],
     }  # fmt: skip
+    if "bf16_other_seed" in results:  # the same comparison between two bf16 runs: what noise alone gives
+        other = results["bf16_other_seed"]
+        summary["seed_spread_train_rel_diff"] = other["train_lm_loss_last50"] / bf16["train_lm_loss_last50"] - 1
+        summary["seed_spread_held_out_rel_diff"] = other["held_out_lm_loss"] / bf16["held_out_lm_loss"] - 1
     results["summary"] = summary
     out_path.write_text(json.dumps(results))
     print("summary", json.dumps(summary), flush=True)

@@ -62,6 +62,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (the data order is fixed)")
+    p.add_argument("--compile", action="store_true", help="compile_layers(): regional torch.compile, faster steps")
 
 
 def split_tokens(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +85,11 @@ def train_for(config: DSV3Config, train_tokens, args, on_step=None) -> tuple[DSV
     bias update (gamma = config.bias_update_speed) after each step, for args.steps steps when given (equal compute
     and data across runs), else for args.seconds of wall time (equal time).
     `on_step(step, out, seconds)` sees every step's outputs. Returns the model (eval mode), steps and seconds."""
-    torch.manual_seed(0)
+    torch.manual_seed(getattr(args, "seed", 0))
     config._attn_implementation = "sdpa"
     model = DSV3ForCausalLM(config).cuda().to(torch.bfloat16).train()
+    if getattr(args, "compile", False):
+        model.compile_layers()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     data = batches(train_tokens, args.batch, args.seq, seed=1)
     max_steps = getattr(args, "steps", None)
@@ -174,7 +178,9 @@ def main() -> None:
     held_p = np.maximum(probs[held], 1e-12)
     results = {"args": vars(args), "train_tokens": len(train_tokens), "held_out_tokens": len(held),
                "unigram_held_out_ce": float(-np.log(held_p).mean()), "device": torch.cuda.get_device_name()}  # fmt: skip
-    out_path = Path(os.environ.get("OUT", "/tmp")) / ("mtp_experiment_steps.json" if args.steps else "mtp_experiment.json")
+    out_path = Path(os.environ.get("OUT", "/tmp")) / (
+        "mtp_experiment_steps.json" if args.steps else "mtp_experiment.json"
+    )
 
     def save():
         out_path.write_text(json.dumps(results, indent=1))
