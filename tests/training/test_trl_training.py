@@ -9,6 +9,7 @@ probability ~0.1), then GRPO has to find which digit each prompt's reward picks 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,30 @@ def test_grpo_raises_correctness_reward(sft_run, tokenizer, task, tmp_path):
     rewards = [h["rewards/correctness_reward/mean"] for h in trainer.state.log_history if "reward" in h]
     assert rewards[-1] > rewards[0]
     assert any("moe/maxvio" in h for h in trainer.state.log_history)
+
+
+def test_grpo_with_lora_generates_through_the_static_cache(sft_run, tokenizer, task, tmp_path, monkeypatch):
+    """`cache_implementation="static"` in GRPOConfig reaches the model's generate() through PEFT's wrapper and runs
+    fast_decode (static latent cache; a CUDA graph on GPUs) for every generation batch, sampling as TRL asks."""
+    from modeling_deepseek_v3 import fast_decode
+    from modeling_deepseek_v3.training.lora import lora_config
+
+    calls = []
+    real = fast_decode.fast_generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["choose"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fast_decode, "fast_generate", spy)
+    model = copy.deepcopy(sft_run[0].model)
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=2, learning_rate=1e-3, logging_steps=1, seed=0,
+                      cache_implementation="static", **CPU)  # fmt: skip
+    trainer = build_grpo_trainer(model, task.select_columns(["prompt", "answer"]), args,
+                                 reward_funcs=[correctness_reward], tokenizer=tokenizer,
+                                 peft_config=lora_config(model, r=4))  # fmt: skip
+    trainer.train()
+    assert len(calls) == 2 and all(choose is not fast_decode.greedy for choose in calls)  # sampled, every step
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "reward" in h]
+    assert len(lengths) == 2 and all(1 <= n <= 2 for n in lengths)  # within max_completion_length; EOS may end one
