@@ -93,8 +93,9 @@ def test_grpo_raises_correctness_reward(sft_run, tokenizer, task, tmp_path):
 def test_grpo_with_lora_generates_through_the_static_cache(sft_run, tokenizer, task, tmp_path, monkeypatch):
     """`cache_implementation="static"` in GRPOConfig reaches the model's generate() through PEFT's wrapper and runs
     fast_decode (static latent cache; a CUDA graph on GPUs) for every generation batch, sampling as TRL asks."""
-    from modeling_deepseek_v3 import fast_decode
     from modeling_deepseek_v3.training.lora import lora_config
+
+    from modeling_deepseek_v3 import fast_decode
 
     calls = []
     real = fast_decode.fast_generate
