@@ -46,8 +46,9 @@ def run(name: str, gamma: float, alpha: float, scope: str, train_tokens, held, a
             loads = out.expert_load if loads is None else loads + out.expert_load
     result = {"gamma": gamma, "alpha": alpha, "aux_loss_scope": scope, "steps": step, "held_out_lm_loss": loss,
               "batch_maxvio_last50": float(np.mean(batch_vio[-50:])),
-              "global_maxvio_held_out": max_violation(loads).mean().item()}  # fmt: skip
-    print(name, json.dumps(result), flush=True)
+              "global_maxvio_held_out": max_violation(loads).mean().item(),
+              "batch_maxvio_every_10_steps": [round(v, 4) for v in batch_vio[::10]]}  # fmt: skip
+    print(name, json.dumps({k: v for k, v in result.items() if not k.startswith("batch_maxvio_every")}), flush=True)
     return result
 
 

@@ -29,6 +29,24 @@ def moe_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, DSV3MoE)]
 
 
+def fully_shard_routers_fp32(model: nn.Module, **fsdp_kwargs) -> list[nn.Module]:
+    """Give every MoE router its own FSDP2 unit that computes and reduces in fp32; returns the routers.
+
+    FSDP2's MixedPrecisionPolicy casts all parameters of a unit to its param_dtype for compute and reduces their
+    gradients in reduce_dtype. Under a bf16 policy the router weight, kept fp32 by the model itself (its `_apply`),
+    would be gathered as bf16 and its gradient summed in bf16, while the paper keeps the gating in higher precision.
+    A nested unit keeps its own policy, and its parent unit (the decoder layer) leaves its parameters alone.
+    Call before the layers are sharded; `fsdp_kwargs` (mesh, reshard_after_forward, offload_policy) as theirs.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    routers = [layer.gate for layer in moe_layers(model)]
+    for router in routers:
+        fully_shard(router, mp_policy=fp32, **fsdp_kwargs)
+    return routers
+
+
 def all_reduce_sum(loads_LE: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (a copy; int64 so counts stay exact); identity when not distributed."""
     loads_LE = loads_LE.detach().to(torch.int64).clone()

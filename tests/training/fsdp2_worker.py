@@ -3,7 +3,10 @@ FSDP2 (`fully_shard` per decoder/MTP layer, then the root; the units of training
 a few SGD steps on this rank's rows of a fixed global batch with the aux-loss-free bias update, then this rank's
 losses, router biases and the gathered full parameters are saved.
 
-With no argument beyond the output folder it runs the same steps in one process without FSDP (the reference)."""
+With no argument beyond the output folder it runs the same steps in one process without FSDP (the reference).
+A second argument, "bf16" or "bf16-router-fp32", shards with a bf16 MixedPrecisionPolicy (what accelerate's FSDP2
+plugin uses for mixed_precision="bf16"), the latter after `fully_shard_routers_fp32` (what `dsv3 train` does); the
+worker then also saves the dtype of the router weight each router forward computed with."""
 
 import json
 import os
@@ -11,16 +14,30 @@ import sys
 
 import torch
 import torch.distributed as dist
-from modeling_deepseek_v3.training.balancing import moe_layers, update_router_biases
+from modeling_deepseek_v3.training.balancing import fully_shard_routers_fp32, moe_layers, update_router_biases
 
 from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
+from modeling_deepseek_v3.modeling_dsv3 import DSV3TopkRouter
 
 DEBUG = os.path.join(os.path.dirname(__file__), "..", "..", "hub_configs", "deepseek-v3-debug")
 STEPS, GLOBAL_ROWS, SEQ, GAMMA = 3, 4, 12, 0.01
 
 
-def main(output_dir: str) -> None:
+def record_router_dtypes() -> list[str]:
+    """Patch the router's forward to note the dtype of the weight it computes with (FSDP2 has gathered it by then)."""
+    seen, forward = [], DSV3TopkRouter.forward
+
+    def recording_forward(self, x):
+        seen.append(str(self.weight.dtype))
+        return forward(self, x)
+
+    DSV3TopkRouter.forward = recording_forward
+    return seen
+
+
+def main(output_dir: str, precision: str = "fp32") -> None:
     distributed = "RANK" in os.environ
+    router_dtypes = record_router_dtypes()
     rank, world = 0, 1
     if distributed:
         dist.init_process_group("gloo")
@@ -32,11 +49,16 @@ def main(output_dir: str) -> None:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(output_dir, "initial.pt"))
     data = torch.randint(0, 512, (STEPS, GLOBAL_ROWS, SEQ), generator=torch.Generator().manual_seed(1))
     if distributed:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy()  # fp32
+        if precision.startswith("bf16"):
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+        if precision == "bf16-router-fp32":
+            fully_shard_routers_fp32(model)
         for layer in [*model.model.layers, *model.model.mtp_layers]:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
     # Plain SGD: its update is linear in the gradient, so a gradient averaged wrongly over ranks (summed, halved,
     # from one shard) shows in the parameters; Adam's normalised update would hide a scale error.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -58,6 +80,8 @@ def main(output_dir: str) -> None:
     if rank == 0:
         with open(os.path.join(output_dir, "losses.json"), "w") as f:
             json.dump(losses, f)
+        with open(os.path.join(output_dir, "router_dtypes.json"), "w") as f:
+            json.dump(sorted(set(router_dtypes)), f)
         torch.save(full, os.path.join(output_dir, "state.pt"))
     torch.save([m.gate.e_score_correction_bias.clone() for m in moe_layers(model)],
                os.path.join(output_dir, f"biases-rank{rank}.pt"))  # fmt: skip
@@ -66,4 +90,4 @@ def main(output_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
