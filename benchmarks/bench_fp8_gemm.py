@@ -53,6 +53,38 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _gluon_module():
+    """kernels/fp8_gemm_gluon.py, or None where it cannot run (no Gluon, not an H100/H200, interpreter)."""
+    import importlib
+
+    try:
+        GL = importlib.import_module(K_.fp8_gemm.__module__.rsplit(".", 1)[0] + ".fp8_gemm_gluon")
+    except Exception as e:
+        print(f"# gluon module import failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    if not torch.cuda.is_available() or os.environ.get("BENCH_DEVICE") == "cpu":
+        return None
+    probe = torch.empty(16, 16, device="cuda", dtype=torch.float8_e4m3fn)
+    return GL if GL.can_use_gluon(probe) else None
+
+
+def scaled_mm_blockwise_fn(xq, xs, wq, ws):
+    """cuBLAS's own block-scaled FP8 (1x128 activation scales, 128x128 weight blocks) through
+    torch._scaled_mm, or (None, reason). cuBLAS wants the activation scales outer-dim-major (the
+    [M, Kb] tensor M-contiguous, i.e. transposed-contiguous) and the weight scales as [Kb, Nb] for
+    B = W^T [K, N]; the layout is prepared once, outside the timing. Tries the layouts in turn."""
+    xs_t = xs.t().contiguous().t()
+    errs = []
+    for name, sb in [("ws.t()", ws.t()), ("ws.t().contiguous()", ws.t().contiguous())]:
+        fn = lambda sb=sb: torch._scaled_mm(xq, wq.t(), scale_a=xs_t, scale_b=sb, out_dtype=torch.bfloat16)
+        try:
+            fn()
+            return fn, name
+        except Exception as e:
+            errs.append(f"{name}: {type(e).__name__}: {str(e)[:150]}")
+    return None, " | ".join(errs)
+
+
 def _host_and_graph_ms(fn, grads) -> tuple[float, float]:
     """(host ms a call with no sync: the CPU's launch cost; ms a call replayed from one CUDA graph: the GPU's)."""
     import time
@@ -97,6 +129,7 @@ def main() -> None:
     Q = importlib.import_module(K_.quantize_act.__module__)
     ms_list = [int(m) for m in os.environ.get("BENCH_M", "4096,16384").split(",")]
     shapes = [(256, 384)] if small else SHAPES
+    GLM = _gluon_module()
     if small:
         ms_list = [256]
 
@@ -154,6 +187,23 @@ def main() -> None:
                 row["scaled_mm_rowwise_tflops"] = flops / t / 1e9
             except Exception as e:
                 row["scaled_mm_rowwise_err"] = str(e)[:120]
+            if not small:  # cuBLAS block-scaled FP8: the same recipe as ours, a vendor kernel
+                fn, how = scaled_mm_blockwise_fn(xq, xs, wq, ws)
+                if fn is None:
+                    row["scaled_mm_blockwise"] = "n/a: " + how
+                else:
+                    row["scaled_mm_blockwise_err_vs_ref"] = rel(fn(), K_.fp8_gemm_ref(xq, xs, wq, ws, torch.float32))
+                    row["scaled_mm_blockwise_tflops"] = flops / bench(fn) / 1e9
+            if not small:  # this repo's Triton TMA kernel by itself (fp8_gemm above is what _launch picks)
+                fn = lambda: G._launch(xq, xs, wq, ws, True, torch.bfloat16, use_tma=True)
+                row["triton_tma_err_vs_ref"] = rel(fn(), K_.fp8_gemm_ref(xq, xs, wq, ws, torch.float32))
+                row["triton_tma_tflops"] = flops / bench(fn) / 1e9
+            if GLM is not None:  # the Gluon kernel by itself (whatever _launch dispatches to)
+                yg = GLM.launch_gluon(xq, xs, wq, ws, True, torch.bfloat16)
+                row["gluon_err_vs_ref"] = rel(yg, K_.fp8_gemm_ref(xq, xs, wq, ws, torch.float32))
+                row["gluon_tflops"] = (
+                    flops / bench(lambda: GLM.launch_gluon(xq, xs, wq, ws, True, torch.bfloat16)) / 1e9
+                )
             # backward GEMMs at this shape: dgrad dx[M,K] = dy[M,N] W, wgrad dW[N,K] = dy^T x
             dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
             dq, ds = K_.quantize_act(dy)
@@ -255,11 +305,18 @@ def main() -> None:
     meds = {M: sorted(r["fp8_over_bf16"] for r in rows if r["M"] == M)[len(shapes) // 2] for M in ms_list}
     summary = dict(rows=rows, quant=quant, quant_exact=exact, linear=linear, median_fp8_over_bf16=meds, device=name,
                    torch=torch.__version__, triton=triton.__version__)  # fmt: skip
-    print("\nM      N      K      fp8  bf16  scaled_mm  dgrad  wgrad(f32) wgrad(bf16)  err_ref  err_bf16  config")
+    print("\nM      N      K      fp8  triton gluon bf16  scaled_mm blockwise_mm  dgrad  wgrad(f32) wgrad(bf16)  err_ref  "
+          "err_gluon err_blockwise_mm err_bf16  config")  # fmt: skip
+    nan = float("nan")
     for r in rows:
-        print(f"{r['M']:<6} {r['N']:<6} {r['K']:<6} {r['fp8_block_tflops']:4.0f} {r['bf16_cublas_tflops']:5.0f} "
-              f"{r.get('scaled_mm_rowwise_tflops', float('nan')):9.0f} {r['dgrad_tflops']:6.0f} {r['wgrad_tflops']:6.0f} "
-              f"{r['wgrad_bf16out_tflops']:10.0f}  {r['err_vs_ref']:.1e}  {r['err_vs_bf16']:.1e}  {r['best_config'][:60]}")  # fmt: skip
+        print(f"{r['M']:<6} {r['N']:<6} {r['K']:<6} {r['fp8_block_tflops']:4.0f} {r.get('triton_tma_tflops', nan):6.0f} "
+              f"{r.get('gluon_tflops', nan):5.0f} "
+              f"{r['bf16_cublas_tflops']:5.0f} {r.get('scaled_mm_rowwise_tflops', nan):9.0f} "
+              f"{r.get('scaled_mm_blockwise_tflops', nan):12.0f} {r['dgrad_tflops']:6.0f} {r['wgrad_tflops']:6.0f} "
+              f"{r['wgrad_bf16out_tflops']:10.0f}  {r['err_vs_ref']:.1e}  {r.get('gluon_err_vs_ref', nan):.1e}   "
+              f"{r.get('scaled_mm_blockwise_err_vs_ref', nan):.1e}          {r['err_vs_bf16']:.1e}  {r['best_config'][:60]}")  # fmt: skip
+        if isinstance(r.get("scaled_mm_blockwise"), str):
+            print(f"   scaled_mm blockwise {r['scaled_mm_blockwise']}")
     print(
         f"median fp8/bf16 = {meds}; quant exact = {all(e['all_equal'] for e in exact if not e['fast_div'])} (div.rn), "
         f"{all(e['all_equal'] for e in exact if e['fast_div'])} (fast div)"
@@ -505,8 +562,159 @@ def sweep() -> None:
         Path(os.environ["OUT"], "sweep.json").write_text(json.dumps(out, indent=1))
 
 
+def gluon_bench() -> None:
+    """The Gluon kernel against ours (Triton TMA), cuBLAS bf16, and cuBLAS FP8 (rowwise and block-scaled
+    through torch._scaled_mm), one device call: correctness first (ragged shapes, both B scalings, both
+    output types, NaN-poisoned outputs), then TFLOPS per V3 shape and per Gluon configuration, forward,
+    dgrad and wgrad. Prints a table last; writes $OUT/gluon.json and $OUT/gluon.txt."""
+    import importlib
+
+    G = importlib.import_module(K_.fp8_gemm.__module__)
+    GLM = _gluon_module()
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        print(line, flush=True)
+        if os.environ.get("OUT"):
+            with open(Path(os.environ["OUT"], "gluon.txt"), "a") as f:
+                f.write(line + "\n")
+
+    log(str(out))
+    if GLM is None:
+        log("gluon kernel cannot run here")
+        return
+    cfgs = list(GLM.GLUON_CONFIGS)
+    ms = lambda fn: do_bench(fn, warmup=10, rep=60, return_mode="median")
+
+    # Correctness: fresh random inputs (scaled per column so the scales vary), NaN-poisoned outputs.
+    worst = 0.0
+    for M, N, K in [(777, 1000, 1040), (777, 1040, 1000), (777, 2112, 7168), (784, 1000, 2112), (4096, 7168, 2048)]:
+        x = torch.randn(M, K, device="cuda") * (1 + 10 * torch.rand(K, device="cuda"))
+        w = torch.randn(N, K, device="cuda") * 0.02
+        xq, xs = K_.quantize_act(x)
+        wq, ws = K_.quantize_weight(w)
+        wqt = wq.t().contiguous()  # W^T codes by a plain transpose (the same 128x128 blocks)
+        dy = torch.randn(M, N, device="cuda")
+        dq, ds = K_.quantize_act(dy)
+        dtq, dts = K_.quantize_act_t(dy)
+        xtq, xts = K_.quantize_act_t(x)
+        refs = dict(fwd=K_.fp8_gemm_ref(xq, xs, wq, ws, torch.float32),
+                    dgrad=K_.fp8_gemm_dgrad_ref(dq, ds, wq, ws, torch.float32),
+                    wgrad=K_.fp8_gemm_wgrad_ref(dtq, dts, xtq, xts))  # fmt: skip
+        args = dict(fwd=(xq, xs, wq, ws, True), dgrad=(dq, ds, wqt, ws.t().contiguous(), True),
+                    wgrad=(dtq, dts, xtq, xts, False))  # fmt: skip
+        for kind, a in args.items():
+            if not GLM.can_use_gluon(a[0], a[2]):
+                log(f"skip {kind} {(M, N, K)}: operand rows not 16-byte aligned (no TMA)")
+                continue
+            yt = G._launch(*a, torch.float32, use_tma=True)  # the Triton TMA kernel: its fp32 error, for scale
+            log(f"{kind} {(M, N, K)} triton TMA fp32 err {rel(yt, refs[kind]):.2e}")
+            for od in (torch.bfloat16, torch.float32):
+                for c in cfgs:
+                    y = torch.full((a[0].shape[0], a[2].shape[0]), float("nan"), device="cuda", dtype=od)
+                    GLM.launch_gluon(*a, od, config=c, out=y)
+                    torch.cuda.synchronize()
+                    e = rel(y, refs[kind])
+                    bad = bool(y.isnan().any())
+                    worst = max(worst, e if od == torch.float32 else 0.0)
+                    if bad or not e < (5e-4 if od == torch.float32 else 4e-3):
+                        log(f"WRONG {kind} {(M, N, K)} {od} {c}: err {e:.2e} nan {bad}")
+            log(f"checked {kind} {(M, N, K)}: last err {e:.2e}")
+    log(f"correctness done; worst fp32 err {worst:.2e}")
+    if os.environ.get("BENCH_GLUON_CHECK_ONLY"):
+        return
+
+    rows = []
+    for M in (4096, 16384):
+        for N, K in SHAPES:
+            fl = 2 * M * N * K
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+            xq, xs = K_.quantize_act(x)
+            wq, ws = K_.quantize_weight(w)
+            wqt = wq.t().contiguous()
+            ref = K_.fp8_gemm_ref(xq, xs, wq, ws, torch.float32)
+            r = dict(M=M, N=N, K=K)
+            for c in cfgs:
+                y = GLM.launch_gluon(xq, xs, wq, ws, True, torch.bfloat16, config=c)
+                r[f"err_gluon_{c}"] = rel(y, ref)
+                r[f"gluon_{c}"] = (
+                    fl / ms(lambda: GLM.launch_gluon(xq, xs, wq, ws, True, torch.bfloat16, config=c)) / 1e9
+                )
+            best = max(cfgs, key=lambda c: r[f"gluon_{c}"])
+            r["gluon"], r["gluon_cfg"], r["err_gluon"] = r[f"gluon_{best}"], best, r[f"err_gluon_{best}"]
+            r["err_triton"] = rel(G._launch(xq, xs, wq, ws, True, torch.bfloat16, use_tma=True), ref)
+            r["triton_tma"] = fl / ms(lambda: G._launch(xq, xs, wq, ws, True, torch.bfloat16, use_tma=True)) / 1e9
+            r["bf16"] = fl / ms(lambda: x @ w.t()) / 1e9
+            a8, b8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+            sa, sb = torch.ones(M, 1, device="cuda"), torch.ones(1, N, device="cuda")
+            try:
+                r["mm_rowwise"] = fl / ms(lambda: torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb,
+                                                                   out_dtype=torch.bfloat16)) / 1e9  # fmt: skip
+            except Exception as e:
+                r["mm_rowwise"] = f"n/a: {type(e).__name__}: {str(e)[:150]}"
+            fn, how = scaled_mm_blockwise_fn(xq, xs, wq, ws)
+            if fn is None:
+                r["mm_blockwise"] = "n/a: " + how
+            else:
+                r["mm_blockwise_layout"] = how
+                r["err_mm_blockwise"] = rel(fn(), ref)
+                r["mm_blockwise"] = fl / ms(fn) / 1e9
+            del a8, b8, ref
+            # dgrad dx[M, K] = dy[M, N] W and wgrad dW[N, K] = dy^T x (fp32 out), at M = 4096 only
+            if M == 4096:
+                dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+                dq, ds = K_.quantize_act(dy)
+                dtq, dts = K_.quantize_act_t(dy)
+                xtq, xts = K_.quantize_act_t(x)
+                wst = ws.t().contiguous()
+                dref = K_.fp8_gemm_dgrad_ref(dq, ds, wq, ws, torch.float32)
+                wref = K_.fp8_gemm_wgrad_ref(dtq, dts, xtq, xts)
+                for tag, a, od, rf in [("dgrad", (dq, ds, wqt, wst, True), torch.bfloat16, dref),
+                                       ("wgrad", (dtq, dts, xtq, xts, False), torch.float32, wref)]:  # fmt: skip
+                    r[f"{tag}_triton"] = fl / ms(lambda: G._launch(*a, od, use_tma=True)) / 1e9
+                    r[f"err_{tag}_triton"] = rel(G._launch(*a, od, use_tma=True), rf)
+                    for c in cfgs:
+                        r[f"{tag}_gluon_{c}"] = fl / ms(lambda: GLM.launch_gluon(*a, od, config=c)) / 1e9
+                        r[f"err_{tag}_gluon_{c}"] = rel(GLM.launch_gluon(*a, od, config=c), rf)
+                del dy, dq, dtq, xtq, dref, wref
+            rows.append(r)
+            log(json.dumps({k: round(v, 6) if isinstance(v, float) and v < 1 else round(v, 1) if isinstance(v, float)
+                            else v for k, v in r.items()}))  # fmt: skip
+            del x, w, xq, wq, wqt
+            torch.cuda.empty_cache()
+    out["rows"] = rows
+    nan = float("nan")
+    num = lambda v: v if isinstance(v, float) else nan
+    log("\n| M | N | K | gluon | triton TMA | cuBLAS bf16 | _scaled_mm rowwise | _scaled_mm blockwise | "
+        "gluon/bf16 | err gluon | err triton | err blockwise | gluon cfg |")  # fmt: skip
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        log(f"| {r['M']} | {r['N']} | {r['K']} | {r['gluon']:.0f} | {r['triton_tma']:.0f} | {r['bf16']:.0f} | "
+            f"{num(r['mm_rowwise']):.0f} | {num(r['mm_blockwise']):.0f} | {r['gluon'] / r['bf16']:.2f} | "
+            f"{r['err_gluon']:.1e} | {r['err_triton']:.1e} | {num(r.get('err_mm_blockwise')):.1e} | {r['gluon_cfg']} |")  # fmt: skip
+    log("\nbackward at M=4096 (dgrad bf16 out, wgrad fp32 out): triton TMA vs gluon per config")
+    for r in rows:
+        if "dgrad_triton" in r:
+            for tag in ("dgrad", "wgrad"):
+                log(f"{tag} N={r['N']} K={r['K']}: triton {r[tag + '_triton']:.0f} | " + " ".join(
+                    f"{c}={r[f'{tag}_gluon_{c}']:.0f}(err {r[f'err_{tag}_gluon_{c}']:.0e})" for c in cfgs))  # fmt: skip
+    for r in rows:
+        for k in ("mm_rowwise", "mm_blockwise"):
+            if isinstance(r.get(k), str):
+                log(f"{k} M={r['M']} N={r['N']}: {r[k]}")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gluon.json").write_text(json.dumps(out, indent=1, default=str))
+
+
 if __name__ == "__main__":
-    if "--sweep" in sys.argv:
+    if "--gluon" in sys.argv:
+        gluon_bench()
+    elif "--sweep" in sys.argv:
         sweep()
     else:
         main()

@@ -344,6 +344,15 @@ def _launch(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, use_tma: 
     if K == 0:
         return c.zero_()
     if use_tma is None:
+        # The one selection point. On an H100/H200 with B in 128x128 blocks (forward, dgrad), the
+        # warp-specialized Gluon kernel (fp8_gemm_gluon.py: promotion overlapped with the tensor cores,
+        # 1.3-1.5x this file's TMA kernel on V3 shapes); else the TMA kernel; else the pointer kernel.
+        # An explicit use_tma (benchmarks, tests) selects among this file's kernels only.
+        from . import fp8_gemm_gluon as _gluon
+
+        cfg = _gluon.gluon_config(M, N, K, b_blockwise, out_dtype)
+        if cfg is not None and _gluon.can_use_gluon(a, b, c):
+            return _gluon.launch_gluon(a, a_s, b, b_s, b_blockwise, out_dtype, config=cfg, out=c)
         use_tma = can_use_tma(a, b, c)
     if use_tma:
         nsm = num_sms()

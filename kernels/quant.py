@@ -157,6 +157,106 @@ if tt.HAS_TRITON:
         tl.store(w_ptr + offs_n[:, None] * K + offs_k[None, :], (q * s).to(w_ptr.dtype.element_ty), mask=mask)
 
 
+# Gluon (Triton's explicit-layout dialect) versions of the two transposed stores, for the GPU only
+# (the interpreter cannot run Gluon; it keeps the @triton.jit kernels above, which compute the same
+# bits). The load wants each thread to hold consecutive *channels* (16-byte loads along K), the
+# transposed store consecutive *tokens* (16-byte stores along M). Plain Triton gives each op its own
+# layout ([1, 8] vs [16, 1] elements a thread) and converts between them through shared memory one
+# byte at a time (64 STS.U8 a thread at the old (128, 64, 4) tile). Here each thread holds an
+# [SPT_M tokens x SPT_K channels] block and the load and store layouts differ only in the order of a
+# thread's registers (_transpose_layout), so the transpose happens in registers: no shared memory,
+# and at (16, 8, 8, 1, 4) no barrier either (one warp spans the 128 tokens of a scale). Both access
+# widths count: with all 32 lanes along K (each lane alone on its output row) the same kernel ran at
+# 16-64% of copy bandwidth; with 8 lanes along M (128 contiguous bytes a row a store) at 83%.
+HAS_GLUON = False
+if tt.HAS_TRITON:
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+
+        HAS_GLUON = True
+    except Exception:  # an older Triton without Gluon: the @triton.jit kernels serve everywhere
+        pass
+
+if HAS_GLUON:
+
+    @gluon.constexpr_function
+    def _transpose_layout(spt_m, spt_k, tpw_m, warps_m, warps_k, tokens_first, rows=128):
+        """A Gluon linear layout of a [rows, BLOCK_K] tile; the two calls (tokens_first False, True)
+        give two layouts equal but for the order of each thread's registers: channels first (a
+        thread's loads are SPT_K*2 contiguous bytes) or tokens first (its transposed stores are SPT_M
+        contiguous bytes), so converting between them moves nothing. Lanes: 32/TPW_M along channels,
+        then TPW_M along tokens (a warp instruction touches TPW_M*SPT_M contiguous bytes of each output
+        row and (32/TPW_M)*SPT_K*2 of each input row); warps: WARPS_M along tokens, then WARPS_K along
+        channels. Built at compile time from the integer constexprs."""
+        tpw_k = 32 // tpw_m
+        assert spt_m * tpw_m * warps_m == rows, "a scale tile must sit in one program"
+
+        def powers(n, unit, dim):
+            return [[unit << i, 0] if dim == 0 else [0, unit << i] for i in range(n.bit_length() - 1)]
+
+        reg_k, reg_m = powers(spt_k, 1, 1), powers(spt_m, 1, 0)
+        lanes = powers(tpw_k, spt_k, 1) + powers(tpw_m, spt_m, 0)
+        warps = powers(warps_m, spt_m * tpw_m, 0) + powers(warps_k, spt_k * tpw_k, 1)
+        regs = reg_m + reg_k if tokens_first else reg_k + reg_m
+        return gl.DistributedLinearLayout(regs, lanes, warps, [], [rows, spt_k * tpw_k * warps_k])
+
+    @gluon.jit
+    def _quant_act_t_gluon_kernel(
+        x_ptr, yt_ptr, st_ptr, M, K, POW2: gl.constexpr, SPT_M: gl.constexpr, SPT_K: gl.constexpr,
+        TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
+    ):  # fmt: skip
+        # One program: x_MK[128 tokens, BLOCK_K channels] -> yT_KM and sT_KMb (see _quant_act_kernel, COL).
+        LD: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, False)
+        ST: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, True)
+        BLOCK_K: gl.constexpr = SPT_K * (32 // TPW_M) * WARPS_K
+        pid_m = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, LD))
+        offs_k = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LD))
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = gl.load(x_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=mask, other=0.0).to(gl.float32)
+        st = _scale_from_amax(gl.max(gl.abs(x), axis=0), POW2)  # [BLOCK_K]
+        yt = gl.convert_layout(_div(x, st[None, :], gl.div_rn(1.0, st)[None, :], True).to(gl.float8e4nv), ST)
+        offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ST))
+        offs_kt = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ST))
+        mask = (offs_m[:, None] < M) & (offs_kt[None, :] < K)
+        gl.store(yt_ptr + offs_kt[None, :].to(gl.int64) * M + offs_m[:, None], yt, mask=mask)
+        gl.store(st_ptr + offs_k * gl.cdiv(M, 128) + pid_m, st, mask=offs_k < K)
+
+    @gluon.jit
+    def _quant_weight_t_gluon_kernel(
+        w_ptr, y_ptr, s_ptr, yt_ptr, N, K, POW2: gl.constexpr, SPT_N: gl.constexpr, SPT_K: gl.constexpr,
+        TPW_N: gl.constexpr, WARPS_N: gl.constexpr, WARPS_K: gl.constexpr,
+    ):  # fmt: skip
+        # _quant_weight_kernel with TRANS: one 128x128 block, stored N-major (from LD) and K-major (from
+        # ST). The quotient is cast to e4m3 separately for each store, after the (free) layout change:
+        # converting the cast e4m3 tensor instead, while it also feeds the N-major store, gave wrong
+        # K-major codes on an H200 (Triton 3.6, 16-divisible shapes only; 2026-11-30).
+        LD: gl.constexpr = _transpose_layout(SPT_N, SPT_K, TPW_N, WARPS_N, WARPS_K, False)
+        ST: gl.constexpr = _transpose_layout(SPT_N, SPT_K, TPW_N, WARPS_N, WARPS_K, True)
+        gl.static_assert(SPT_K * (32 // TPW_N) * WARPS_K == 128, "one 128x128 block a program")
+        nb = gl.program_id(0)
+        kb = gl.program_id(1)
+        e = gl.program_id(2).to(gl.int64)
+        w_ptr += e * N * K
+        y_ptr += e * N * K
+        yt_ptr += e * N * K
+        s_ptr += e * gl.cdiv(N, 128) * gl.cdiv(K, 128)
+        offs_n = nb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, LD))
+        offs_k = kb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, LD))
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        w = gl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask, other=0.0).to(gl.float32)
+        s = _scale_from_amax(gl.max(gl.max(gl.abs(w), axis=0), axis=0), POW2)  # tokens first: in-thread
+        q = _div(w, s, gl.div_rn(1.0, s), True)
+        gl.store(y_ptr + offs_n[:, None] * K + offs_k[None, :], q.to(gl.float8e4nv), mask=mask)
+        yt = gl.convert_layout(q, ST).to(gl.float8e4nv)
+        offs_n = nb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ST))
+        offs_k = kb * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, ST))
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        gl.store(yt_ptr + offs_k[None, :] * N + offs_n[:, None], yt, mask=mask)
+        gl.store(s_ptr + nb * gl.cdiv(K, 128) + kb, s)
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 
@@ -166,17 +266,44 @@ def _check_2d(x: torch.Tensor, name: str) -> None:
     assert x.is_contiguous(), f"{name} must be contiguous"
 
 
-# Tile of each launch: (BLOCK_M, BLOCK_K, num_warps) on a GPU; the interpreter takes the smallest.
-# Measured on an H200 (2026-11-30, 16384x7168 bf16): row (64, 128, 8) 86% of copy bandwidth,
-# col (128, 64, 4) 71%, both (128, 128, 8) 38%.
+# Tile of each @triton.jit launch: (BLOCK_M, BLOCK_K, num_warps) on a GPU; the interpreter takes the
+# smallest. Measured on an H200 (2026-11-30, 16384x7168 bf16): row (64, 128, 8) 86-87% of copy
+# bandwidth, col (128, 64, 4) 71-72%, both (128, 128, 8) 38%.
 QUANT_TILES = {"row": (64, 128, 8), "col": (128, 64, 4), "both": (128, 128, 8)}
 QUANT_BOTH_FUSED = False
+# The 128x1 tiling alone and the weight's K-major copy take the Gluon kernels on a GPU where Triton has
+# Gluon (the in-register transpose above); the interpreter and older Triton take the @triton.jit ones
+# (selected in _use_gluon). Tiles: (SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K), see _transpose_layout.
+# Measured on an H200 (2026-11-30, 16384x7168 bf16, one run, copy 4092 GB/s): quantize_act_t 83% at
+# (16, 8, 8, 1, 4) (the @triton.jit kernel 72% in the same run); quantize_weight(transposed=True) 84.5%
+# at (8, 8, 8, 2, 4) (the @triton.jit kernel 57%). At 4096x7168 that run timed the Gluon launches
+# host-bound (layouts then built in Python each call, ~30 us; now built at compile time): re-measure.
+QUANT_T_GLUON = (16, 8, 8, 1, 4)
+QUANT_WEIGHT_T_GLUON = (8, 8, 8, 2, 4)
+USE_GLUON = True
 # On a GPU, divide by Markstein's correction of x * (1/s) instead of div.rn (same bits; see _div):
 # on an H200 it lifted the 1x128 kernel from 81% to 86% of copy bandwidth and the weight one from 66% to 86%.
 FAST_DIV = True
 
 
-def _quant_launch(x_MK: torch.Tensor, row: bool, col: bool, pow2: bool, tile=None, fast_div: bool | None = None):
+def _use_gluon(impl: str | None, fast_div: bool | None, triton_args: bool = False) -> bool:
+    """The one selection point between the Gluon and the @triton.jit kernel of a transposed store.
+    triton_args: the caller passed a @triton.jit tile (3-tuple) or num_warps, so it means that kernel."""
+    if tt.interpreting() or not HAS_GLUON or not (FAST_DIV if fast_div is None else fast_div):
+        return False  # the Gluon kernels divide by the corrected reciprocal only (see _div)
+    assert impl in (None, "triton", "gluon"), impl
+    return USE_GLUON and not triton_args if impl is None else impl == "gluon"
+
+
+def _quant_launch(
+    x_MK: torch.Tensor,
+    row: bool,
+    col: bool,
+    pow2: bool,
+    tile=None,
+    fast_div: bool | None = None,
+    impl: str | None = None,
+):
     tt.require_fp8("quantize_act" if row else "quantize_act_t")
     _check_2d(x_MK, "x_MK")
     M, K = x_MK.shape
@@ -188,6 +315,13 @@ def _quant_launch(x_MK: torch.Tensor, row: bool, col: bool, pow2: bool, tile=Non
     if col:
         yt = torch.empty(K, M, dtype=torch.float8_e4m3fn, device=dev)
         st = torch.empty(K, triton.cdiv(M, BLOCK), dtype=torch.float32, device=dev)
+    if col and not row and _use_gluon(impl, fast_div, tile is not None and len(tile) == 3):
+        spt_m, spt_k, tpw_m, warps_m, warps_k = tile or QUANT_T_GLUON
+        if M and K:
+            grid = (triton.cdiv(M, 128), triton.cdiv(K, spt_k * (32 // tpw_m) * warps_k))
+            _quant_act_t_gluon_kernel[grid](x_MK, yt, st, M, K, POW2=pow2, SPT_M=spt_m, SPT_K=spt_k, TPW_M=tpw_m,
+                                            WARPS_M=warps_m, WARPS_K=warps_k, num_warps=warps_m * warps_k)  # fmt: skip
+        return y, s, yt, st
     if tt.interpreting():
         block_m, block_k, warps = (128 if col else 16), (128 if row else 16), 4
     else:
@@ -236,12 +370,13 @@ def _check_weight(w: torch.Tensor, name: str) -> None:
 
 
 def quantize_weight(w_NK: torch.Tensor, pow2: bool = False, transposed: bool = False, num_warps: int | None = None,
-                    fast_div: bool | None = None):  # fmt: skip
+                    fast_div: bool | None = None, impl: str | None = None, tile=None):  # fmt: skip
     """128x128 block quantisation: returns (w_fp8 [N, K] e4m3, weight_scale_inv [Nb, Kb] fp32).
 
     Stacked expert weights [E, N, K] give [E, Nb, Kb] scales (blocks never straddle experts).
     transposed=True also returns the K-major copy w_fp8T [K, N] ([E, K, N]) written in the same
-    pass (what the dgrad GEMM reads): (w_fp8, weight_scale_inv, w_fp8T).
+    pass (what the dgrad GEMM reads): (w_fp8, weight_scale_inv, w_fp8T). impl ("triton" / "gluon")
+    and tile (QUANT_WEIGHT_T_GLUON's form) override the kernel choice of the transposed case (benchmarks).
     """
     tt.require_fp8("quantize_weight")
     _check_weight(w_NK, "w_NK")
@@ -249,7 +384,13 @@ def quantize_weight(w_NK: torch.Tensor, pow2: bool = False, transposed: bool = F
     y_NK = torch.empty(w_NK.shape, dtype=torch.float8_e4m3fn, device=w_NK.device)
     y_KN = torch.empty(*lead, K, N, dtype=torch.float8_e4m3fn, device=w_NK.device) if transposed else None
     s_NbKb = torch.empty(*lead, triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK), dtype=torch.float32, device=w_NK.device)
-    if y_NK.numel():
+    if y_NK.numel() and transposed and _use_gluon(impl, fast_div, num_warps is not None):
+        spt_n, spt_k, tpw_n, warps_n, warps_k = tile or QUANT_WEIGHT_T_GLUON
+        grid = (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK), lead[0] if lead else 1)
+        _quant_weight_t_gluon_kernel[grid](w_NK, y_NK, s_NbKb, y_KN, N, K, POW2=pow2, SPT_N=spt_n, SPT_K=spt_k,
+                                           TPW_N=tpw_n, WARPS_N=warps_n, WARPS_K=warps_k,
+                                           num_warps=warps_n * warps_k)  # fmt: skip
+    elif y_NK.numel():
         grid = (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK), lead[0] if lead else 1)
         fast = (FAST_DIV if fast_div is None else fast_div) and not tt.interpreting()
         _quant_weight_kernel[grid](w_NK, y_NK, s_NbKb, y_KN, N, K, POW2=pow2, EXACT=tt.interpreting(), TRANS=transposed,

@@ -55,7 +55,7 @@ def test_quantize_act(shape, dtype, pow2):
     assert torch.equal(_codes(y), _codes(y_ref))
 
 
-@pytest.mark.parametrize("shape", [(1, 128), (7, 300), (130, 200), (257, 5)])
+@pytest.mark.parametrize("shape", [(1, 128), (7, 300), (130, 200), (257, 5), (777, 1000)])
 @pytest.mark.parametrize("pow2", [False, True])
 def test_quantize_act_t(shape, pow2):
     x = _inputs(shape, torch.bfloat16, seed=shape[0])
@@ -194,3 +194,64 @@ def test_import_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+_GLUON_PTX_CHECK = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from modeling_deepseek_v3.kernels import quant as Q
+
+def ptx(kernel, signature, constexprs, num_warps):
+    # specialised as the launcher is for 16-divisible pointers and sizes
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t != "constexpr"}
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=num_warps)).asm["ptx"]
+
+pow2 = sys.argv[1] == "1"
+spt_m, spt_k, tpw_m, warps_m, warps_k = Q.QUANT_T_GLUON
+a = ptx(Q._quant_act_t_gluon_kernel,
+        {"x_ptr": "*bf16", "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32", "M": "i32", "K": "i32", "POW2": "constexpr",
+         "SPT_M": "constexpr", "SPT_K": "constexpr", "TPW_M": "constexpr", "WARPS_M": "constexpr",
+         "WARPS_K": "constexpr"},
+        {"POW2": pow2, "SPT_M": spt_m, "SPT_K": spt_k, "TPW_M": tpw_m, "WARPS_M": warps_m, "WARPS_K": warps_k},
+        warps_m * warps_k)
+spt_n, spt_kw, tpw_n, warps_n, warps_kw = Q.QUANT_WEIGHT_T_GLUON
+w = ptx(Q._quant_weight_t_gluon_kernel,
+        {"w_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "yt_ptr": "*fp8e4nv", "N": "i32", "K": "i32",
+         "POW2": "constexpr", "SPT_N": "constexpr", "SPT_K": "constexpr", "TPW_N": "constexpr",
+         "WARPS_N": "constexpr", "WARPS_K": "constexpr"},
+        {"POW2": pow2, "SPT_N": spt_n, "SPT_K": spt_kw, "TPW_N": tpw_n, "WARPS_N": warps_n, "WARPS_K": warps_kw},
+        warps_n * warps_kw)
+for p, spt in ((a, spt_m), (w, spt_n)):
+    assert "st.shared.b8" not in p and "st.shared.u8" not in p, "a byte-wise transpose through shared memory"
+    assert "st.global.b8" not in p and "st.global.u8" not in p, "a byte-wise global store"
+    wide = {16: "st.global.v4.b32", 8: "st.global.v2.b32", 4: "st.global.b32"}[spt]
+    assert wide in p, f"the transposed store of {spt} bytes a thread should be {wide}"
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_gluon_transposed_stores_are_wide_and_skip_shared_memory(pow2):
+    """The GPU path of quantize_act_t and of quantize_weight(transposed=True) is Gluon, which the
+    interpreter cannot run (its bits are checked on the GPU by benchmarks/quant_bandwidth_scratch.py).
+    Here, compiled for sm_90 on the CPU (a subprocess without TRITON_INTERPRET, under which @triton.jit
+    helpers are interpreter objects that Gluon cannot call): the transposed store is SPT_M bytes a
+    thread at the shipped tiles, and no byte goes through shared memory (the old kernels transposed
+    through it one byte at a time)."""
+    import os
+    import subprocess
+    import sys
+
+    from modeling_deepseek_v3.kernels import quant as Q
+
+    if not Q.HAS_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    assert not Q._use_gluon(None, None), "the interpreter must take the @triton.jit kernels"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", _GLUON_PTX_CHECK, str(int(pow2))], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]

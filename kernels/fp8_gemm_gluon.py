@@ -1,0 +1,376 @@
+"""Block-scaled FP8 GEMM for Hopper in Gluon: promotion overlapped with tensor-core work.
+
+Same contract as `fp8_gemm._launch`: C[M, N] = A[M, K] @ B[N, K]^T, e4m3 operands (both K-major),
+A scaled per row per 128-K step, B scaled in 128x128 blocks (forward, dgrad) or per row (wgrad);
+for each 128-K step, acc += (A_k . B_k^T) * a_s[m, k] * b_s[n, k] in fp32.
+
+Why a second kernel. The plain-Triton kernel writes `acc += dot(a, b) * a_s * b_s`. Triton lowers
+that as: issue the wgmma for the step, `wgmma.wait_group 0`, then the scale FMA on the CUDA cores.
+While the FMA runs, the tensor cores of that warpgroup have nothing queued, and the warpgroup must
+hold both the accumulator and the fresh dot result (64x128 per warpgroup at most). Gluon lets us
+write the schedule ourselves:
+
+* Warp specialization (`gl.warp_specialize`). A one-warp producer partition walks the same
+  persistent tile sequence as the consumers and keeps a NUM_STAGES ring of [BLOCK_M, 128] and
+  [BLOCK_N, 128] e4m3 tiles full with TMA loads, each completing on its slot's `ready` mbarrier.
+  It runs ahead across tile boundaries, so the next tile's operands arrive during this tile's
+  epilogue. The producer asks for few registers; the consumers get the rest (up to 240 each).
+* Software-pipelined wgmma in the consumers (the default partition: BLOCK_M / 16 warps, i.e. one
+  or two warpgroups of 64 rows each). Every 128-K step gets a fresh partial product (use_acc=False).
+  At step k the consumer issues step k+1's wgmma asynchronously, then
+  `warpgroup_mma_wait(num_outstanding=1)` retires step k only, and the promotion
+  acc += partial_k * (a_s * b_s) runs on the CUDA cores while the tensor cores work on step k+1
+  (SASS: four chained QGMMA.64x128x32 a step, then `WARPGROUP.DEPBAR.LE gsb0, 0x1`, then the FFMAs).
+  The freed ring slot goes back to the producer through its `empty` mbarrier (Gluon puts a barrier
+  of the consumer warps before that arrive, so both warpgroups are done with the slot).
+  Cost: three 64 x BLOCK_N fp32 register tiles a warpgroup (acc + two partials), so BLOCK_N = 128;
+  the 128x128 forward kernel uses 222 registers a consumer thread, no spills.
+* Two traps, both seen in ptxas's output and fixed here: (1) a loop-carried partial whose wgmma is
+  still in flight must never be copied to another register (the loop is unrolled by two so the two
+  partials keep fixed registers, and each new wgmma writes over the partial it replaces), else ptxas
+  serializes every wgmma (warning C7514); (2) LLVM sinks the promotion FMAs below the next wgmma
+  issue, which forces exactly such copies, so `_promote` ends in an empty side-effecting asm that
+  pins the FMAs before the next issue.
+* Scales: for B in 128x128 blocks, a_s (2 values a thread) and b_s (a scalar: the tile lies in one
+  block) are prefetched one step ahead, off the FMA's critical path. Rows and columns past the
+  matrix edge are wrapped with % so the scale reads stay in bounds; TMA zero-fills the operands
+  there, and the clipped TMA store drops them.
+* Epilogue through shared memory and a TMA store that is only waited for at the next tile's
+  epilogue, so the store overlaps the next tile's main loop.
+
+Measured on an H200 (see GLUON_CONFIGS below): forward 1019-1209 TFLOPS at M = 4096 on the five V3
+shapes (1.35-1.71x cuBLAS bf16, 1.3-1.5x the Triton TMA kernel; cuBLAS's own block-scaled FP8 through
+torch._scaled_mm: 1052-1139), dgrad 1036-1168. Not faster: B scaled per row (wgrad), whose scale is a
+vector over the tile's 128 columns, 32 more registers a thread (it is loaded compactly and shuffled
+through shared memory just before each step's promotion, still 331-570 TFLOPS against the Triton
+kernel's 585-623), so wgrad stays on the Triton kernel; and small M (host-bound launches).
+
+Runs only on compute capability 9.0 (wgmma, setmaxnreg), with TMA-compatible operands, and never
+under TRITON_INTERPRET (the interpreter cannot run Gluon): `can_use_gluon` decides.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _triton as tt
+
+triton = tt.triton
+
+HAS_GLUON = False
+_GLUON_ERROR = ""
+if tt.HAS_TRITON:
+    try:
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.language.nvidia.hopper import (
+            fence_async_shared,
+            mbarrier,
+            tma,
+            warpgroup_mma,
+            warpgroup_mma_wait,
+        )
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+
+        HAS_GLUON = True
+    except Exception as e:  # older Triton: no Gluon, or a different Hopper API
+        _GLUON_ERROR = f"{type(e).__name__}: {e}"
+
+BLOCK_K = 128  # one scale step: fixed by the recipe's 1x128 / 128x128 tiles
+
+# name -> (BLOCK_M, BLOCK_N, NUM_STAGES, GROUP_M, programs per SM). BLOCK_N = 128 keeps acc + two
+# in-flight partials in registers (3 x 64 fp32 a thread). 128-row tiles: two consumer warpgroups,
+# one program an SM. 64-row tiles: one consumer warpgroup, two programs an SM (each program's
+# epilogue and barrier waits then overlap the other's main loop).
+GLUON_CONFIGS = {
+    "128x128s4": (128, 128, 4, 8, 1),
+    "128x128s5": (128, 128, 5, 8, 1),
+    "64x128s4o2": (64, 128, 4, 8, 2),
+    "64x128s6": (64, 128, 6, 8, 1),
+}
+DEFAULT_CONFIG = "128x128s4"
+# Dispatch policy (fp8_gemm._launch asks gluon_config). Measured on an H200 (2026-11-30, torch 2.11,
+# triton 3.6, benchmarks/bench_fp8_gemm.py --gluon), V3 shapes at M = 4096 and 16384, bf16 out:
+#   forward (B in 128x128 blocks): 128x128s4 1019-1209 TFLOPS vs the Triton TMA kernel's 735-859
+#     (128x128s5 within a few % of it, 64-row tiles 737-1017);
+#   dgrad (same scaling) at M = 4096: 1036-1136 vs 802-947;
+#   wgrad (B per row, fp32 out): 331-380 (128-row tiles, spills) and 544-570 (64x128s6) vs 585-623:
+#     the per-column scale vector costs registers the three 64x128 fp32 tiles need, so wgrad stays
+#     on the Triton kernel.
+# M = 1024 (same run, through bench_fp8_gemm.py main): Gluon 584-1048 vs Triton TMA 581-866, faster on
+# 3 of 5 shapes only, and those ~30-100 us launches are host-bound (the dispatched and the direct Gluon
+# call differed by up to 40%): so Gluon from M = 4096, where it won every shape.
+GLUON_MIN_M = 4096
+
+
+def gluon_config(M: int, N: int, K: int, b_blockwise: bool, out_dtype: torch.dtype) -> str | None:
+    """The configuration _launch should run for this GEMM, or None to keep the Triton kernels."""
+    if not b_blockwise or M < GLUON_MIN_M or out_dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return DEFAULT_CONFIG
+
+
+if HAS_GLUON:
+    _BK = gl.constexpr(BLOCK_K)  # the same, as a constant the kernels can read
+
+    @gluon.jit
+    def _tile_offsets(tile_id, num_m, num_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr):
+        # Grouped order: GROUP_M row-tiles sweep the N tiles together, so B tiles are re-read from L2.
+        per_group = GROUP_M * num_n
+        first_m = (tile_id // per_group) * GROUP_M
+        group_m = gl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile_id % per_group) % group_m
+        pid_n = (tile_id % per_group) // group_m
+        return pid_m * BLOCK_M, pid_n * BLOCK_N
+
+    @gluon.jit
+    def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                  NUM_STAGES: gl.constexpr):  # fmt: skip
+        # One warp: wait for a free slot, TMA both operand tiles into it, arm its ready barrier with the
+        # byte count (TMA counts the zero-filled bytes past an edge too, so the count is always full).
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        kb = gl.cdiv(K, _BK)
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        it = 0
+        for tile_id in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile_id, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            for ki in range(kb):
+                s = it % NUM_STAGES
+                # empty barriers start in phase 0 not yet complete; waiting for parity 1 passes at once,
+                # so the first lap through the ring does not block.
+                mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), nbytes)
+                tma.async_copy_global_to_shared(a_desc, [off_m, ki * _BK], ready.index(s), a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [off_n, ki * _BK], ready.index(s), b_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES: gl.constexpr):
+        # Wait until ring slot `it` holds its operands, then start its wgmma. use_acc=False: the result
+        # overwrites `zero`'s registers (the partial being replaced), nothing is read from them.
+        s = it % NUM_STAGES
+        mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
+        return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _step_scale(as_ptrs, bs_ptrs, ki, B_BLOCKWISE: gl.constexpr):
+        # Prefetched a step ahead (plain loads, L2-resident): a_s[rows, ki], and for a 128x128 block
+        # of B a scalar (the tile lies in one block). B scaled per row needs a vector over the tile's
+        # columns, 32 registers a thread in the wgmma layout: two of those carried a step ahead would
+        # spill, so that one is loaded by _b_scale just before its step is retired (sb here is a dummy).
+        sa = gl.load(as_ptrs + ki)
+        if B_BLOCKWISE:
+            sb = gl.load(bs_ptrs + ki)
+        else:
+            sb = sa
+        return sa, sb
+
+    @gluon.jit
+    def _b_scale(bs_ptrs, ki, sb, B_BLOCKWISE: gl.constexpr, cols_l: gl.constexpr):
+        if B_BLOCKWISE:
+            return sb
+        else:
+            # bs_ptrs is compact (a pointer or two a thread) and the values are shuffled through shared
+            # memory into the wgmma column layout: 32 pointers a thread held across the loop spilled
+            # heavily; this spills less (ptxas: 144-bytes stack) but still does (see the docstring).
+            return gl.convert_layout(gl.load(bs_ptrs + ki), cols_l)
+
+    @gluon.jit
+    def _promote(acc, part, sa, sb, B_BLOCKWISE: gl.constexpr):
+        if B_BLOCKWISE:
+            acc = acc + part * (sa * sb)[:, None]
+        else:
+            acc = acc + (part * sa[:, None]) * sb[None, :]
+        # An empty asm statement with side effects that takes acc: LLVM may not move the FMAs past it,
+        # nor past the next wgmma (also side-effecting asm). Without it LLVM sinks the FMAs below the
+        # next issue, which then needs a fresh copy of the partial's registers, and the loop's register
+        # copies read partials still in flight, so ptxas serializes all wgmmas (C7514).
+        return gl.inline_asm_elementwise("", "=f,0", [acc], dtype=gl.float32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _consumer(c_desc, as_ptr, bs_ptr, a_bufs, b_bufs, ready, empty, c_smem, M, N, K,
+                  B_BLOCKWISE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                  NUM_STAGES: gl.constexpr):  # fmt: skip
+        num_warps: gl.constexpr = gl.num_warps()
+        # One 64-row slab per warpgroup, instruction m64 n=BLOCK_N k32 (fp8).
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])  # fmt: skip
+        rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+        cols_l: gl.constexpr = gl.SliceLayout(0, mma)
+        compact_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        num_m = gl.cdiv(M, BLOCK_M)
+        num_n = gl.cdiv(N, BLOCK_N)
+        kb = gl.cdiv(K, _BK)
+        zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+        it = 0
+        for tile_id in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
+            off_m, off_n = _tile_offsets(tile_id, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            as_ptrs = as_ptr + ((off_m + gl.arange(0, BLOCK_M, rows_l)) % M) * kb
+            if B_BLOCKWISE:
+                bs_ptrs = bs_ptr + (off_n // _BK) * kb  # BLOCK_N == 128: one weight block per tile
+            else:
+                bs_ptrs = bs_ptr + ((off_n + gl.arange(0, BLOCK_N, compact_l)) % N) * kb
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+            # Two partials alternate, unrolled by two steps. Each new wgmma writes into the registers of
+            # the partial it replaces (passed as its accumulator with use_acc=False), so the loop needs
+            # no register copies: a copy that read a partial whose wgmma is still in flight would make
+            # ptxas serialize every wgmma (warning C7514).
+            p0 = _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES)
+            sa0, sb0 = _step_scale(as_ptrs, bs_ptrs, 0, B_BLOCKWISE)
+            p1w = zero
+            for j in range((kb - 1) // 2):
+                # in flight on entry: step 2j (p0). Issue 2j+1, retire 2j; issue 2j+2, retire 2j+1.
+                p1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
+                sa1, sb1 = _step_scale(as_ptrs, bs_ptrs, 2 * j + 1, B_BLOCKWISE)
+                sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, cols_l)
+                p0w = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
+                mbarrier.arrive(empty.index(it % NUM_STAGES))  # step 2j's operands are consumed
+                acc = _promote(acc, p0w, sa0, sb, B_BLOCKWISE)  # runs while step 2j+1 is on the tensor cores
+                p0 = _issue(a_bufs, b_bufs, ready, it + 2, p0w, NUM_STAGES)
+                sa0, sb0 = _step_scale(as_ptrs, bs_ptrs, 2 * j + 2, B_BLOCKWISE)
+                sb = _b_scale(bs_ptrs, 2 * j + 1, sb1, B_BLOCKWISE, cols_l)
+                p1w = warpgroup_mma_wait(num_outstanding=1, deps=(p1,))
+                mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
+                acc = _promote(acc, p1w, sa1, sb, B_BLOCKWISE)
+                it += 2
+            # (branch-local names: p0 may not change type inside an if)
+            if kb % 2 == 0:  # one step left to issue behind the in-flight p0
+                q1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
+                sa1, sb1 = _step_scale(as_ptrs, bs_ptrs, kb - 1, B_BLOCKWISE)
+                sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, cols_l)
+                q0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
+                mbarrier.arrive(empty.index(it % NUM_STAGES))
+                acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
+                sb = _b_scale(bs_ptrs, kb - 1, sb1, B_BLOCKWISE, cols_l)
+                q1 = warpgroup_mma_wait(num_outstanding=0, deps=(q1,))
+                mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
+                acc = _promote(acc, q1, sa1, sb, B_BLOCKWISE)
+                it += 2
+            else:
+                sb = _b_scale(bs_ptrs, kb - 1, sb0, B_BLOCKWISE, cols_l)
+                q0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
+                mbarrier.arrive(empty.index(it % NUM_STAGES))
+                acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
+                it += 1
+            # Epilogue: the previous tile's TMA store must have read c_smem before it is overwritten.
+            tma.store_wait(pendings=0)
+            c_smem.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
+                               B_BLOCKWISE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                               GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (
+                        c_desc,
+                        as_ptr,
+                        bs_ptr,
+                        a_bufs,
+                        b_bufs,
+                        ready,
+                        empty,
+                        c_smem,
+                        M,
+                        N,
+                        K,
+                        B_BLOCKWISE,
+                        BLOCK_M,
+                        BLOCK_N,
+                        GROUP_M,
+                        NUM_STAGES,
+                    ),
+                ),  # fmt: skip
+                (
+                    _producer,
+                    (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES),
+                ),  # fmt: skip
+            ],
+            [1],
+            [PRODUCER_REGS],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Launcher
+
+
+def can_use_gluon(*tensors: torch.Tensor) -> bool:
+    """Gluon kernel: Triton with Gluon, not interpreting, CUDA cc exactly 9.0 (wgmma), TMA-aligned tensors."""
+    if not HAS_GLUON or tt.interpreting() or not all(t.is_cuda for t in tensors):
+        return False
+    if tt.capabilities().compute_capability != (9, 0):
+        return False
+    return all(
+        t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+        for t in tensors
+    )
+
+
+_GL_DTYPE = {}
+if HAS_GLUON:
+    _GL_DTYPE = {torch.float8_e4m3fn: gl.float8e4nv, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32,
+                 torch.float16: gl.float16}  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _smem_layout(block: tuple[int, int], dtype: torch.dtype):
+    # ~5 us of host time a call uncached, three a launch: as much as 10% of a 100 us GEMM.
+    return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPE[dtype])
+
+
+def _desc(t: torch.Tensor, block: list[int]):
+    return GluonTensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(tuple(block), t.dtype))
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_gluon(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, config: str | None = None, out=None):
+    """C = A B^T block-scaled (see module docstring). Same argument convention as fp8_gemm._launch."""
+    bm, bn, stages, group_m, occ = GLUON_CONFIGS[config or DEFAULT_CONFIG]
+    M, K = a.shape
+    N = b.shape[0]
+    c = torch.empty(M, N, dtype=out_dtype, device=a.device) if out is None else out
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    if not can_use_gluon(a, b, c):
+        raise ValueError("launch_gluon: needs CUDA cc 9.0, Gluon, no interpreter, and 16-byte aligned operand rows")
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    grid = (min(_num_sms(a.device.index or 0) * occ, tiles),)
+    _fp8_gemm_gluon_kernel[grid](
+        _desc(a, [bm, BLOCK_K]), _desc(b, [bn, BLOCK_K]), _desc(c, [bm, bn]), a_s, b_s, M, N, K,
+        B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages, PRODUCER_REGS=40,
+        num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
+    )  # fmt: skip
+    return c
+
+
+def _maxnreg(bm: int, occ: int = 1) -> int:
+    # The kernel runs consumers (bm / 16 warps) + a producer warpgroup; `occ` programs share the
+    # register file (64K): cap * threads * occ <= 65536, a multiple of 8, at most 255 (ptxas ignores
+    # more). The warp-specialize pass then moves the producer's unused registers to the consumers
+    # with setmaxnreg (e.g. 168 at entry -> 240 a consumer thread for 128-row tiles).
+    threads = (bm // 16 + 4) * 32
+    return min(248, 65536 // (threads * occ) // 8 * 8)

@@ -1,0 +1,158 @@
+"""The Gluon block-scaled FP8 GEMM (kernels/fp8_gemm_gluon.py) against the torch references.
+
+GPU tests run only on compute capability 9.0 with Gluon importable; the conftest sets
+TRITON_INTERPRET=1 for the Triton kernels, which does not touch Gluon kernels (gluon.jit always
+compiles), so these call the Gluon launcher directly. Kernel and reference get the same e4m3
+operands and scales; inputs are fresh random values (never zeros) and outputs start as NaN, so an
+element the kernel never writes fails the test.
+
+Tolerances (relative Frobenius error; the conftest's table is for the exact-fp32 interpreter):
+  fp32 output: 5e-4 -- inside each 128-K step the tensor cores add the e4m3 products with a
+                       reduced-precision accumulator (the reason for the recipe's promotion every
+                       128, DeepSeek-V3 sec. 3.3.2), so even exact scales leave ~1e-4: 1.3-1.4e-4
+                       measured on an H200 for this kernel at every shape tried.
+  bf16 output: 4e-3 -- plus the round-to-nearest bf16 cast, <= 2^-9 relative per element (RMS
+                       about 1.1e-3; 1.7e-3 measured at V3 shapes), with headroom.
+The CPU test checks that the dispatcher falls back cleanly where Gluon cannot run.
+"""
+
+import importlib
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+from modeling_deepseek_v3.kernels import (  # noqa: E402
+    fp8_gemm,
+    fp8_gemm_dgrad,
+    fp8_gemm_dgrad_ref,
+    fp8_gemm_ref,
+    fp8_gemm_wgrad_ref,
+    quantize_act_ref,
+    quantize_act_t_ref,
+    quantize_weight_ref,
+)
+
+# the package re-exports the function fp8_gemm, which shadows the submodule's name: import by path
+G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm")
+GL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
+
+TOL_GPU = {torch.float32: 5e-4, torch.bfloat16: 4e-3}
+
+
+def _hopper() -> bool:
+    return GL.HAS_GLUON and torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture
+def gpu_path(monkeypatch):
+    # The conftest's TRITON_INTERPRET=1 (for the Triton kernels) would make can_use_gluon refuse.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def gpu(test):
+    skip = pytest.mark.skipif(not _hopper(), reason="needs CUDA compute capability 9.0 and triton.experimental.gluon")
+    return skip(pytest.mark.usefixtures("gpu_path")(test))
+
+
+def _rand(*shape, seed, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(*shape, generator=g, device=device)
+    return x * (1 + 10 * torch.rand(shape[-1], generator=g, device=device))  # scales differ per 128-block
+
+
+def _nan_out(M, N, dtype):
+    return torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+
+
+# (M, N, K): ragged M, N not a multiple of 128 (1000) or of the tile (2112 = 16.5 x 128), K ragged
+# (1040: a zero-filled tail step) and long (7168: 56 steps, even; 1040: 9, odd; 2112: 17, odd).
+# K = 1000 itself cannot use TMA (rows of 1000 bytes are not 16-byte aligned): see test_can_use_gluon.
+FWD_SHAPES = [(777, 1000, 1040), (777, 2112, 7168), (256, 1000, 2112), (64, 128, 128)]
+
+
+@gpu
+@pytest.mark.parametrize("M,N,K", FWD_SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("config", list(GL.GLUON_CONFIGS) if GL.HAS_GLUON else [None])
+def test_forward_blockwise(M, N, K, out_dtype, config, rel):
+    xq, xs = quantize_act_ref(_rand(M, K, seed=M + K))
+    wq, ws = quantize_weight_ref(_rand(N, K, seed=N) * 0.02)
+    y = GL.launch_gluon(xq, xs, wq, ws, True, out_dtype, config=config, out=_nan_out(M, N, out_dtype))
+    assert not y.isnan().any()
+    assert rel(y, fp8_gemm_ref(xq, xs, wq, ws, torch.float32)) < TOL_GPU[out_dtype]
+
+
+@gpu
+@pytest.mark.parametrize("M,N,K", [(777, 1040, 1000), (512, 2112, 7168)])
+def test_dgrad(M, N, K, rel):
+    """dx = dy W: the reduction runs over N, W transposed to N-major, the same 128x128 blocks."""
+    dyq, dys = quantize_act_ref(_rand(M, N, seed=M + 1))
+    wq, ws = quantize_weight_ref(_rand(N, K, seed=N + 1))
+    wqt = wq.t().contiguous()
+    dx = GL.launch_gluon(dyq, dys, wqt, ws.t().contiguous(), True, torch.float32, out=_nan_out(M, K, torch.float32))
+    assert not dx.isnan().any()
+    assert rel(dx, fp8_gemm_dgrad_ref(dyq, dys, wq, ws, torch.float32)) < TOL_GPU[torch.float32]
+
+
+@gpu
+@pytest.mark.parametrize("M,N,K", [(784, 1000, 2112), (4096, 2112, 1000)])  # M (the reduction) 16-aligned for TMA
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_wgrad_rowwise(M, N, K, out_dtype, rel):
+    """dW = dy^T x: both operands scaled per row (128x1 tiles along tokens)."""
+    dyTq, dyTs = quantize_act_t_ref(_rand(M, N, seed=M + 2))
+    xTq, xTs = quantize_act_t_ref(_rand(M, K, seed=K + 2))
+    for config in GL.GLUON_CONFIGS:
+        dw = GL.launch_gluon(dyTq, dyTs, xTq, xTs, False, out_dtype, config=config, out=_nan_out(N, K, out_dtype))
+        assert not dw.isnan().any()
+        assert rel(dw, fp8_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs)) < TOL_GPU[out_dtype], config
+
+
+@gpu
+def test_can_use_gluon(monkeypatch):
+    """TMA needs 16-byte aligned rows: K = 1000 fp8 (1000 bytes) is refused, K = 1040 accepted."""
+    a = torch.empty(777, 1040, device="cuda", dtype=torch.float8_e4m3fn)
+    assert GL.can_use_gluon(a, a)
+    assert not GL.can_use_gluon(a[:, :1000].contiguous(), a)
+    assert not GL.can_use_gluon(a[:, 1:])  # base not 16-byte aligned
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not GL.can_use_gluon(a, a)
+
+
+@gpu
+def test_launch_dispatches_to_gluon(rel):
+    """fp8_gemm / fp8_gemm_dgrad on Hopper with 128x128 weight blocks run the Gluon kernel (bit-equal
+    to calling it directly: the kernel is deterministic) and match the reference."""
+    M = GL.GLUON_MIN_M
+    xq, xs = quantize_act_ref(_rand(M, 1024, seed=11))
+    wq, ws = quantize_weight_ref(_rand(768, 1024, seed=12))
+    assert GL.gluon_config(M, 768, 1024, True, torch.bfloat16) is not None
+    y = fp8_gemm(xq, xs, wq, ws, torch.float32)
+    assert torch.equal(y, GL.launch_gluon(xq, xs, wq, ws, True, torch.float32, config=GL.DEFAULT_CONFIG))
+    assert rel(y, fp8_gemm_ref(xq, xs, wq, ws, torch.float32)) < TOL_GPU[torch.float32]
+    dyq, dys = quantize_act_ref(_rand(M, 768, seed=13))
+    dx = fp8_gemm_dgrad(dyq, dys, wq, ws, torch.bfloat16)
+    assert rel(dx, fp8_gemm_dgrad_ref(dyq, dys, wq, ws, torch.float32)) < TOL_GPU[torch.bfloat16]
+
+
+def test_gluon_policy():
+    """Gluon only where it was measured faster: 128x128-blocked B (forward, dgrad), M >= GLUON_MIN_M."""
+    assert GL.gluon_config(4096, 7168, 2048, True, torch.bfloat16) == GL.DEFAULT_CONFIG
+    assert GL.gluon_config(4096, 7168, 2048, True, torch.float32) == GL.DEFAULT_CONFIG
+    assert GL.gluon_config(4096, 7168, 2048, False, torch.float32) is None  # wgrad: Triton was faster
+    assert GL.gluon_config(GL.GLUON_MIN_M - 1, 7168, 2048, True, torch.bfloat16) is None
+
+
+def test_dispatch_falls_back_without_gluon(monkeypatch, tol, rel):
+    """On the CPU (interpreter) can_use_gluon is False for every reason it checks, and _launch runs the
+    Triton kernels: with Gluon reported unavailable, with the interpreter on, and for CPU tensors."""
+    xq, xs = quantize_act_ref(_rand(48, 256, seed=5, device="cpu"))
+    wq, ws = quantize_weight_ref(_rand(200, 256, seed=6, device="cpu"))
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert not GL.can_use_gluon(xq, wq)  # interpreting, and CPU tensors
+    monkeypatch.setattr(GL, "HAS_GLUON", False)
+    assert not GL.can_use_gluon(xq, wq)
+    y = fp8_gemm(xq, xs, wq, ws, torch.float32)  # -> _launch, through require_fp8's interpreter setup
+    assert rel(y, fp8_gemm_ref(xq, xs, wq, ws, torch.float32)) < tol[torch.float32]
