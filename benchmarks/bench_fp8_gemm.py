@@ -1,4 +1,6 @@
-"""Block-scaled FP8 GEMM vs cuBLAS bf16 vs torch._scaled_mm (rowwise), one process, one GPU.
+"""Block-scaled FP8 GEMM (ours: what _launch dispatches to, the Gluon and the Triton TMA kernel alone) vs cuBLAS
+bf16 vs torch._scaled_mm rowwise and block-scaled (cuBLAS's own FP8 with our scales), one process, one GPU; then
+the quantisation kernels vs a copy, and FP8Linear vs nn.Linear.
 
 Run (from the repo root, on an H200):
     python3 -m pip install -e . --no-deps -q; PYTHONUNBUFFERED=1 python3 benchmarks/bench_fp8_gemm.py
@@ -177,7 +179,11 @@ def main() -> None:
             t = bench(lambda: K_.fp8_gemm(xq, xs, wq, ws))
             row["fp8_block_tflops"] = flops / t / 1e9
             key = (G.m_bucket(M), N, K, True, torch.bfloat16, x.device)
-            row["best_config"] = str(G._TMA_BEST.get(key, "pointer kernel"))
+            gluon_cfg = GLM.gluon_config(M, N, K, True, torch.bfloat16) if GLM is not None else None
+            if gluon_cfg is not None and GLM.can_use_gluon(xq, wq, y):  # what _launch dispatched to
+                row["best_config"] = f"gluon {gluon_cfg}"
+            else:
+                row["best_config"] = str(G._TMA_BEST.get(key, "pointer kernel"))
             t = bench(lambda: x @ w.t())
             row["bf16_cublas_tflops"] = flops / t / 1e9
             a8, b8 = x.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)

@@ -236,7 +236,7 @@ print("ok")
 @pytest.mark.parametrize("pow2", [False, True])
 def test_gluon_transposed_stores_are_wide_and_skip_shared_memory(pow2):
     """The GPU path of quantize_act_t and of quantize_weight(transposed=True) is Gluon, which the
-    interpreter cannot run (its bits are checked on the GPU by benchmarks/quant_bandwidth_scratch.py).
+    interpreter cannot run (its bits are checked on the GPU by benchmarks/bench_quant.py).
     Here, compiled for sm_90 on the CPU (a subprocess without TRITON_INTERPRET, under which @triton.jit
     helpers are interpreter objects that Gluon cannot call): the transposed store is SPT_M bytes a
     thread at the shipped tiles, and no byte goes through shared memory (the old kernels transposed

@@ -1,7 +1,8 @@
 """FP8 quantisation bandwidth vs a device-to-device copy measured in the same run (issue 3), one GPU.
 
-Scratch benchmark (to be folded into bench_fp8_gemm.py). Run from the repo root with the package on
-PYTHONPATH:  PYTHONUNBUFFERED=1 python3 benchmarks/quant_bandwidth_scratch.py
+The tile sweep behind quant.py's Gluon defaults (bench_fp8_gemm.py times the shipped kernels once more at
+16384 x 7168). Run from the repo root with the package importable:
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_quant.py
 1. Bit-exactness: every kernel variant timed below, codes and scales against the CPU torch references
    (quantize_act_ref / quantize_act_t_ref / quantize_weight_ref) at (1024, 7168), (4096, 7168),
    (777, 1000), pow2 on and off; fresh random inputs (never zeros), outputs poisoned first.
