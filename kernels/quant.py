@@ -276,11 +276,11 @@ QUANT_BOTH_FUSED = False
 # (selected in _use_gluon). Tiles: (SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K), see _transpose_layout.
 # Measured on an H200 (2026-11-30, 16384x7168 bf16, one run, copy 4092 GB/s): quantize_act_t 83% at
 # (16, 8, 8, 1, 4) (the @triton.jit kernel 72% in the same run); quantize_weight(transposed=True) 84.5%
-# at (8, 8, 8, 2, 4) (the @triton.jit kernel 57%). At 4096x7168 that run timed the Gluon launches
-# host-bound (layouts then built in Python each call, ~30 us; now built at compile time): re-measure.
+# at (8, 8, 8, 2, 4) (the @triton.jit kernel 57%). Re-measured with the layouts built at compile time
+# (benchmarks/bench_quant.py, same day): 83% / 84% at 16384x7168; at 4096x7168 (a 35 us launch, copy
+# itself 3626 GB/s there) 70% / 80%, against the @triton.jit kernels' 68% / 57%.
 QUANT_T_GLUON = (16, 8, 8, 1, 4)
 QUANT_WEIGHT_T_GLUON = (8, 8, 8, 2, 4)
-USE_GLUON = True
 # On a GPU, divide by Markstein's correction of x * (1/s) instead of div.rn (same bits; see _div):
 # on an H200 it lifted the 1x128 kernel from 81% to 86% of copy bandwidth and the weight one from 66% to 86%.
 FAST_DIV = True
@@ -292,7 +292,7 @@ def _use_gluon(impl: str | None, fast_div: bool | None, triton_args: bool = Fals
     if tt.interpreting() or not HAS_GLUON or not (FAST_DIV if fast_div is None else fast_div):
         return False  # the Gluon kernels divide by the corrected reciprocal only (see _div)
     assert impl in (None, "triton", "gluon"), impl
-    return USE_GLUON and not triton_args if impl is None else impl == "gluon"
+    return not triton_args if impl is None else impl == "gluon"
 
 
 def _quant_launch(
