@@ -55,6 +55,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _table_logger(lines: list, filename: str):
+    """A print that also keeps the line in `lines` and appends it to $OUT/filename (when OUT is set)."""
+
+    def log(line: str) -> None:
+        lines.append(line)
+        print(line, flush=True)
+        if os.environ.get("OUT"):
+            with open(Path(os.environ["OUT"], filename), "a") as f:
+                f.write(line + "\n")
+
+    return log
+
+
 def _gluon_module():
     """kernels/fp8_gemm_gluon.py, or None where it cannot run (no Gluon, not an H100/H200, interpreter)."""
     import importlib
@@ -354,13 +367,7 @@ def sweep() -> None:
                triton=triton.__version__)  # fmt: skip
     print(out, flush=True)
     lines = []
-
-    def log(line):
-        lines.append(line)
-        print(line, flush=True)
-        if os.environ.get("OUT"):
-            with open(Path(os.environ["OUT"], "sweep.txt"), "a") as f:
-                f.write(line + "\n")
+    log = _table_logger(lines, "sweep.txt")
 
     # Ceilings: device-to-device copy, cuBLAS bf16.
     big = torch.randn(*((256, 256) if small else (16384, 7168)), device=dev, dtype=torch.bfloat16)
@@ -581,13 +588,7 @@ def gluon_bench() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     lines = []
-
-    def log(line):
-        lines.append(line)
-        print(line, flush=True)
-        if os.environ.get("OUT"):
-            with open(Path(os.environ["OUT"], "gluon.txt"), "a") as f:
-                f.write(line + "\n")
+    log = _table_logger(lines, "gluon.txt")
 
     log(str(out))
     if GLM is None:
