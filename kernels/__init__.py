@@ -2,6 +2,9 @@
 
 Importing this package never needs Triton; calling a kernel where FP8 cannot run raises a
 RuntimeError that says why (`require_fp8`). TRITON_INTERPRET=1 runs every kernel on the CPU.
+On compute capability 9.0 the GEMM (forward, dgrad) and the transposed quantisations dispatch to
+Gluon kernels (fp8_gemm_gluon.py, quant.py). Under torch.compile the FP8 layers reach the kernels
+through opaque custom ops (compile_ops.py), so a layer traces as one graph.
 """
 
 from ._triton import Capabilities, capabilities, interpreting, require_fp8

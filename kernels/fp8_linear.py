@@ -23,18 +23,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fp8_gemm import fp8_gemm, fp8_gemm_dgrad, fp8_gemm_wgrad
-from .fp8_grouped_gemm import fp8_grouped_gemm, fp8_grouped_gemm_dgrad, fp8_grouped_gemm_wgrad
+# The kernels through compile_ops: plain calls in eager mode, opaque custom ops under torch.compile.
+from .compile_ops import (
+    fp8_gemm,
+    fp8_gemm_dgrad,
+    fp8_gemm_wgrad,
+    fp8_grouped_gemm,
+    fp8_grouped_gemm_dgrad,
+    fp8_grouped_gemm_wgrad,
+    quantize_act,
+    quantize_act_both,
+    quantize_act_t,
+    quantize_weight,
+    quantize_weight_t,
+)
 from .quant import (
     BLOCK,
     dequantize_act_ref,
     dequantize_weight_ref,
-    quantize_act,
-    quantize_act_both,
     quantize_act_ref,
-    quantize_act_t,
     quantize_act_t_ref,
-    quantize_weight,
     quantize_weight_ref,
 )
 
@@ -61,7 +69,7 @@ def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool
 def _quantize_master_weight(weight: torch.Tensor, pow2: bool, need_t: bool):
     """(w_fp8, weight_scale_inv, K-major w_fp8 copy for dgrad or None), in one pass over the weight."""
     if need_t:
-        return quantize_weight(weight.contiguous(), pow2, transposed=True)
+        return quantize_weight_t(weight.contiguous(), pow2)
     return (*quantize_weight(weight.contiguous(), pow2), None)
 
 
@@ -99,7 +107,7 @@ class FP8LinearFunction(torch.autograd.Function):
         dy_q, dy_s, dyT_q, dyT_s = _quantize_grad(dy_MN, ctx.pow2, need_dx, need_dw)
         dx = dw = None
         if need_dx:
-            dx = fp8_gemm_dgrad(dy_q, dy_s, None, w_s, out_dtype=ctx.x_dtype, w_KN=wT_q).view(ctx.x_shape)
+            dx = fp8_gemm_dgrad(dy_q, dy_s, wT_q, w_s, ctx.x_dtype).view(ctx.x_shape)
         if need_dw:
             dw = fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, out_dtype=ctx.w_dtype)
         return dx, dw, None, None
@@ -136,7 +144,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         dy_q, dy_s, dyT_q, dyT_s = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw)
         dx = dw = None
         if need_dx:
-            dx = fp8_grouped_gemm_dgrad(dy_q, dy_s, None, w_s, offs_E, out_dtype=ctx.x_dtype, w_EKN=wT_q)
+            dx = fp8_grouped_gemm_dgrad(dy_q, dy_s, wT_q, w_s, offs_E, ctx.x_dtype)
         if need_dw:
             dw = fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs_E, out_dtype=ctx.w_dtype)
         return dx, dw, None, None, None, None
@@ -190,7 +198,7 @@ class FP8InferenceLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_MK = x.reshape(-1, self.in_features).contiguous()  # [M, K]
-        x_q, x_s = quantize_act(x_MK)
+        x_q, x_s = quantize_act(x_MK, False)
         y = fp8_gemm(x_q, x_s, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
@@ -269,10 +277,10 @@ def fp8_experts_inference(
     """Routed experts over checkpoint-quantised weights (e4m3 + weight_scale_inv per 128x128 block, stacked per
     expert): the activations are quantised 1x128 on the fly, the weights are never dequantised."""
     order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, gate_up_q_EFD.shape[0])
-    x_q, x_s = quantize_act(hidden_TD[token_S].contiguous())  # [S, D] rows grouped by expert
+    x_q, x_s = quantize_act(hidden_TD[token_S].contiguous(), False)  # [S, D] rows grouped by expert
     h_SF = fp8_grouped_gemm(x_q, x_s, gate_up_q_EFD, gate_up_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
-    a_q, a_s = quantize_act((act(gate_SI) * up_SI).contiguous())
+    a_q, a_s = quantize_act((act(gate_SI) * up_SI).contiguous(), False)
     y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
     w_S = topk_weight_TK.reshape(-1)[order_S].float()
     out_TD = hidden_TD.new_zeros(hidden_TD.shape, dtype=torch.float32)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,11 @@ def optional_kernels(feature: str):
     """The FP8 Triton kernels, checked to run here (else a RuntimeError saying why: no package, no Triton, no CUDA,
     compute capability < 8.9). They ship with the installed package, not with a Hub folder's remote code, so they
     are imported by name at call time and transformers' remote-code import check never asks for them."""
+    if torch.compiler.is_compiling():  # importlib cannot be traced; the eager call or the constructor checked already
+        kernels = sys.modules.get("modeling_deepseek_v3.kernels")
+        if kernels is None:
+            raise RuntimeError(f"{feature}: run the model once outside torch.compile first, to load the kernels")
+        return kernels
     try:
         kernels = importlib.import_module("modeling_deepseek_v3.kernels")
     except ImportError as err:

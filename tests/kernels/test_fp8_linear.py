@@ -128,11 +128,11 @@ def test_forward_only_calls_skip_the_backward_copies(monkeypatch):
     from modeling_deepseek_v3.kernels import fp8_linear
 
     calls = []
-    for name in ("quantize_act_both", "quantize_weight"):
+    for name in ("quantize_act_both", "quantize_weight", "quantize_weight_t"):  # quantize_weight_t: + K-major copy
         real = getattr(fp8_linear, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
-            calls.append((_name, kwargs.get("transposed", False)))
+            calls.append(_name)
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(fp8_linear, name, spy)
@@ -143,8 +143,8 @@ def test_forward_only_calls_skip_the_backward_copies(monkeypatch):
     with torch.no_grad():
         y_nograd = layer(x)
         e_nograd = fp8_experts_forward(h, idx, wt, gu, dn)
-    assert calls and all(name == "quantize_weight" and not transposed for name, transposed in calls), calls
+    assert calls and all(name == "quantize_weight" for name in calls), calls
     calls.clear()
     y, e = layer(x), fp8_experts_forward(h, idx, wt, gu, dn)
-    assert ("quantize_act_both", False) in calls and ("quantize_weight", True) in calls  # training path unchanged
+    assert "quantize_act_both" in calls and "quantize_weight_t" in calls  # training path unchanged
     assert torch.equal(y, y_nograd) and torch.equal(e, e_nograd)
