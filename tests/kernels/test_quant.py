@@ -255,3 +255,43 @@ def test_gluon_transposed_stores_are_wide_and_skip_shared_memory(pow2):
         [sys.executable, "-c", _GLUON_PTX_CHECK, str(int(pow2))], capture_output=True, text=True, timeout=300, env=env
     )
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+_GLUON_GPU_CHECK = """
+import torch
+from modeling_deepseek_v3.kernels import quant as Q
+
+assert Q._use_gluon(None, None), "the GPU default should be the Gluon kernels"
+bad = []
+for shape in [(1024, 7168), (777, 1000), (130, 200)]:
+    x = (torch.randn(*shape, device="cuda") * torch.logspace(-3, 2, shape[1], device="cuda")).to(torch.bfloat16)
+    for pow2 in (False, True):
+        qt, st = Q.quantize_act_t(x, pow2)
+        rt, rst = Q.quantize_act_t_ref(x.cpu(), pow2)
+        q, s, qT = Q.quantize_weight(x, pow2, transposed=True, impl="gluon")
+        rq, rs = Q.quantize_weight_ref(x.cpu(), pow2)
+        pairs = [(qt, rt), (st, rst), (q, rq), (s, rs), (qT, rq.t().contiguous())]
+        bad += [(shape, pow2, i) for i, (a, b) in enumerate(pairs)
+                if not torch.equal(a.cpu().view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a.cpu(),
+                                   b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)]
+assert not bad, bad
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Gluon kernels do not interpret)")
+def test_gluon_transposed_quantisation_is_bit_exact_on_the_gpu():
+    """The GPU path of quantize_act_t and quantize_weight(transposed=True): codes and scales equal the CPU torch
+    references bit for bit, ragged shapes and pow2 included (a subprocess without TRITON_INTERPRET: the conftest's
+    interpreter mode would turn the shared @triton.jit helpers into interpreter objects)."""
+    import os
+    import subprocess
+    import sys
+
+    from modeling_deepseek_v3.kernels import quant as Q
+
+    if not Q.HAS_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _GLUON_GPU_CHECK], capture_output=True, text=True, timeout=600, env=env)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
