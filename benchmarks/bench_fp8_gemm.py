@@ -710,6 +710,12 @@ def gluon_bench() -> None:
             for tag in ("dgrad", "wgrad"):
                 log(f"{tag} N={r['N']} K={r['K']}: triton {r[tag + '_triton']:.0f} | " + " ".join(
                     f"{c}={r[f'{tag}_gluon_{c}']:.0f}(err {r[f'err_{tag}_gluon_{c}']:.0e})" for c in cfgs))  # fmt: skip
+            # the configurations built for wgrad (B per row; GLM.WGRAD_CONFIGS), best one against Triton
+            wc = [c for c in getattr(GLM, "WGRAD_CONFIGS", ()) if c in cfgs]
+            if wc:
+                best = max(wc, key=lambda c: r[f"wgrad_gluon_{c}"])
+                log(f"wgrad N={r['N']} K={r['K']}: best of WGRAD_CONFIGS {best} {r[f'wgrad_gluon_{best}']:.0f} = "
+                    f"{r[f'wgrad_gluon_{best}'] / r['wgrad_triton']:.2f}x triton")  # fmt: skip
     for r in rows:
         for k in ("mm_rowwise", "mm_blockwise"):
             if isinstance(r.get(k), str):

@@ -44,6 +44,10 @@ torch._scaled_mm: 1052-1139), dgrad 1036-1168. Not faster: B scaled per row (wgr
 vector over the tile's 128 columns, 32 more registers a thread (it is loaded compactly and shuffled
 through shared memory just before each step's promotion, still 331-570 TFLOPS against the Triton
 kernel's 585-623), so wgrad stays on the Triton kernel; and small M (host-bound launches).
+For wgrad there are now configurations that fit (WGRAD_CONFIGS, compiled for sm_90 on the CPU without
+spills and with the overlap, not yet run on a GPU): 128x128 tiles whose two warpgroups split the
+columns (WARPS_N = 2: 16 column scales a thread, not 32) with the producer at 24 registers, and
+128x64 tiles; see GLUON_CONFIGS.
 
 Runs only on compute capability 9.0 (wgmma, setmaxnreg), with TMA-compatible operands, and never
 under TRITON_INTERPRET (the interpreter cannot run Gluon): `can_use_gluon` decides.
@@ -80,16 +84,43 @@ if tt.HAS_TRITON:
 
 BLOCK_K = 128  # one scale step: fixed by the recipe's 1x128 / 128x128 tiles
 
-# name -> (BLOCK_M, BLOCK_N, NUM_STAGES, GROUP_M, programs per SM). BLOCK_N = 128 keeps acc + two
-# in-flight partials in registers (3 x 64 fp32 a thread). 128-row tiles: two consumer warpgroups,
-# one program an SM. 64-row tiles: one consumer warpgroup, two programs an SM (each program's
-# epilogue and barrier waits then overlap the other's main loop).
+# name -> (BLOCK_M, BLOCK_N, NUM_STAGES, GROUP_M, programs per SM[, kernel options]). BLOCK_N = 128
+# keeps acc + two in-flight partials in registers (3 x 64 fp32 a thread). 128-row tiles: two consumer
+# warpgroups, one program an SM. 64-row tiles: one consumer warpgroup, two programs an SM (each
+# program's epilogue and barrier waits then overlap the other's main loop).
+# Kernel options (default _KERNEL_OPTS): WARPS_N = 2 splits the tile's columns between the two
+# consumer warpgroups instead of its rows; B_COLS prefetches wgrad's column scales (see _step_scale);
+# PRODUCER_REGS is the producer warpgroup's setmaxnreg (40 -> consumers 232 registers a thread in the
+# main loop; 24 -> 240: 256 x 240 + 128 x 24 = 64,512 of the 65,536).
 GLUON_CONFIGS = {
     "128x128s4": (128, 128, 4, 8, 1),
     "128x128s5": (128, 128, 5, 8, 1),
     "64x128s4o2": (64, 128, 4, 8, 2),
     "64x128s6": (64, 128, 6, 8, 1),
+    # wgrad candidates (B scaled per row: a vector of column scales a step). Compiled for sm_90 on
+    # the CPU, not yet run on a GPU (tests/kernels/test_fp8_gemm_gluon.py checks the compile: no
+    # spills, the wgmma/promotion overlap intact). Registers a consumer thread in the main loop,
+    # ptxas for sm_90a, fp32 out: predicted / compiled (highest register index + 1).
+    # 128x128 tile, WARPS_N = 2: a warpgroup holds 128 rows x 64 columns, so acc + two partials are
+    # still 3 x 64 registers but the column-scale vector is 16, not 32, and the row scales 4 (two
+    # prefetched: 8); ~29 of addresses, counters, loop state as in the forward kernel: ~245 predicted,
+    # too many for 232, hence PRODUCER_REGS = 24 (240) and int32 scale offsets (-8): 237-238 compiled, 0
+    # spills. Either alone still spills (ptxas stack: 56 bytes at PRODUCER_REGS = 40, 80 without the
+    # int32 offsets); WARPS_N = 1 with both: 72; WARPS_N = 2 with B_COLS as well: 376.
+    "128x128s4w": (128, 128, 4, 8, 1, dict(WARPS_N=2, PRODUCER_REGS=24)),
+    # 128x64 tile: acc + partials 3 x 32, column scales 16: ~150 predicted, 150-151 compiled; 8 stages
+    # (24 KB each; 229,764 bytes of shared memory with the fp32 epilogue tile, the limit is 232,448)
+    # because a step is half as long as at 128x128.
+    "128x64s8": (128, 64, 8, 8, 1),
+    # the same, column scales loaded straight into the wgmma column layout a step ahead (16 LDG +
+    # 16 address IADD a step, no shuffle through shared memory and its two barriers): +16 values and
+    # +32 for the loop-invariant 64-bit column addresses LLVM keeps: ~200 predicted, 226-230 compiled.
+    "128x64s8c": (128, 64, 8, 8, 1, dict(B_COLS=True)),
 }
+_KERNEL_OPTS = dict(WARPS_N=1, B_COLS=False, PRODUCER_REGS=40)
+# The configurations built for wgrad (B per row), checked on the CPU to compile without spills and with
+# the overlap (tests/kernels/test_fp8_gemm_gluon.py), to be timed on a GPU before gluon_config uses any.
+WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c")
 DEFAULT_CONFIG = "128x128s4"
 # Dispatch policy (fp8_gemm._launch asks gluon_config). Measured on an H200 (2026-11-30, torch 2.11,
 # triton 3.6, benchmarks/bench_fp8_gemm.py --gluon), V3 shapes at M = 4096 and 16384, bf16 out:
@@ -157,26 +188,38 @@ if HAS_GLUON:
         return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _step_scale(as_ptrs, bs_ptrs, ki, B_BLOCKWISE: gl.constexpr):
+    def _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, ki, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr):
         # Prefetched a step ahead (plain loads, L2-resident): a_s[rows, ki], and for a 128x128 block
-        # of B a scalar (the tile lies in one block). B scaled per row needs a vector over the tile's
-        # columns, 32 registers a thread in the wgmma layout: two of those carried a step ahead would
-        # spill, so that one is loaded by _b_scale just before its step is retired (sb here is a dummy).
-        sa = gl.load(as_ptrs + ki)
+        # of B a scalar (the tile lies in one block). B scaled per row (wgrad) needs a vector over the
+        # tile's columns, BLOCK_N / (4 WARPS_N) registers a thread in the wgmma layout: with B_COLS
+        # (128x64 tiles: 16 registers, two of them carried) it is prefetched here too, in the
+        # accumulator's column layout; otherwise it is loaded by _b_scale just before its step is
+        # retired (two carried a step ahead would not fit), and sb here is a dummy.
         if B_BLOCKWISE:
+            sa = gl.load(as_ptrs + ki)
             sb = gl.load(bs_ptrs + ki)
         else:
-            sb = sa
+            # as_ptrs (and bs_ptrs with B_COLS) are int32 offsets, ki added before the 64-bit address:
+            # LLVM then cannot hoist one 64-bit base pointer a row (or column) out of the loop, which
+            # costs 2 registers each (8 more a thread at WARPS_N = 2: the difference between spilling
+            # and not). Per step: one IADD and one IMAD.WIDE an address instead of two IADD3.
+            sa = gl.load(as_ptr + (as_ptrs + ki))
+            if B_COLS:
+                sb = gl.load((bs_ptr + ki) + bs_ptrs)
+            else:
+                sb = sa
         return sa, sb
 
     @gluon.jit
-    def _b_scale(bs_ptrs, ki, sb, B_BLOCKWISE: gl.constexpr, cols_l: gl.constexpr):
-        if B_BLOCKWISE:
+    def _b_scale(bs_ptrs, ki, sb, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr, cols_l: gl.constexpr):
+        if B_BLOCKWISE or B_COLS:
             return sb
         else:
             # bs_ptrs is compact (a pointer or two a thread) and the values are shuffled through shared
-            # memory into the wgmma column layout: 32 pointers a thread held across the loop spilled
-            # heavily; this spills less (ptxas: 144-bytes stack) but still does (see the docstring).
+            # memory into the wgmma column layout (STS, bar.sync, LDS.128, bar.sync: two barriers of
+            # the consumer warps a step): 32 pointers a thread held across the loop spilled heavily.
+            # At 128x128 with WARPS_N = 1 the shuffled vector (32 registers) still spills (ptxas:
+            # 104-byte stack); 128x64 tiles and WARPS_N = 2 (16 registers) do not.
             return gl.convert_layout(gl.load(bs_ptrs + ki), cols_l)
 
     @gluon.jit
@@ -194,11 +237,13 @@ if HAS_GLUON:
     @gluon.jit
     def _consumer(c_desc, as_ptr, bs_ptr, a_bufs, b_bufs, ready, empty, c_smem, M, N, K,
                   B_BLOCKWISE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_STAGES: gl.constexpr):  # fmt: skip
+                  NUM_STAGES: gl.constexpr, B_COLS: gl.constexpr, WARPS_N: gl.constexpr):  # fmt: skip
         num_warps: gl.constexpr = gl.num_warps()
-        # One 64-row slab per warpgroup, instruction m64 n=BLOCK_N k32 (fp8).
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_N, 32])  # fmt: skip
+        # WARPS_N = 1: one 64-row slab per warpgroup, instruction m64 n=BLOCK_N k32 (fp8). WARPS_N = 2
+        # (128x128 wgrad): warpgroup g owns columns [64 g, 64 g + 64) of all 128 rows, two m64n64k32
+        # chains a k32 slice; same registers for acc and partials, half the column-scale vector.
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // WARPS_N, WARPS_N],
+                                                      instr_shape=[16, BLOCK_N // WARPS_N, 32])  # fmt: skip
         rows_l: gl.constexpr = gl.SliceLayout(1, mma)
         cols_l: gl.constexpr = gl.SliceLayout(0, mma)
         compact_l: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
@@ -209,30 +254,34 @@ if HAS_GLUON:
         it = 0
         for tile_id in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile_id, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-            as_ptrs = as_ptr + ((off_m + gl.arange(0, BLOCK_M, rows_l)) % M) * kb
             if B_BLOCKWISE:
-                bs_ptrs = bs_ptr + (off_n // _BK) * kb  # BLOCK_N == 128: one weight block per tile
-            else:
-                bs_ptrs = bs_ptr + ((off_n + gl.arange(0, BLOCK_N, compact_l)) % N) * kb
+                as_ptrs = as_ptr + ((off_m + gl.arange(0, BLOCK_M, rows_l)) % M) * kb
+                bs_ptrs = bs_ptr + (off_n // _BK) * kb  # BLOCK_N divides 128: one weight block per tile
+            else:  # int32 offsets (see _step_scale)
+                as_ptrs = ((off_m + gl.arange(0, BLOCK_M, rows_l)) % M) * kb
+                if B_COLS:  # the columns this thread holds in the wgmma layout
+                    bs_ptrs = ((off_n + gl.arange(0, BLOCK_N, cols_l)) % N) * kb
+                else:
+                    bs_ptrs = bs_ptr + ((off_n + gl.arange(0, BLOCK_N, compact_l)) % N) * kb
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
             # Two partials alternate, unrolled by two steps. Each new wgmma writes into the registers of
             # the partial it replaces (passed as its accumulator with use_acc=False), so the loop needs
             # no register copies: a copy that read a partial whose wgmma is still in flight would make
             # ptxas serialize every wgmma (warning C7514).
             p0 = _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES)
-            sa0, sb0 = _step_scale(as_ptrs, bs_ptrs, 0, B_BLOCKWISE)
+            sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 0, B_BLOCKWISE, B_COLS)
             p1w = zero
             for j in range((kb - 1) // 2):
                 # in flight on entry: step 2j (p0). Issue 2j+1, retire 2j; issue 2j+2, retire 2j+1.
                 p1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
-                sa1, sb1 = _step_scale(as_ptrs, bs_ptrs, 2 * j + 1, B_BLOCKWISE)
-                sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, cols_l)
+                sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 1, B_BLOCKWISE, B_COLS)
+                sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, B_COLS, cols_l)
                 p0w = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
                 mbarrier.arrive(empty.index(it % NUM_STAGES))  # step 2j's operands are consumed
                 acc = _promote(acc, p0w, sa0, sb, B_BLOCKWISE)  # runs while step 2j+1 is on the tensor cores
                 p0 = _issue(a_bufs, b_bufs, ready, it + 2, p0w, NUM_STAGES)
-                sa0, sb0 = _step_scale(as_ptrs, bs_ptrs, 2 * j + 2, B_BLOCKWISE)
-                sb = _b_scale(bs_ptrs, 2 * j + 1, sb1, B_BLOCKWISE, cols_l)
+                sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 2, B_BLOCKWISE, B_COLS)
+                sb = _b_scale(bs_ptrs, 2 * j + 1, sb1, B_BLOCKWISE, B_COLS, cols_l)
                 p1w = warpgroup_mma_wait(num_outstanding=1, deps=(p1,))
                 mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
                 acc = _promote(acc, p1w, sa1, sb, B_BLOCKWISE)
@@ -240,18 +289,18 @@ if HAS_GLUON:
             # (branch-local names: p0 may not change type inside an if)
             if kb % 2 == 0:  # one step left to issue behind the in-flight p0
                 q1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
-                sa1, sb1 = _step_scale(as_ptrs, bs_ptrs, kb - 1, B_BLOCKWISE)
-                sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, cols_l)
+                sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, kb - 1, B_BLOCKWISE, B_COLS)
+                sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, B_COLS, cols_l)
                 q0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
                 mbarrier.arrive(empty.index(it % NUM_STAGES))
                 acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
-                sb = _b_scale(bs_ptrs, kb - 1, sb1, B_BLOCKWISE, cols_l)
+                sb = _b_scale(bs_ptrs, kb - 1, sb1, B_BLOCKWISE, B_COLS, cols_l)
                 q1 = warpgroup_mma_wait(num_outstanding=0, deps=(q1,))
                 mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
                 acc = _promote(acc, q1, sa1, sb, B_BLOCKWISE)
                 it += 2
             else:
-                sb = _b_scale(bs_ptrs, kb - 1, sb0, B_BLOCKWISE, cols_l)
+                sb = _b_scale(bs_ptrs, kb - 1, sb0, B_BLOCKWISE, B_COLS, cols_l)
                 q0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
                 mbarrier.arrive(empty.index(it % NUM_STAGES))
                 acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
@@ -266,7 +315,8 @@ if HAS_GLUON:
     @gluon.jit
     def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
                                B_BLOCKWISE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
+                               GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                               WARPS_N: gl.constexpr, B_COLS: gl.constexpr):  # fmt: skip
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
         c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
@@ -296,6 +346,8 @@ if HAS_GLUON:
                         BLOCK_N,
                         GROUP_M,
                         NUM_STAGES,
+                        B_COLS,
+                        WARPS_N,
                     ),
                 ),  # fmt: skip
                 (
@@ -347,7 +399,7 @@ def _num_sms(device_index: int) -> int:
 
 def launch_gluon(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, config: str | None = None, out=None):
     """C = A B^T block-scaled (see module docstring). Same argument convention as fp8_gemm._launch."""
-    bm, bn, stages, group_m, occ = GLUON_CONFIGS[config or DEFAULT_CONFIG]
+    bm, bn, stages, group_m, occ, *opts = GLUON_CONFIGS[config or DEFAULT_CONFIG]
     M, K = a.shape
     N = b.shape[0]
     c = torch.empty(M, N, dtype=out_dtype, device=a.device) if out is None else out
@@ -361,8 +413,8 @@ def launch_gluon(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, conf
     grid = (min(_num_sms(a.device.index or 0) * occ, tiles),)
     _fp8_gemm_gluon_kernel[grid](
         _desc(a, [bm, BLOCK_K]), _desc(b, [bn, BLOCK_K]), _desc(c, [bm, bn]), a_s, b_s, M, N, K,
-        B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages, PRODUCER_REGS=40,
-        num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
+        B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
+        **(_KERNEL_OPTS | opts[0] if opts else _KERNEL_OPTS), num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
     )  # fmt: skip
     return c
 
@@ -374,3 +426,32 @@ def _maxnreg(bm: int, occ: int = 1) -> int:
     # with setmaxnreg (e.g. 168 at entry -> 240 a consumer thread for 128-row tiles).
     threads = (bm // 16 + 4) * 32
     return min(248, 65536 // (threads * occ) // 8 * 8)
+
+
+_SIG_DTYPE = {torch.float8_e4m3fn: "fp8e4nv", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+
+
+def compile_sm90(config: str, b_blockwise: bool, out_dtype: torch.dtype = torch.float32):
+    """Compile the kernel for sm_90 as launch_gluon would launch `config`, without a GPU: returns the
+    triton CompiledKernel (.asm["ptx"], .asm["cubin"]) for reading registers, spills and SASS.
+    Same constexprs, num_warps, maxnreg and descriptor block shapes as the launcher; the pointers and
+    M, N, K are specialised as 16-divisible (the V3 shapes). Must run outside TRITON_INTERPRET (under
+    it the @triton.jit-level imports are interpreter objects); tests run it in a subprocess."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bm, bn, stages, group_m, occ, *opts = GLUON_CONFIGS[config]
+    kernel = _fp8_gemm_gluon_kernel
+
+    def desc(block, dtype):
+        return f"tensordesc<{_SIG_DTYPE[dtype]}{list(block)},{_smem_layout(tuple(block), dtype)!r}>"
+
+    constexprs = dict(B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages)
+    constexprs |= _KERNEL_OPTS | opts[0] if opts else _KERNEL_OPTS
+    signature = dict(a_desc=desc([bm, BLOCK_K], torch.float8_e4m3fn), b_desc=desc([bn, BLOCK_K], torch.float8_e4m3fn),
+                     c_desc=desc([bm, bn], out_dtype), as_ptr="*fp32", bs_ptr="*fp32", M="i32", N="i32", K="i32")  # fmt: skip
+    signature |= {name: "constexpr" for name in constexprs}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("as_ptr", "bs_ptr", "M", "N", "K")}
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=bm // 16, maxnreg=_maxnreg(bm, occ))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=options)

@@ -101,9 +101,13 @@ def test_dgrad(M, N, K, rel):
 @pytest.mark.parametrize("M,N,K", [(784, 1000, 2112), (4096, 2112, 1000)])  # M (the reduction) 16-aligned for TMA
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_wgrad_rowwise(M, N, K, out_dtype, rel):
-    """dW = dy^T x: both operands scaled per row (128x1 tiles along tokens)."""
+    """dW = dy^T x: both operands scaled per row (128x1 tiles along tokens). Every configuration, the
+    wgrad-only kernel options of GL.WGRAD_CONFIGS included (WARPS_N = 2, B_COLS; compiled on the CPU by
+    test_wgrad_configs_compile_for_sm90_without_spills, not yet run on a GPU). M = 784: 7 K-steps (odd
+    tail), 4096: 32 (even); dW is N x K: N = 1000 ragged rows, K = 1000 ragged 64- and 128-column tiles."""
     dyTq, dyTs = quantize_act_t_ref(_rand(M, N, seed=M + 2))
     xTq, xTs = quantize_act_t_ref(_rand(M, K, seed=K + 2))
+    assert set(GL.WGRAD_CONFIGS) <= set(GL.GLUON_CONFIGS)
     for config in GL.GLUON_CONFIGS:
         dw = GL.launch_gluon(dyTq, dyTs, xTq, xTs, False, out_dtype, config=config, out=_nan_out(N, K, out_dtype))
         assert not dw.isnan().any()
@@ -156,3 +160,63 @@ def test_dispatch_falls_back_without_gluon(monkeypatch, tol, rel):
     assert not GL.can_use_gluon(xq, wq)
     y = fp8_gemm(xq, xs, wq, ws, torch.float32)  # -> _launch, through require_fp8's interpreter setup
     assert rel(y, fp8_gemm_ref(xq, xs, wq, ws, torch.float32)) < tol[torch.float32]
+
+
+_WGRAD_SASS_CHECK = """
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+from triton import knobs
+from modeling_deepseek_v3.kernels import fp8_gemm_gluon as GL
+
+bad = []
+for config in sys.argv[1:]:
+    for out_dtype in (torch.float32, torch.bfloat16):
+        ck = GL.compile_sm90(config, False, out_dtype)  # B scaled per row: the wgrad path
+        ptx, tag = ck.asm["ptx"], (config, str(out_dtype))
+        with tempfile.TemporaryDirectory() as d:
+            open(f"{d}/k.ptx", "w").write(ptx)
+            open(f"{d}/k.cubin", "wb").write(ck.asm["cubin"])
+            # the same ptxas Triton ran: spills and warnings (C7514: wgmma serialized)
+            v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/v.cubin"],
+                               capture_output=True, text=True).stderr
+            sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f"{d}/k.cubin"],
+                                  capture_output=True, text=True).stdout
+        if "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" not in v:
+            bad.append((tag, "spills", [l.strip() for l in v.splitlines() if "spill" in l or "stack" in l]))
+        if "C7514" in v or "serializ" in v:
+            bad.append((tag, "ptxas serializes wgmma", v[-800:]))
+        if re.search(r"\\b(STL|LDL)\\b", sass):
+            bad.append((tag, "local-memory traffic in SASS"))
+        if "QGMMA" not in sass:
+            bad.append((tag, "no QGMMA (wgmma) in SASS"))
+        # the overlap: retire step k with step k+1 still in flight, then promote on the CUDA cores
+        if ptx.count("wgmma.wait_group.sync.aligned 1;") < 2 or sass.count("WARPGROUP.DEPBAR.LE gsb0, 0x1") < 2:
+            bad.append((tag, "no wait-for-all-but-one (wgmma.wait_group 1 / DEPBAR.LE gsb0, 0x1)"))
+        if not re.search(r"WARPGROUP\\.DEPBAR\\.LE gsb0, 0x1 ;(?:(?!QGMMA).)*?\\bFFMA\\b", sass, re.S):
+            bad.append((tag, "no FFMA between the partial wait and the next wgmma"))
+assert not bad, bad
+print("ok")
+"""
+
+
+def test_wgrad_configs_compile_for_sm90_without_spills():
+    """The wgrad candidates (B scaled per row, a column-scale vector a step) compiled for sm_90 on the CPU,
+    as launch_gluon would build them (same constexprs, num_warps, maxnreg, setmaxnreg split): ptxas
+    reports no spill and no C7514 (wgmma serialized), the SASS has QGMMA, no local memory, and the
+    partial-overlap wait (wgmma.wait_group 1 / WARPGROUP.DEPBAR.LE gsb0, 0x1) followed by the promotion
+    FFMAs before the next wgmma. Speed and results are for the GPU tests/benchmark (test_wgrad_rowwise
+    runs every GLUON_CONFIGS entry). A subprocess: the conftest's TRITON_INTERPRET=1 breaks Gluon compiles."""
+    import subprocess
+    import sys
+
+    if not GL.HAS_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    assert set(GL.WGRAD_CONFIGS) <= set(GL.GLUON_CONFIGS)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _WGRAD_SASS_CHECK, *GL.WGRAD_CONFIGS], capture_output=True,
+                         text=True, timeout=300, env=env)  # fmt: skip
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
