@@ -91,7 +91,8 @@ def main() -> None:
 
 def kernels_table() -> None:
     """The grouped FP8 GEMMs of this layer alone (8192 tokens x top-8 over 256 experts, random routing): the
-    TMA kernels vs the pointer kernels they replace, checked against each other first."""
+    TMA kernels vs the pointer kernels they replace, checked against each other first; forward and dgrad
+    also through the Gluon grouped kernel (on Hopper only), checked against the fp32 reference."""
     import importlib
     import sys
 
@@ -130,6 +131,26 @@ def kernels_table() -> None:
             r[f"{tag}_rel_diff_new_vs_old"] = rel(f_new(), f_old())
             r[f"{tag}_tflops_new"] = fl / ms(f_new) / 1e9
             r[f"{tag}_tflops_old"] = fl / ms(f_old) / 1e9
+        # The Gluon grouped kernel (fp8_gemm_gluon.launch_gluon_grouped, not dispatched) at the same sizes, each
+        # configuration, errors of it and of the Triton TMA kernel vs the fp32 reference; only where Gluon runs.
+        GLm = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
+        if GLm.can_use_gluon(xq, dq):
+            for tag, a, a_s, b, b_s_fn, ref_fn, f_triton in [
+                ("fwd", xq, xs, wq, lambda: ws, K_.fp8_grouped_gemm_ref,
+                 lambda: GG._grouped_launch(xq, xs, wq, ws, offs, torch.bfloat16, use_tma=True)),
+                ("dgrad", dq, dsc, wqt, lambda: ws.transpose(1, 2).contiguous(), K_.fp8_grouped_gemm_dgrad_ref,
+                 lambda: K_.fp8_grouped_gemm_dgrad(dq, dsc, None, ws, offs, w_EKN=wqt)),
+            ]:  # fmt: skip
+                ref = ref_fn(a, a_s, wq, ws, offs, torch.float32)
+                r[f"{tag}_rel_err_new_vs_ref"] = rel(f_triton(), ref)
+                for config in GLm.GROUPED_CONFIGS:
+                    f = lambda: GLm.launch_gluon_grouped(a, a_s, b, b_s_fn(), offs, torch.bfloat16, config=config)
+                    r[f"{tag}_rel_err_gluon_{config}_vs_ref"] = rel(f(), ref)
+                    r[f"{tag}_tflops_gluon_{config}"] = fl / ms(f) / 1e9
+                del ref
+            del a, a_s, b
+        else:
+            print(name, "Gluon grouped kernel skipped (needs compute capability 9.0 and triton.experimental.gluon)")
         table[name] = r
         print(name, json.dumps({k: round(v, 5) for k, v in r.items()}), flush=True)
         del x, dy, xq, wq, wqt, dq, dtq, xtq

@@ -49,6 +49,12 @@ spills and with the overlap, not yet run on a GPU): 128x128 tiles whose two warp
 columns (WARPS_N = 2: 16 column scales a thread, not 32) with the producer at 24 registers, and
 128x64 tiles; see GLUON_CONFIGS.
 
+Grouped variant for the MoE experts (`launch_gluon_grouped`, fp8_grouped_gemm's forward/dgrad contract,
+B in 128x128 blocks): the same producer, ring and main loop (`_produce_tile`, `_scaled_mainloop`) over
+tiles of one expert's rows (fp8_grouped_gemm._tile_map), with a row-masked epilogue for each expert's
+last tile. Compiled for sm_90 on the CPU (no spills, the overlap intact), not yet run on a GPU, and not
+dispatched: see the comment above `_grouped_tile`.
+
 Runs only on compute capability 9.0 (wgmma, setmaxnreg), with TMA-compatible operands, and never
 under TRITON_INTERPRET (the interpreter cannot run Gluon): `can_use_gluon` decides.
 """
@@ -165,19 +171,26 @@ if HAS_GLUON:
         num_m = gl.cdiv(M, BLOCK_M)
         num_n = gl.cdiv(N, BLOCK_N)
         kb = gl.cdiv(K, _BK)
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         it = 0
         for tile_id in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile_id, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-            for ki in range(kb):
-                s = it % NUM_STAGES
-                # empty barriers start in phase 0 not yet complete; waiting for parity 1 passes at once,
-                # so the first lap through the ring does not block.
-                mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), nbytes)
-                tma.async_copy_global_to_shared(a_desc, [off_m, ki * _BK], ready.index(s), a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [off_n, ki * _BK], ready.index(s), b_bufs.index(s))
-                it += 1
+            it = _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, off_m, off_n, kb, NUM_STAGES)
+
+    @gluon.jit
+    def _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, a_row, b_row, kb, NUM_STAGES: gl.constexpr):
+        # One tile's K loop: rows [a_row, a_row + BLOCK_M) of A and [b_row, b_row + BLOCK_N) of B, ring
+        # slots it, it + 1, ...; returns the next slot counter.
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        for ki in range(kb):
+            s = it % NUM_STAGES
+            # empty barriers start in phase 0 not yet complete; waiting for parity 1 passes at once,
+            # so the first lap through the ring does not block.
+            mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            tma.async_copy_global_to_shared(a_desc, [a_row, ki * _BK], ready.index(s), a_bufs.index(s))
+            tma.async_copy_global_to_shared(b_desc, [b_row, ki * _BK], ready.index(s), b_bufs.index(s))
+            it += 1
+        return it
 
     @gluon.jit
     def _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES: gl.constexpr):
@@ -235,6 +248,54 @@ if HAS_GLUON:
         return gl.inline_asm_elementwise("", "=f,0", [acc], dtype=gl.float32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr, bs_ptrs,
+                         cols_l: gl.constexpr, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr,
+                         NUM_STAGES: gl.constexpr):  # fmt: skip
+        # One tile's kb 128-K steps from ring slot `it` on, promoted into acc; returns (acc, next slot).
+        # Two partials alternate, unrolled by two steps. Each new wgmma writes into the registers of
+        # the partial it replaces (passed as its accumulator with use_acc=False), so the loop needs
+        # no register copies: a copy that read a partial whose wgmma is still in flight would make
+        # ptxas serialize every wgmma (warning C7514).
+        p0 = _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES)
+        sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 0, B_BLOCKWISE, B_COLS)
+        p1w = zero
+        for j in range((kb - 1) // 2):
+            # in flight on entry: step 2j (p0). Issue 2j+1, retire 2j; issue 2j+2, retire 2j+1.
+            p1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
+            sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 1, B_BLOCKWISE, B_COLS)
+            sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, B_COLS, cols_l)
+            p0w = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
+            mbarrier.arrive(empty.index(it % NUM_STAGES))  # step 2j's operands are consumed
+            acc = _promote(acc, p0w, sa0, sb, B_BLOCKWISE)  # runs while step 2j+1 is on the tensor cores
+            p0 = _issue(a_bufs, b_bufs, ready, it + 2, p0w, NUM_STAGES)
+            sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 2, B_BLOCKWISE, B_COLS)
+            sb = _b_scale(bs_ptrs, 2 * j + 1, sb1, B_BLOCKWISE, B_COLS, cols_l)
+            p1w = warpgroup_mma_wait(num_outstanding=1, deps=(p1,))
+            mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
+            acc = _promote(acc, p1w, sa1, sb, B_BLOCKWISE)
+            it += 2
+        # (branch-local names: p0 may not change type inside an if)
+        if kb % 2 == 0:  # one step left to issue behind the in-flight p0
+            q1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
+            sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, kb - 1, B_BLOCKWISE, B_COLS)
+            sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, B_COLS, cols_l)
+            q0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
+            mbarrier.arrive(empty.index(it % NUM_STAGES))
+            acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
+            sb = _b_scale(bs_ptrs, kb - 1, sb1, B_BLOCKWISE, B_COLS, cols_l)
+            q1 = warpgroup_mma_wait(num_outstanding=0, deps=(q1,))
+            mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
+            acc = _promote(acc, q1, sa1, sb, B_BLOCKWISE)
+            it += 2
+        else:
+            sb = _b_scale(bs_ptrs, kb - 1, sb0, B_BLOCKWISE, B_COLS, cols_l)
+            q0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
+            mbarrier.arrive(empty.index(it % NUM_STAGES))
+            acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
+            it += 1
+        return acc, it
+
+    @gluon.jit
     def _consumer(c_desc, as_ptr, bs_ptr, a_bufs, b_bufs, ready, empty, c_smem, M, N, K,
                   B_BLOCKWISE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                   NUM_STAGES: gl.constexpr, B_COLS: gl.constexpr, WARPS_N: gl.constexpr):  # fmt: skip
@@ -264,47 +325,8 @@ if HAS_GLUON:
                 else:
                     bs_ptrs = bs_ptr + ((off_n + gl.arange(0, BLOCK_N, compact_l)) % N) * kb
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
-            # Two partials alternate, unrolled by two steps. Each new wgmma writes into the registers of
-            # the partial it replaces (passed as its accumulator with use_acc=False), so the loop needs
-            # no register copies: a copy that read a partial whose wgmma is still in flight would make
-            # ptxas serialize every wgmma (warning C7514).
-            p0 = _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES)
-            sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 0, B_BLOCKWISE, B_COLS)
-            p1w = zero
-            for j in range((kb - 1) // 2):
-                # in flight on entry: step 2j (p0). Issue 2j+1, retire 2j; issue 2j+2, retire 2j+1.
-                p1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
-                sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 1, B_BLOCKWISE, B_COLS)
-                sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, B_COLS, cols_l)
-                p0w = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
-                mbarrier.arrive(empty.index(it % NUM_STAGES))  # step 2j's operands are consumed
-                acc = _promote(acc, p0w, sa0, sb, B_BLOCKWISE)  # runs while step 2j+1 is on the tensor cores
-                p0 = _issue(a_bufs, b_bufs, ready, it + 2, p0w, NUM_STAGES)
-                sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 2, B_BLOCKWISE, B_COLS)
-                sb = _b_scale(bs_ptrs, 2 * j + 1, sb1, B_BLOCKWISE, B_COLS, cols_l)
-                p1w = warpgroup_mma_wait(num_outstanding=1, deps=(p1,))
-                mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
-                acc = _promote(acc, p1w, sa1, sb, B_BLOCKWISE)
-                it += 2
-            # (branch-local names: p0 may not change type inside an if)
-            if kb % 2 == 0:  # one step left to issue behind the in-flight p0
-                q1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
-                sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, kb - 1, B_BLOCKWISE, B_COLS)
-                sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, B_COLS, cols_l)
-                q0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
-                mbarrier.arrive(empty.index(it % NUM_STAGES))
-                acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
-                sb = _b_scale(bs_ptrs, kb - 1, sb1, B_BLOCKWISE, B_COLS, cols_l)
-                q1 = warpgroup_mma_wait(num_outstanding=0, deps=(q1,))
-                mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
-                acc = _promote(acc, q1, sa1, sb, B_BLOCKWISE)
-                it += 2
-            else:
-                sb = _b_scale(bs_ptrs, kb - 1, sb0, B_BLOCKWISE, B_COLS, cols_l)
-                q0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
-                mbarrier.arrive(empty.index(it % NUM_STAGES))
-                acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
-                it += 1
+            acc, it = _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr,
+                                       bs_ptrs, cols_l, B_BLOCKWISE, B_COLS, NUM_STAGES)  # fmt: skip
             # Epilogue: the previous tile's TMA store must have read c_smem before it is overwritten.
             tma.store_wait(pendings=0)
             c_smem.store(acc.to(c_desc.dtype))
@@ -313,10 +335,9 @@ if HAS_GLUON:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
-                               B_BLOCKWISE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                               GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                               WARPS_N: gl.constexpr, B_COLS: gl.constexpr):  # fmt: skip
+    def _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES: gl.constexpr):
+        # The operand ring (NUM_STAGES slots of A and B tiles), the epilogue tile, and each slot's ready
+        # (TMA landed) and empty (consumers done) mbarriers.
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
         c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
@@ -325,6 +346,14 @@ if HAS_GLUON:
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
+        return a_bufs, b_bufs, c_smem, ready, empty
+
+    @gluon.jit
+    def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
+                               B_BLOCKWISE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                               GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                               WARPS_N: gl.constexpr, B_COLS: gl.constexpr):  # fmt: skip
+        a_bufs, b_bufs, c_smem, ready, empty = _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES)
         gl.warp_specialize(
             [
                 (
@@ -358,6 +387,104 @@ if HAS_GLUON:
             [1],
             [PRODUCER_REGS],
         )
+
+    # -----------------------------------------------------------------------------------------
+    # Grouped (MoE experts) variant, B in 128x128 blocks: compiled for sm_90 on the CPU, not yet run on a
+    # GPU, not dispatched (fp8_grouped_gemm.py still runs its Triton kernels). Same producer, ring, main
+    # loop (_produce_tile, _scaled_mainloop) as above; what differs is the tile walk and the epilogue.
+    # Tiles: (row tile of one expert, N tile). Row tile t has expert tile_expert[t] and first row
+    # tile_row[t] (fp8_grouped_gemm._tile_map, built on the device for BLOCK_M); the tail of the static
+    # ceil(S / BLOCK_M) + E row tiles is idle. Both partitions read the number of real row tiles from
+    # device memory (ntiles_ptr) and walk only tile ids < ntiles * num_n: no host sync, and no program
+    # spends time on idle tiles (the persistent grid is sized for the static bound). Tile order is
+    # _tile_offsets's GROUP_M order over row tiles: an expert's row tiles (neighbours in t) load the
+    # same B tile at about the same time, so the expert's weight is read from memory about once.
+
+    @gluon.jit
+    def _grouped_tile(tile_id, num_t, num_n, tile_expert_ptr, tile_row_ptr, BLOCK_N: gl.constexpr,
+                      GROUP_M: gl.constexpr):  # fmt: skip
+        t, off_n = _tile_offsets(tile_id, num_t, num_n, 1, BLOCK_N, GROUP_M)
+        return gl.load(tile_expert_ptr + t), gl.load(tile_row_ptr + t), off_n
+
+    @gluon.jit
+    def _grouped_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_expert_ptr, tile_row_ptr, ntiles_ptr,
+                          N, K, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr):  # fmt: skip
+        # A rows from the tile's first row: a tile may run past its expert's last row into the next
+        # expert's rows (not stored) or past S (zero-filled). B: expert e's rows start at e * N of the
+        # [E * N, K] view; with N % BLOCK_N != 0 the last N tile reads expert e + 1's first rows (or
+        # zero fill past E * N) into columns that are not stored.
+        num_n = gl.cdiv(N, BLOCK_N)
+        num_t = gl.load(ntiles_ptr)
+        kb = gl.cdiv(K, _BK)
+        it = 0
+        for tile_id in range(gl.program_id(0), num_t * num_n, gl.num_programs(0)):
+            e, row0, off_n = _grouped_tile(tile_id, num_t, num_n, tile_expert_ptr, tile_row_ptr, BLOCK_N, GROUP_M)
+            it = _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, row0, e * N + off_n, kb, NUM_STAGES)
+
+    @gluon.jit
+    def _grouped_consumer(c_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, ntiles_ptr,
+                          a_bufs, b_bufs, ready, empty, c_smem, S, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr):  # fmt: skip
+        num_warps: gl.constexpr = gl.num_warps()
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])  # fmt: skip
+        rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+        cols_l: gl.constexpr = gl.SliceLayout(0, mma)
+        # Masked epilogue: c_smem read back in 16-byte row vectors (VEC elements, BLOCK_N / VEC threads a row).
+        VEC: gl.constexpr = 128 // c_desc.dtype.primitive_bitwidth
+        store_l: gl.constexpr = gl.BlockedLayout(
+            [1, VEC], [32 * VEC // BLOCK_N, BLOCK_N // VEC], [num_warps, 1], [1, 0]
+        )
+        num_n = gl.cdiv(N, BLOCK_N)
+        num_t = gl.load(ntiles_ptr)
+        kb = gl.cdiv(K, _BK)
+        nb = gl.cdiv(N, _BK)
+        zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+        it = 0
+        for tile_id in range(gl.program_id(0), num_t * num_n, gl.num_programs(0)):
+            e, row0, off_n = _grouped_tile(tile_id, num_t, num_n, tile_expert_ptr, tile_row_ptr, BLOCK_N, GROUP_M)
+            row_end = gl.load(offs_ptr + e)
+            # a_s rows clamped at S - 1 (their products are not stored); b_s: one 128x128 block a tile.
+            as_ptrs = as_ptr + gl.minimum(row0 + gl.arange(0, BLOCK_M, rows_l), S - 1) * kb
+            bs_ptrs = bs_ptr + (e * nb + off_n // _BK) * kb
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+            acc, it = _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr,
+                                       bs_ptrs, cols_l, True, False, NUM_STAGES)  # fmt: skip
+            tma.store_wait(pendings=0)  # the previous tile's TMA store has read c_smem
+            c_smem.store(acc.to(c_desc.dtype))
+            if (row0 + BLOCK_M <= row_end) & (off_n + BLOCK_N <= N):
+                # Every row is this expert's and every column < N: the asynchronous TMA store, waited
+                # for at the next tile's epilogue (overlaps the next main loop).
+                fence_async_shared()
+                tma.async_copy_shared_to_global(c_desc, [row0, off_n], c_smem)
+            else:
+                # The expert's last tile (or the last N tile of a ragged N): a TMA store would write the
+                # next expert's rows, so masked 16-byte stores from registers instead.
+                out = c_smem.load(store_l)
+                rows = row0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_l))
+                cols = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, store_l))
+                mask = (rows < row_end)[:, None] & (cols < N)[None, :]
+                gl.store(c_ptr + (rows.to(gl.int64) * N)[:, None] + cols[None, :], out, mask=mask)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _fp8_grouped_gluon_kernel(a_desc, b_desc, c_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr,
+                                  tile_row_ptr, ntiles_ptr, S, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                  GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr):  # fmt: skip
+        a_bufs, b_bufs, c_smem, ready, empty = _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES)
+        # (argument tuples written inline: built into a local variable first, the constexprs reached the
+        # partitions as tensors, a CompilationError in gl.zeros)
+        gl.warp_specialize(
+            [
+                (_grouped_consumer, (c_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, ntiles_ptr,
+                                     a_bufs, b_bufs, ready, empty, c_smem, S, N, K, BLOCK_M, BLOCK_N, GROUP_M,
+                                     NUM_STAGES)),
+                (_grouped_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_expert_ptr, tile_row_ptr,
+                                     ntiles_ptr, N, K, BLOCK_N, GROUP_M, NUM_STAGES)),
+            ],
+            [1],
+            [PRODUCER_REGS],
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +526,7 @@ def _num_sms(device_index: int) -> int:
 
 def launch_gluon(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, config: str | None = None, out=None):
     """C = A B^T block-scaled (see module docstring). Same argument convention as fp8_gemm._launch."""
-    bm, bn, stages, group_m, occ, *opts = GLUON_CONFIGS[config or DEFAULT_CONFIG]
+    bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config or DEFAULT_CONFIG]
     M, K = a.shape
     N = b.shape[0]
     c = torch.empty(M, N, dtype=out_dtype, device=a.device) if out is None else out
@@ -414,9 +541,58 @@ def launch_gluon(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, conf
     _fp8_gemm_gluon_kernel[grid](
         _desc(a, [bm, BLOCK_K]), _desc(b, [bn, BLOCK_K]), _desc(c, [bm, bn]), a_s, b_s, M, N, K,
         B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
-        **(_KERNEL_OPTS | opts[0] if opts else _KERNEL_OPTS), num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
+        **_kernel_opts(config or DEFAULT_CONFIG), num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
     )  # fmt: skip
     return c
+
+
+# Grouped (MoE) kernel: the 128x128-block configurations (WARPS_N = 1, no B_COLS). Not yet run on a GPU, so
+# the default is the dense forward's; 64-row tiles pad an expert's rows less (the Triton grouped kernel
+# uses 64) and are to be timed against it (benchmarks/bench_moe_layer.py --kernels).
+GROUPED_CONFIGS = ("128x128s4", "128x128s5", "64x128s4o2", "64x128s6")
+GROUPED_DEFAULT_CONFIG = "128x128s4"
+
+
+def launch_gluon_grouped(x_SK, x_s, w_ENK, w_s, offs_E, out_dtype, config=None, out=None):
+    """y[S, N]: rows of expert e (offs_E's ranges, fp8_grouped_gemm's contract) times W[e]^T, e4m3 x with
+    1x128 scales, W [E, N, K] in 128x128 blocks (w_s [E, Nb, Kb]). dgrad is the same call on dy with the
+    K-major copy W [E, K, N] and the transposed scales, as fp8_grouped_gemm_dgrad does. Rows past
+    offs_E[-1] are not written. Compiled for sm_90 on the CPU, not yet run on a GPU; not dispatched."""
+    from .fp8_grouped_gemm import _check_offs, _tile_map
+
+    config = config or GROUPED_DEFAULT_CONFIG
+    assert config in GROUPED_CONFIGS, f"{config}: not a 128x128-block configuration"
+    bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
+    S, K = x_SK.shape
+    E, N, Kw = w_ENK.shape
+    assert Kw == K, f"reduction dims differ: {K} vs {Kw}"
+    Kb, Nb = triton.cdiv(K, BLOCK_K), triton.cdiv(N, BLOCK_K)
+    assert x_s.shape == (S, Kb) and w_s.shape == (E, Nb, Kb), "scales must be [S, Kb] and [E, Nb, Kb]"
+    assert x_s.dtype == w_s.dtype == torch.float32 and x_s.is_contiguous() and w_s.is_contiguous()
+    _check_offs(offs_E, E)
+    c = torch.empty(S, N, dtype=out_dtype, device=x_SK.device) if out is None else out
+    assert c.shape == (S, N) and c.is_contiguous(), "out must be a contiguous [S, N] (masked stores use row stride N)"
+    if S == 0 or N == 0 or E == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    w = w_ENK.reshape(E * N, K)  # stacked: expert e's rows start at row e * N (a copy if not contiguous)
+    if not (offs_E.is_cuda and can_use_gluon(x_SK, w, c)):
+        raise ValueError("launch_gluon_grouped: needs CUDA cc 9.0, Gluon, no interpreter, 16-byte aligned rows")
+    tile_expert, tile_row = _tile_map(offs_E, S, bm)
+    ntiles = (tile_expert >= 0).sum(dtype=torch.int32)  # real row tiles, on the device: no host sync
+    grid = (min(_num_sms(x_SK.device.index or 0) * occ, tile_expert.numel() * triton.cdiv(N, bn)),)
+    _fp8_grouped_gluon_kernel[grid](
+        _desc(x_SK, [bm, BLOCK_K]), _desc(w, [bn, BLOCK_K]), _desc(c, [bm, bn]), c, x_s, w_s, offs_E, tile_expert,
+        tile_row, ntiles, S, N, K, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
+        PRODUCER_REGS=_kernel_opts(config)["PRODUCER_REGS"], num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
+    )  # fmt: skip
+    return c
+
+
+def _kernel_opts(config: str) -> dict:
+    opts = GLUON_CONFIGS[config][5:]
+    return _KERNEL_OPTS | opts[0] if opts else _KERNEL_OPTS
 
 
 def _maxnreg(bm: int, occ: int = 1) -> int:
@@ -431,27 +607,47 @@ def _maxnreg(bm: int, occ: int = 1) -> int:
 _SIG_DTYPE = {torch.float8_e4m3fn: "fp8e4nv", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
 
+def _compile(kernel, config: str, constexprs: dict, signature: dict, divisible: tuple[str, ...]):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bm, _, _, _, occ, *_ = GLUON_CONFIGS[config]
+    signature = signature | {name: "constexpr" for name in constexprs}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=bm // 16, maxnreg=_maxnreg(bm, occ))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=options)
+
+
+def _desc_sig(block, dtype) -> str:
+    return f"tensordesc<{_SIG_DTYPE[dtype]}{list(block)},{_smem_layout(tuple(block), dtype)!r}>"
+
+
 def compile_sm90(config: str, b_blockwise: bool, out_dtype: torch.dtype = torch.float32):
     """Compile the kernel for sm_90 as launch_gluon would launch `config`, without a GPU: returns the
     triton CompiledKernel (.asm["ptx"], .asm["cubin"]) for reading registers, spills and SASS.
     Same constexprs, num_warps, maxnreg and descriptor block shapes as the launcher; the pointers and
     M, N, K are specialised as 16-divisible (the V3 shapes). Must run outside TRITON_INTERPRET (under
     it the @triton.jit-level imports are interpreter objects); tests run it in a subprocess."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    bm, bn, stages, group_m, occ, *opts = GLUON_CONFIGS[config]
-    kernel = _fp8_gemm_gluon_kernel
-
-    def desc(block, dtype):
-        return f"tensordesc<{_SIG_DTYPE[dtype]}{list(block)},{_smem_layout(tuple(block), dtype)!r}>"
-
+    bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
     constexprs = dict(B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages)
-    constexprs |= _KERNEL_OPTS | opts[0] if opts else _KERNEL_OPTS
-    signature = dict(a_desc=desc([bm, BLOCK_K], torch.float8_e4m3fn), b_desc=desc([bn, BLOCK_K], torch.float8_e4m3fn),
-                     c_desc=desc([bm, bn], out_dtype), as_ptr="*fp32", bs_ptr="*fp32", M="i32", N="i32", K="i32")  # fmt: skip
-    signature |= {name: "constexpr" for name in constexprs}
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("as_ptr", "bs_ptr", "M", "N", "K")}
-    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=bm // 16, maxnreg=_maxnreg(bm, occ))
-    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=options)
+    constexprs |= _kernel_opts(config)
+    fp8 = torch.float8_e4m3fn
+    signature = dict(a_desc=_desc_sig([bm, BLOCK_K], fp8), b_desc=_desc_sig([bn, BLOCK_K], fp8),
+                     c_desc=_desc_sig([bm, bn], out_dtype), as_ptr="*fp32", bs_ptr="*fp32", M="i32", N="i32", K="i32")  # fmt: skip
+    return _compile(_fp8_gemm_gluon_kernel, config, constexprs, signature, ("as_ptr", "bs_ptr", "M", "N", "K"))
+
+
+def compile_sm90_grouped(config: str, out_dtype: torch.dtype = torch.float32):
+    """compile_sm90 for the grouped kernel as launch_gluon_grouped would launch `config` (S not assumed
+    16-divisible: routed row counts are arbitrary)."""
+    bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
+                      PRODUCER_REGS=_kernel_opts(config)["PRODUCER_REGS"])  # fmt: skip
+    fp8 = torch.float8_e4m3fn
+    ptrs = ("c_ptr", "as_ptr", "bs_ptr", "offs_ptr", "tile_expert_ptr", "tile_row_ptr", "ntiles_ptr")
+    signature = dict(a_desc=_desc_sig([bm, BLOCK_K], fp8), b_desc=_desc_sig([bn, BLOCK_K], fp8),
+                     c_desc=_desc_sig([bm, bn], out_dtype), c_ptr="*" + _SIG_DTYPE[out_dtype], as_ptr="*fp32",
+                     bs_ptr="*fp32", offs_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32", ntiles_ptr="*i32",
+                     S="i32", N="i32", K="i32")  # fmt: skip
+    return _compile(_fp8_grouped_gluon_kernel, config, constexprs, signature, (*ptrs, "N", "K"))

@@ -13,7 +13,10 @@ Tolerances (relative Frobenius error; the conftest's table is for the exact-fp32
                        measured on an H200 for this kernel at every shape tried.
   bf16 output: 4e-3 -- plus the round-to-nearest bf16 cast, <= 2^-9 relative per element (RMS
                        about 1.1e-3; 1.7e-3 measured at V3 shapes), with headroom.
-The CPU test checks that the dispatcher falls back cleanly where Gluon cannot run.
+The CPU tests check that the dispatcher falls back cleanly where Gluon cannot run, and compile the
+wgrad configurations and the grouped (MoE) kernel for sm_90 (ptxas: no spills, the overlap intact).
+The grouped kernel (launch_gluon_grouped) has so far only been compiled, never run: its GPU tests here
+are the first numerical check.
 """
 
 import importlib
@@ -30,6 +33,8 @@ from modeling_deepseek_v3.kernels import (  # noqa: E402
     fp8_gemm_dgrad_ref,
     fp8_gemm_ref,
     fp8_gemm_wgrad_ref,
+    fp8_grouped_gemm_dgrad_ref,
+    fp8_grouped_gemm_ref,
     quantize_act_ref,
     quantize_act_t_ref,
     quantize_weight_ref,
@@ -162,7 +167,7 @@ def test_dispatch_falls_back_without_gluon(monkeypatch, tol, rel):
     assert rel(y, fp8_gemm_ref(xq, xs, wq, ws, torch.float32)) < tol[torch.float32]
 
 
-_WGRAD_SASS_CHECK = """
+_SASS_CHECK = """
 import re
 import subprocess
 import sys
@@ -173,10 +178,14 @@ from triton import knobs
 from modeling_deepseek_v3.kernels import fp8_gemm_gluon as GL
 
 bad = []
-for config in sys.argv[1:]:
+mode = sys.argv[1]
+for config in sys.argv[2:]:
     for out_dtype in (torch.float32, torch.bfloat16):
-        ck = GL.compile_sm90(config, False, out_dtype)  # B scaled per row: the wgrad path
-        ptx, tag = ck.asm["ptx"], (config, str(out_dtype))
+        if mode == "wgrad":
+            ck = GL.compile_sm90(config, False, out_dtype)  # B scaled per row: the wgrad path
+        else:
+            ck = GL.compile_sm90_grouped(config, out_dtype)  # the grouped (MoE) kernel, B in 128x128 blocks
+        ptx, tag = ck.asm["ptx"], (mode, config, str(out_dtype))
         with tempfile.TemporaryDirectory() as d:
             open(f"{d}/k.ptx", "w").write(ptx)
             open(f"{d}/k.cubin", "wb").write(ck.asm["cubin"])
@@ -198,6 +207,9 @@ for config in sys.argv[1:]:
             bad.append((tag, "no wait-for-all-but-one (wgmma.wait_group 1 / DEPBAR.LE gsb0, 0x1)"))
         if not re.search(r"WARPGROUP\\.DEPBAR\\.LE gsb0, 0x1 ;(?:(?!QGMMA).)*?\\bFFMA\\b", sass, re.S):
             bad.append((tag, "no FFMA between the partial wait and the next wgmma"))
+        # grouped epilogue: the TMA store for full tiles, masked 16-byte stores for an expert's last tile
+        if mode == "grouped" and ("cp.async.bulk.tensor.2d.global.shared" not in ptx or "st.global.v4" not in ptx):
+            bad.append((tag, "grouped epilogue: no TMA store or no masked vector store"))
 assert not bad, bad
 print("ok")
 """
@@ -217,6 +229,112 @@ def test_wgrad_configs_compile_for_sm90_without_spills():
         pytest.skip("this Triton has no Gluon")
     assert set(GL.WGRAD_CONFIGS) <= set(GL.GLUON_CONFIGS)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _WGRAD_SASS_CHECK, *GL.WGRAD_CONFIGS], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", _SASS_CHECK, "wgrad", *GL.WGRAD_CONFIGS], capture_output=True,
                          text=True, timeout=300, env=env)  # fmt: skip
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_grouped_configs_compile_for_sm90_without_spills():
+    """The grouped (MoE) kernel compiled for sm_90 on the CPU for every GROUPED_CONFIGS entry, fp32 and bf16
+    out, as launch_gluon_grouped would build it: the same checks as the wgrad test above (no spills, no
+    C7514, QGMMA, wgmma.wait_group 1 / DEPBAR.LE gsb0, 0x1 followed by the promotion FFMAs), plus both
+    epilogue paths (TMA store, masked st.global.v4) present. Numbers: the GPU tests below."""
+    import subprocess
+    import sys
+
+    if not GL.HAS_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    assert set(GL.GROUPED_CONFIGS) <= set(GL.GLUON_CONFIGS)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SASS_CHECK, "grouped", *GL.GROUPED_CONFIGS], capture_output=True,
+                         text=True, timeout=300, env=env)  # fmt: skip
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped (MoE) kernel: launch_gluon_grouped against fp8_grouped_gemm_ref / _dgrad_ref.
+
+
+def _routing(seed, S=None, E=None, empty=(), counts=None):
+    """offs_E (int32, CUDA): explicit per-expert counts, or S rows routed uniformly at random over the E
+    experts not in `empty` (ragged counts; the `empty` experts get zero rows)."""
+    if counts is None:
+        g = torch.Generator().manual_seed(seed)
+        allowed = torch.tensor([e for e in range(E) if e not in empty])
+        choice = allowed[torch.randint(len(allowed), (S,), generator=g)]
+        counts = torch.bincount(choice, minlength=E)
+    return torch.as_tensor(counts).cumsum(0).to(torch.int32).cuda()
+
+
+# Routings: random over 8 experts with the first, a middle and the last empty; random over 32 experts
+# (S = 4099: ~128 rows an expert, tiles ending anywhere); counts on the 64/128-row tile edges (0, 1, 63,
+# 64, 65, 127, 128, 129, 300) around empty experts; one expert only; all rows in the last of three.
+ROUTINGS = {
+    "rand8": dict(S=1000, E=8, empty=(0, 3, 7)),
+    "rand32": dict(S=4099, E=32, empty=(5,)),
+    "edges": dict(counts=[0, 1, 127, 128, 129, 0, 300, 64, 63, 65, 0]),
+    "one": dict(counts=[77]),
+    "last": dict(counts=[0, 0, 200]),
+}
+# (N, K) of the forward: ragged N (1000: the last N tile reads the next expert's weight rows, masked at the
+# store), N = 16.5 x 128 with a long K (56 steps, even), K ragged (1040: a zero-filled tail step, 9 steps,
+# odd) and 17 steps (2112, odd).
+GROUPED_SHAPES = [(1000, 1040), (2112, 7168), (256, 2112)]
+
+
+@gpu
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("N,K", GROUPED_SHAPES)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_grouped_forward(routing, N, K, out_dtype, rel):
+    """y = x W[e]^T per expert, every GROUPED_CONFIGS entry, output NaN-poisoned (all rows are routed:
+    offs_E[-1] = S, so every element must be written; a tile's rows past its expert's end must not be)."""
+    offs = _routing(N + K, **ROUTINGS[routing])
+    S, E = int(offs[-1]), offs.numel()
+    xq, xs = quantize_act_ref(_rand(S, K, seed=S + K))
+    wq, ws = quantize_weight_ref(_rand(E, N, K, seed=N + E) * 0.02)
+    ref = fp8_grouped_gemm_ref(xq, xs, wq, ws, offs, torch.float32)
+    for config in GL.GROUPED_CONFIGS:
+        y = GL.launch_gluon_grouped(xq, xs, wq, ws, offs, out_dtype, config=config, out=_nan_out(S, N, out_dtype))
+        assert not y.isnan().any(), config
+        assert rel(y, ref) < TOL_GPU[out_dtype], config
+
+
+@gpu
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("N,K", [(1040, 1000), (2112, 7168)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_grouped_dgrad(routing, N, K, out_dtype, rel):
+    """dx = dy W[e] per expert: the same kernel on the K-major weight copy [E, K, N] with the transposed
+    scales (as fp8_grouped_gemm_dgrad calls the Triton kernel); K = 1000: ragged output columns."""
+    offs = _routing(N + K + 1, **ROUTINGS[routing])
+    S, E = int(offs[-1]), offs.numel()
+    dyq, dys = quantize_act_ref(_rand(S, N, seed=S + N + 1))
+    wq, ws = quantize_weight_ref(_rand(E, N, K, seed=K + E) * 0.02)
+    wqt, wst = wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous()
+    ref = fp8_grouped_gemm_dgrad_ref(dyq, dys, wq, ws, offs, torch.float32)
+    for config in GL.GROUPED_CONFIGS:
+        dx = GL.launch_gluon_grouped(dyq, dys, wqt, wst, offs, out_dtype, config=config, out=_nan_out(S, K, out_dtype))
+        assert not dx.isnan().any(), config
+        assert rel(dx, ref) < TOL_GPU[out_dtype], config
+
+
+@gpu
+def test_grouped_rows_past_last_expert_untouched():
+    """Rows past offs_E[-1] belong to no expert: left as they were (NaN here), the rest written."""
+    offs = _routing(0, counts=[0, 130, 5, 0])
+    S, N, K = 200, 256, 256
+    xq, xs = quantize_act_ref(_rand(S, K, seed=21))
+    wq, ws = quantize_weight_ref(_rand(4, N, K, seed=22) * 0.02)
+    y = GL.launch_gluon_grouped(xq, xs, wq, ws, offs, torch.float32, out=_nan_out(S, N, torch.float32))
+    assert not y[:135].isnan().any() and y[135:].isnan().all()
+
+
+def test_grouped_launcher_refuses_cpu():
+    """Where Gluon cannot run (here: interpreter, CPU tensors) the launcher raises instead of launching."""
+    if not GL.HAS_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    xq, xs = quantize_act_ref(_rand(40, 256, seed=7, device="cpu"))
+    wq, ws = quantize_weight_ref(_rand(2, 128, 256, seed=8, device="cpu"))
+    with pytest.raises(ValueError):
+        GL.launch_gluon_grouped(xq, xs, wq, ws, torch.tensor([10, 40], dtype=torch.int32), torch.float32)
