@@ -21,6 +21,16 @@ except Exception as e:  # ImportError, or a broken install raising something els
 
 import torch
 
+# Gluon (triton.experimental.gluon) is experimental and changes between Triton releases (3.7 renamed the TMA
+# copies; register allocation, hence spills, moves too). Our Gluon kernels were built and measured with Triton 3.6,
+# the GPU machine's; with any other version the @triton.jit kernels serve (they compute the same function).
+GLUON_VALIDATED_TRITON = "3.6."
+
+
+def gluon_validated() -> bool:
+    """Whether this Triton is the one the Gluon kernels were validated with (the Gluon modules check this once)."""
+    return HAS_TRITON and triton.__version__.startswith(GLUON_VALIDATED_TRITON)
+
 
 def _patch_interpreter_for_numpy_2_4() -> None:
     """Triton 3.6's interpreter passes scalars as 1-element arrays and takes `int()` of them for a

@@ -71,7 +71,7 @@ triton = tt.triton
 
 HAS_GLUON = False
 _GLUON_ERROR = ""
-if tt.HAS_TRITON:
+if tt.gluon_validated():  # other Triton versions: the @triton.jit kernels (see _triton.py)
     try:
         from triton.experimental import gluon
         from triton.experimental.gluon import language as gl
@@ -83,6 +83,11 @@ if tt.HAS_TRITON:
             warpgroup_mma_wait,
         )
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+
+        # The TMA copies under their Triton >= 3.7 names; 3.6 (the GPU machine's, where these kernels
+        # were measured) has only the old ones, which later versions keep as stubs that raise.
+        _tma_load = getattr(tma, "async_load", tma.async_copy_global_to_shared)
+        _tma_store = getattr(tma, "async_store", tma.async_copy_shared_to_global)
 
         HAS_GLUON = True
     except Exception as e:  # older Triton: no Gluon, or a different Hopper API
@@ -187,8 +192,8 @@ if HAS_GLUON:
             # so the first lap through the ring does not block.
             mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), nbytes)
-            tma.async_copy_global_to_shared(a_desc, [a_row, ki * _BK], ready.index(s), a_bufs.index(s))
-            tma.async_copy_global_to_shared(b_desc, [b_row, ki * _BK], ready.index(s), b_bufs.index(s))
+            _tma_load(a_desc, [a_row, ki * _BK], ready.index(s), a_bufs.index(s))
+            _tma_load(b_desc, [b_row, ki * _BK], ready.index(s), b_bufs.index(s))
             it += 1
         return it
 
@@ -331,7 +336,7 @@ if HAS_GLUON:
             tma.store_wait(pendings=0)
             c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [off_m, off_n], c_smem)
+            _tma_store(c_desc, [off_m, off_n], c_smem)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -456,7 +461,7 @@ if HAS_GLUON:
                 # Every row is this expert's and every column < N: the asynchronous TMA store, waited
                 # for at the next tile's epilogue (overlaps the next main loop).
                 fence_async_shared()
-                tma.async_copy_shared_to_global(c_desc, [row0, off_n], c_smem)
+                _tma_store(c_desc, [row0, off_n], c_smem)
             else:
                 # The expert's last tile (or the last N tile of a ragged N): a TMA store would write the
                 # next expert's rows, so masked 16-byte stores from registers instead.

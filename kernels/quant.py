@@ -169,7 +169,7 @@ if tt.HAS_TRITON:
 # widths count: with all 32 lanes along K (each lane alone on its output row) the same kernel ran at
 # 16-64% of copy bandwidth; with 8 lanes along M (128 contiguous bytes a row a store) at 83%.
 HAS_GLUON = False
-if tt.HAS_TRITON:
+if tt.gluon_validated():  # other Triton versions: the @triton.jit kernels (see _triton.py)
     try:
         from triton.experimental import gluon
         from triton.experimental.gluon import language as gl

@@ -226,7 +226,7 @@ def test_wgrad_configs_compile_for_sm90_without_spills():
     import sys
 
     if not GL.HAS_GLUON:
-        pytest.skip("this Triton has no Gluon")
+        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
     assert set(GL.WGRAD_CONFIGS) <= set(GL.GLUON_CONFIGS)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _SASS_CHECK, "wgrad", *GL.WGRAD_CONFIGS], capture_output=True,
@@ -243,7 +243,7 @@ def test_grouped_configs_compile_for_sm90_without_spills():
     import sys
 
     if not GL.HAS_GLUON:
-        pytest.skip("this Triton has no Gluon")
+        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
     assert set(GL.GROUPED_CONFIGS) <= set(GL.GLUON_CONFIGS)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _SASS_CHECK, "grouped", *GL.GROUPED_CONFIGS], capture_output=True,
@@ -333,7 +333,7 @@ def test_grouped_rows_past_last_expert_untouched():
 def test_grouped_launcher_refuses_cpu():
     """Where Gluon cannot run (here: interpreter, CPU tensors) the launcher raises instead of launching."""
     if not GL.HAS_GLUON:
-        pytest.skip("this Triton has no Gluon")
+        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
     xq, xs = quantize_act_ref(_rand(40, 256, seed=7, device="cpu"))
     wq, ws = quantize_weight_ref(_rand(2, 128, 256, seed=8, device="cpu"))
     with pytest.raises(ValueError):

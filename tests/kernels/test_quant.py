@@ -248,7 +248,7 @@ def test_gluon_transposed_stores_are_wide_and_skip_shared_memory(pow2):
     from modeling_deepseek_v3.kernels import quant as Q
 
     if not Q.HAS_GLUON:
-        pytest.skip("this Triton has no Gluon")
+        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
     assert not Q._use_gluon(None, None), "the interpreter must take the @triton.jit kernels"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
@@ -291,7 +291,7 @@ def test_gluon_transposed_quantisation_is_bit_exact_on_the_gpu():
     from modeling_deepseek_v3.kernels import quant as Q
 
     if not Q.HAS_GLUON:
-        pytest.skip("this Triton has no Gluon")
+        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _GLUON_GPU_CHECK], capture_output=True, text=True, timeout=600, env=env)
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
