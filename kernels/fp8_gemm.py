@@ -141,6 +141,23 @@ if tt.HAS_TRITON:
         return acc
 
     @triton.jit
+    def _tma_scaled_dot_loop(a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, kb,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALAR_B: tl.constexpr):  # fmt: skip
+        """The TMA kernels' K loop (dense and grouped): sum over 128-steps of (A . B^T)_step * a_s[m] * b_s[n], A's
+        tile at row a_row, B's at b_row; SCALAR_B when the tile lies in one 128-block of B (one b_s a step)."""
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(kb):
+            a = a_desc.load([a_row, ki * 128])
+            b = b_desc.load([b_row, ki * 128])
+            a_s = tl.load(as_ptrs + ki)
+            b_s = tl.load(bs_ptrs + ki)
+            if SCALAR_B:
+                acc += tl.dot(a, b.T) * (a_s * b_s)[:, None]
+            else:
+                acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+        return acc
+
+    @triton.jit
     def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         # Grouped ordering: GROUP_M row-tiles sweep the N tiles together, so their B columns are
         # reused from L2 instead of re-read from HBM.
@@ -231,16 +248,7 @@ if tt.HAS_TRITON:
                 bs_ptrs = bs_ptr + (((off_n + tl.arange(0, BLOCK_N)) % N) // 128) * kb
             else:
                 bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % N) * kb
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for ki in range(kb):
-                a = a_desc.load([off_m, ki * 128])
-                b = b_desc.load([off_n, ki * 128])
-                a_s = tl.load(as_ptrs + ki)
-                b_s = tl.load(bs_ptrs + ki)
-                if SCALAR_B:
-                    acc += tl.dot(a, b.T) * (a_s * b_s)[:, None]
-                else:
-                    acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+            acc = _tma_scaled_dot_loop(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, BLOCK_M, BLOCK_N, SCALAR_B)
             c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
     @triton.jit

@@ -63,7 +63,7 @@ def _wgrad_configs() -> list:
 
 
 if tt.HAS_TRITON:
-    from .fp8_gemm import _scaled_dot_loop
+    from .fp8_gemm import _scaled_dot_loop, _tma_scaled_dot_loop
 
     @triton.autotune(configs=_grouped_configs(), key=["N", "K", "B_BLOCKWISE"])
     @triton.jit
@@ -125,16 +125,9 @@ if tt.HAS_TRITON:
             bs_ptrs = bs_ptr + e * nb * kb + (off_n // 128) * kb
         else:
             bs_ptrs = bs_ptr + e * nb * kb + (tl.minimum(offs_n, N - 1) // 128) * kb
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(kb):
-            a = a_desc.load([row0, ki * 128])
-            b = b_desc.load([e * N + off_n, ki * 128])
-            a_s = tl.load(as_ptrs + ki)
-            b_s = tl.load(bs_ptrs + ki)
-            if SCALAR_B:
-                acc += tl.dot(a, b.T) * (a_s * b_s)[:, None]
-            else:
-                acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+        acc = _tma_scaled_dot_loop(
+            a_desc, b_desc, row0, e * N + off_n, as_ptrs, bs_ptrs, kb, BLOCK_M, BLOCK_N, SCALAR_B
+        )
         c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
