@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from modeling_deepseek_v3.training.balancing import max_violation, moe_layers
-from mtp_experiment import SMALL, add_common_arguments, split_tokens, train_for
+from mtp_experiment import SMALL, add_common_arguments, held_out_outputs, split_tokens, train_for
 
 from modeling_deepseek_v3 import DSV3Config
 
@@ -48,12 +48,9 @@ def run(name: str, gamma: float, alpha: float, scope: str, train_tokens, held, a
     # last 100 training batches are that (819K tokens at B=16 x 512), the held-out tail of the corpus a shifted set.
     train_global = max_violation(torch.stack(recent_loads).sum(0)).mean().item()
     loads, loss, n_held = None, 0.0, 64
-    with torch.no_grad():
-        for i in range(n_held):
-            ids = torch.from_numpy(held[i * args.seq : (i + 1) * args.seq].astype(np.int64))[None].cuda()
-            out = model(ids, labels=ids, use_cache=False)
-            loss += out.lm_loss.item() / n_held
-            loads = out.expert_load if loads is None else loads + out.expert_load
+    for out in held_out_outputs(model, held, args, n_held):
+        loss += out.lm_loss.item() / n_held
+        loads = out.expert_load if loads is None else loads + out.expert_load
     biases = torch.stack([layer.gate.e_score_correction_bias for layer in moe_layers(model)])
     result = {"gamma": gamma, "alpha": alpha, "aux_loss_scope": scope, "steps": step, "seconds": round(seconds, 1),
               "held_out_lm_loss": loss, "batch_maxvio_last50": float(np.mean(batch_vio[-50:])),

@@ -128,11 +128,16 @@ def train(depth: int, train_tokens, args, results: dict, name: str) -> DSV3ForCa
 
 
 @torch.no_grad()
+def held_out_outputs(model, held, args, sequences: int = 16):
+    """The model's outputs (with loss and expert loads) on the first `sequences` held-out sequences of args.seq."""
+    for i in range(sequences):
+        ids = torch.from_numpy(held[i * args.seq : (i + 1) * args.seq].astype(np.int64))[None].cuda()
+        yield model(ids, labels=ids, use_cache=False)
+
+
 def held_out_losses(model, held, args) -> dict:
     lm, mtp, n = 0.0, 0.0, 0
-    for i in range(16):
-        ids = torch.from_numpy(held[i * args.seq : (i + 1) * args.seq].astype(np.int64))[None].cuda()
-        out = model(ids, labels=ids)
+    for out in held_out_outputs(model, held, args):
         lm += out.lm_loss.item()
         mtp += 0.0 if out.mtp_loss is None else out.mtp_loss.item() / 0.3
         n += 1
