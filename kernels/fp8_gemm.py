@@ -28,6 +28,7 @@ import functools
 import torch
 
 from . import _triton as tt
+from . import fp8_gemm_gluon as _gluon
 from .quant import BLOCK, dequantize_act_ref, expand_block_scale
 
 triton, tl = tt.triton, tt.tl
@@ -356,8 +357,6 @@ def _launch(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, use_tma: 
         # warp-specialized Gluon kernel (fp8_gemm_gluon.py: promotion overlapped with the tensor cores,
         # 1.3-1.5x this file's TMA kernel on V3 shapes); else the TMA kernel; else the pointer kernel.
         # An explicit use_tma (benchmarks, tests) selects among this file's kernels only.
-        from . import fp8_gemm_gluon as _gluon
-
         cfg = _gluon.gluon_config(M, N, K, b_blockwise, out_dtype)
         if cfg is not None and _gluon.can_use_gluon(a, b, c):
             return _gluon.launch_gluon(a, a_s, b, b_s, b_blockwise, out_dtype, config=cfg, out=c)
