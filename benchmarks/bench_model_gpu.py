@@ -4,9 +4,12 @@ The shape is the anchors' 1.25B-total config (hub_configs/deepseek-v3-small with
 none; vocab 32000 as in ../shared/anchors/hf_anchor.py). Measures a bf16 AdamW train step (B=8, S=2048) and
 greedy decode (batch 1 / 512-token prompt, batch 16 / 4096-token prompts, 128 new tokens). "ours+compile" is the
 same model with each decoder layer under torch.compile (regional compilation, as `dsv3 train --compile` does).
+With --fp8, also "ours+fp8" and "ours+fp8+compile": the block-scaled FP8 kernels for the MLA projections, the
+dense/shared MLPs and the routed experts (linear_implementation = moe_implementation = "fp8", as `dsv3 train
+--fp8` sets them; embedding, router, norms and head stay bf16).
 
     PYTHONPATH=. python benchmarks/bench_model_gpu.py            # writes $OUT/bench_model_gpu.json if OUT is set
-    PYTHONPATH=. python benchmarks/bench_model_gpu.py --train-only
+    PYTHONPATH=. python benchmarks/bench_model_gpu.py --train-only [--fp8]
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ SHAPE = dict(
 def build(kind: str):
     torch.manual_seed(0)
     if kind.startswith("ours"):
-        model = DSV3ForCausalLM(DSV3Config(**SHAPE, num_nextn_predict_layers=0, seq_aux_loss_alpha=0.0))
+        fp8 = dict(linear_implementation="fp8", moe_implementation="fp8") if "+fp8" in kind else {}
+        model = DSV3ForCausalLM(DSV3Config(**SHAPE, num_nextn_predict_layers=0, seq_aux_loss_alpha=0.0, **fp8))
     else:
         cfg = DeepseekV3Config(**SHAPE)
         cfg._experts_implementation = "grouped_mm"
@@ -43,7 +47,7 @@ def build(kind: str):
     for p in model.parameters():  # real-looking weights: routing spreads over experts
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=0.02)
-    if kind == "ours+compile":
+    if kind.endswith("+compile"):
         model.compile_layers()
     return model
 
@@ -88,14 +92,18 @@ def decode_rate(model, batch: int, context: int, new_tokens=128) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--train-only", action="store_true", help="skip the decode measurements")
+    p.add_argument("--fp8", action="store_true", help="also train with the FP8 kernels, eager and compiled")
     args = p.parse_args()
-    print("torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name(), flush=True)
+    print(
+        "torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name(), flush=True
+    )
     results = {}
-    for kind in ("builtin", "ours", "ours+compile"):
+    kinds = ["builtin", "ours", "ours+compile"] + (["ours+fp8", "ours+fp8+compile"] if args.fp8 else [])
+    for kind in kinds:
         model = build(kind)
         r = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "train": train_step_rate(model)}
         print(kind, "train", json.dumps(r["train"]), flush=True)
-        for batch, context in () if args.train_only or kind == "ours+compile" else ((1, 512), (16, 4096)):
+        for batch, context in () if args.train_only or kind not in ("builtin", "ours") else ((1, 512), (16, 4096)):
             r[f"decode_bs{batch}_ctx{context}"] = decode_rate(model, batch, context)
             print(kind, f"decode bs{batch} ctx{context}", json.dumps(r[f"decode_bs{batch}_ctx{context}"]), flush=True)
         results[kind] = r
@@ -103,10 +111,15 @@ def main() -> None:
         torch.cuda.empty_cache()
     ratios = {
         "train_tokens_per_s": results["ours"]["train"]["tokens_per_s"] / results["builtin"]["train"]["tokens_per_s"],
-        "train_tokens_per_s_compiled": results["ours+compile"]["train"]["tokens_per_s"] / results["builtin"]["train"]["tokens_per_s"],
+        **{
+            f"train_tokens_per_s_{kind}": results[kind]["train"]["tokens_per_s"]
+            / results["builtin"]["train"]["tokens_per_s"]
+            for kind in kinds[2:]
+        },
         **{
             k: results["ours"][k]["new_tokens_per_s"] / results["builtin"][k]["new_tokens_per_s"]
-            for k in results["ours"] if k.startswith("decode")
+            for k in results["ours"]
+            if k.startswith("decode")
         },
     }
     results["ratio_ours_over_builtin"] = ratios

@@ -52,8 +52,36 @@ def _patch_interpreter_for_numpy_2_4() -> None:
     interp._patch_lang_tensor = patched
 
 
+def _patch_interpreter_device_calls() -> None:
+    """Triton 3.6's interpreter, calling a @jit helper from a kernel (InterpretedFunction.__call__), swaps the
+    helper's triton.language modules (e.g. tl.core, for tl.standard's cdiv) to interpreter builtins and never
+    swaps them back; the kernel's own swap is undone at its end, the helper's stays. A kernel compiled for a GPU
+    later in the same process (GPU tests after CPU ones) then builds from interpreter builtins and fails
+    ("'block_argument' object has no attribute 'dtype'" in a Gluon kernel's gl.cdiv). Undo it on return."""
+    try:
+        import triton.runtime.interpreter as interp
+    except Exception:
+        return
+    call = interp.InterpretedFunction.__call__
+    if getattr(call, "_dsv3_patched", False):
+        return
+
+    def device_call(self, *args, **kwargs):
+        scope = interp._patch_lang(self.fn)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise interp.InterpreterError(repr(e)) from e
+        finally:
+            scope.restore()  # back to the calling kernel's swap, which that kernel's GridExecutor undoes
+
+    device_call._dsv3_patched = True
+    interp.InterpretedFunction.__call__ = device_call
+
+
 if HAS_TRITON:
     _patch_interpreter_for_numpy_2_4()
+    _patch_interpreter_device_calls()
 
 
 @functools.cache

@@ -44,16 +44,14 @@ torch._scaled_mm: 1052-1139), dgrad 1036-1168. Not faster: B scaled per row (wgr
 vector over the tile's 128 columns, 32 more registers a thread (it is loaded compactly and shuffled
 through shared memory just before each step's promotion, still 331-570 TFLOPS against the Triton
 kernel's 585-623), so wgrad stays on the Triton kernel; and small M (host-bound launches).
-For wgrad there are now configurations that fit (WGRAD_CONFIGS, compiled for sm_90 on the CPU without
-spills and with the overlap, not yet run on a GPU): 128x128 tiles whose two warpgroups split the
-columns (WARPS_N = 2: 16 column scales a thread, not 32) with the producer at 24 registers, and
-128x64 tiles; see GLUON_CONFIGS.
+Configurations that fit the registers (WARPS_N = 2 column-split warpgroups, 128x64 tiles; WGRAD_CONFIGS)
+compile without spills and keep the overlap, but on the GPU they reach 404-587 TFLOPS against the Triton
+kernel's 568-645 (our reading, not profiled: the column-scale multiply and its shuffle eat the overlap's gain).
 
 Grouped variant for the MoE experts (`launch_gluon_grouped`, fp8_grouped_gemm's forward/dgrad contract,
 B in 128x128 blocks): the same producer, ring and main loop (`_produce_tile`, `_scaled_mainloop`) over
 tiles of one expert's rows (fp8_grouped_gemm._tile_map), with a row-masked epilogue for each expert's
-last tile. Compiled for sm_90 on the CPU (no spills, the overlap intact), not yet run on a GPU, and not
-dispatched: see the comment above `_grouped_tile`.
+last tile. Dispatched by fp8_grouped_gemm for forward and dgrad from 4096 rows (gluon_grouped_config).
 
 Runs only on compute capability 9.0 (wgmma, setmaxnreg), with TMA-compatible operands, and never
 under TRITON_INTERPRET (the interpreter cannot run Gluon): `can_use_gluon` decides.
@@ -108,9 +106,8 @@ GLUON_CONFIGS = {
     "128x128s5": (128, 128, 5, 8, 1),
     "64x128s4o2": (64, 128, 4, 8, 2),
     "64x128s6": (64, 128, 6, 8, 1),
-    # wgrad candidates (B scaled per row: a vector of column scales a step). Compiled for sm_90 on
-    # the CPU, not yet run on a GPU (tests/kernels/test_fp8_gemm_gluon.py checks the compile: no
-    # spills, the wgmma/promotion overlap intact). Registers a consumer thread in the main loop,
+    # wgrad candidates (B scaled per row: a vector of column scales a step); slower than the Triton
+    # kernel on the GPU (WGRAD_CONFIGS). The CPU tests check the compile (no spills, the overlap). Registers a consumer thread in the main loop,
     # ptxas for sm_90a, fp32 out: predicted / compiled (highest register index + 1).
     # 128x128 tile, WARPS_N = 2: a warpgroup holds 128 rows x 64 columns, so acc + two partials are
     # still 3 x 64 registers but the column-scale vector is 16, not 32, and the row scales 4 (two
@@ -130,7 +127,9 @@ GLUON_CONFIGS = {
 }
 _KERNEL_OPTS = dict(WARPS_N=1, B_COLS=False, PRODUCER_REGS=40)
 # The configurations built for wgrad (B per row), checked on the CPU to compile without spills and with
-# the overlap (tests/kernels/test_fp8_gemm_gluon.py), to be timed on a GPU before gluon_config uses any.
+# the overlap (tests/kernels/test_fp8_gemm_gluon.py). Timed on an H200 (2026-11-30, session 4,
+# bench_fp8_gemm.py --gluon, M = 4096, fp32 out): 128x128s4w 517-587 TFLOPS, 128x64s8 424-471, 128x64s8c
+# 404-441, against the Triton kernel's 568-645 on the same shapes: none wins, so wgrad stays on Triton.
 WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c")
 DEFAULT_CONFIG = "128x128s4"
 # Dispatch policy (fp8_gemm._launch asks gluon_config). Measured on an H200 (2026-11-30, torch 2.11,
@@ -152,6 +151,17 @@ def gluon_config(M: int, N: int, K: int, b_blockwise: bool, out_dtype: torch.dty
     if not b_blockwise or M < GLUON_MIN_M or out_dtype not in (torch.bfloat16, torch.float32):
         return None
     return DEFAULT_CONFIG
+
+
+def gluon_grouped_config(S: int, out_dtype: torch.dtype) -> str | None:
+    """The configuration fp8_grouped_gemm's forward and dgrad should run for S routed rows, or None to keep
+    the Triton kernels. Measured on an H200 (2026-11-30, session 4, benchmarks/bench_moe_layer.py --kernels,
+    V3 experts, 65,536 rows, bf16 out): 128x128s4 forward 857 / 791 TFLOPS (gate_up / down) against the
+    Triton TMA kernel's 703 / 717, dgrad 754 / 836 against 724 / 673; 128x128s5 within 4% of it, 64-row
+    tiles 623-766. Small S keeps Triton's 64-row tiles, as the dense policy does below GLUON_MIN_M."""
+    if S < GLUON_MIN_M or out_dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return GROUPED_DEFAULT_CONFIG
 
 
 if HAS_GLUON:
@@ -394,9 +404,8 @@ if HAS_GLUON:
         )
 
     # -----------------------------------------------------------------------------------------
-    # Grouped (MoE experts) variant, B in 128x128 blocks: compiled for sm_90 on the CPU, not yet run on a
-    # GPU, not dispatched (fp8_grouped_gemm.py still runs its Triton kernels). Same producer, ring, main
-    # loop (_produce_tile, _scaled_mainloop) as above; what differs is the tile walk and the epilogue.
+    # Grouped (MoE experts) variant, B in 128x128 blocks (fp8_grouped_gemm's forward and dgrad). Same
+    # producer, ring, main loop (_produce_tile, _scaled_mainloop) as above; what differs is the tile walk and the epilogue.
     # Tiles: (row tile of one expert, N tile). Row tile t has expert tile_expert[t] and first row
     # tile_row[t] (fp8_grouped_gemm._tile_map, built on the device for BLOCK_M); the tail of the static
     # ceil(S / BLOCK_M) + E row tiles is idle. Both partitions read the number of real row tiles from
@@ -551,9 +560,8 @@ def launch_gluon(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, conf
     return c
 
 
-# Grouped (MoE) kernel: the 128x128-block configurations (WARPS_N = 1, no B_COLS). Not yet run on a GPU, so
-# the default is the dense forward's; 64-row tiles pad an expert's rows less (the Triton grouped kernel
-# uses 64) and are to be timed against it (benchmarks/bench_moe_layer.py --kernels).
+# Grouped (MoE) kernel: the 128x128-block configurations (WARPS_N = 1, no B_COLS); timings at
+# gluon_grouped_config. 64-row tiles pad an expert's rows less but lost at V3 size.
 GROUPED_CONFIGS = ("128x128s4", "128x128s5", "64x128s4o2", "64x128s6")
 GROUPED_DEFAULT_CONFIG = "128x128s4"
 
@@ -562,7 +570,7 @@ def launch_gluon_grouped(x_SK, x_s, w_ENK, w_s, offs_E, out_dtype, config=None, 
     """y[S, N]: rows of expert e (offs_E's ranges, fp8_grouped_gemm's contract) times W[e]^T, e4m3 x with
     1x128 scales, W [E, N, K] in 128x128 blocks (w_s [E, Nb, Kb]). dgrad is the same call on dy with the
     K-major copy W [E, K, N] and the transposed scales, as fp8_grouped_gemm_dgrad does. Rows past
-    offs_E[-1] are not written. Compiled for sm_90 on the CPU, not yet run on a GPU; not dispatched."""
+    offs_E[-1] are not written."""
     from .fp8_grouped_gemm import _check_offs, _tile_map
 
     config = config or GROUPED_DEFAULT_CONFIG

@@ -15,8 +15,8 @@ Tolerances (relative Frobenius error; the conftest's table is for the exact-fp32
                        about 1.1e-3; 1.7e-3 measured at V3 shapes), with headroom.
 The CPU tests check that the dispatcher falls back cleanly where Gluon cannot run, and compile the
 wgrad configurations and the grouped (MoE) kernel for sm_90 (ptxas: no spills, the overlap intact).
-The grouped kernel (launch_gluon_grouped) has so far only been compiled, never run: its GPU tests here
-are the first numerical check.
+The grouped kernel (launch_gluon_grouped) is checked against the references on the GPU below, through its
+launcher and through fp8_grouped_gemm's dispatch.
 """
 
 import importlib
@@ -33,6 +33,8 @@ from modeling_deepseek_v3.kernels import (  # noqa: E402
     fp8_gemm_dgrad_ref,
     fp8_gemm_ref,
     fp8_gemm_wgrad_ref,
+    fp8_grouped_gemm,
+    fp8_grouped_gemm_dgrad,
     fp8_grouped_gemm_dgrad_ref,
     fp8_grouped_gemm_ref,
     quantize_act_ref,
@@ -147,11 +149,55 @@ def test_launch_dispatches_to_gluon(rel):
 
 
 def test_gluon_policy():
-    """Gluon only where it was measured faster: 128x128-blocked B (forward, dgrad), M >= GLUON_MIN_M."""
+    """Gluon only where it was measured faster: 128x128-blocked B (forward, dgrad), M >= GLUON_MIN_M; the same
+    for the grouped kernel's routed rows."""
     assert GL.gluon_config(4096, 7168, 2048, True, torch.bfloat16) == GL.DEFAULT_CONFIG
     assert GL.gluon_config(4096, 7168, 2048, True, torch.float32) == GL.DEFAULT_CONFIG
     assert GL.gluon_config(4096, 7168, 2048, False, torch.float32) is None  # wgrad: Triton was faster
     assert GL.gluon_config(GL.GLUON_MIN_M - 1, 7168, 2048, True, torch.bfloat16) is None
+    assert GL.gluon_grouped_config(65536, torch.bfloat16) == GL.GROUPED_DEFAULT_CONFIG
+    assert GL.gluon_grouped_config(GL.GLUON_MIN_M - 1, torch.bfloat16) is None
+    assert GL.gluon_grouped_config(65536, torch.float16) is None
+
+
+@gpu
+def test_grouped_dispatches_to_gluon(monkeypatch, rel):
+    """fp8_grouped_gemm / _dgrad from GLUON_MIN_M routed rows run launch_gluon_grouped (counted through a
+    wrapper) and match the reference (fewer rows keep the Triton kernel: test_gluon_policy)."""
+    calls = []
+    launch = GL.launch_gluon_grouped
+    monkeypatch.setattr(GL, "launch_gluon_grouped", lambda *a, **k: calls.append(k["config"]) or launch(*a, **k))
+    offs = _routing(31, S=GL.GLUON_MIN_M + 77, E=12, empty=(4,))
+    S, E = int(offs[-1]), offs.numel()
+    xq, xs = quantize_act_ref(_rand(S, 384, seed=32))
+    wq, ws = quantize_weight_ref(_rand(E, 256, 384, seed=33) * 0.02)
+    y = fp8_grouped_gemm(xq, xs, wq, ws, offs, torch.float32)
+    assert calls == [GL.GROUPED_DEFAULT_CONFIG]
+    assert rel(y, fp8_grouped_gemm_ref(xq, xs, wq, ws, offs, torch.float32)) < TOL_GPU[torch.float32]
+    dyq, dys = quantize_act_ref(_rand(S, 256, seed=34))
+    dx = fp8_grouped_gemm_dgrad(dyq, dys, wq, ws, offs, torch.bfloat16)
+    assert len(calls) == 2
+    assert rel(dx, fp8_grouped_gemm_dgrad_ref(dyq, dys, wq, ws, offs, torch.float32)) < TOL_GPU[torch.bfloat16]
+
+
+def test_interpreter_leaves_triton_language_as_it_was():
+    """An interpreted kernel whose @jit helpers call triton.language's own (the grouped GEMM's tl.cdiv, the
+    quantiser's tl.max) leaves tl, tl.core and tl.math as it found them (kernels._triton patches Triton 3.6's
+    interpreter to undo a helper's swap): GPU kernels compiled later in the same process, as in a full test
+    run on a GPU machine, must not be built from interpreter builtins."""
+    import triton.language as tl
+
+    def state():
+        return {(m.__name__, k): v for m in (tl, tl.core, tl.math) for k, v in vars(m).items()}
+
+    importlib.import_module("modeling_deepseek_v3.kernels._triton")._interpret_triton_stdlib()  # the one-time setup
+    before = state()
+    xq, xs = quantize_act_ref(_rand(300, 256, seed=3, device="cpu"))
+    wq, ws = quantize_weight_ref(_rand(4, 128, 256, seed=4, device="cpu"))
+    fp8_grouped_gemm(xq, xs, wq, ws, torch.tensor([10, 100, 200, 300], dtype=torch.int32), torch.float32)
+    after = state()
+    changed = [k for k in before.keys() | after.keys() if before.get(k) is not after.get(k)]
+    assert not changed, changed[:10]
 
 
 def test_dispatch_falls_back_without_gluon(monkeypatch, tol, rel):
