@@ -10,6 +10,7 @@ It checks that router biases are bit-identical on both ranks, that the resumed r
 straight run's, that FSDP2's losses follow DDP's, and that the gathered final folder loads with from_pretrained.
 
     python benchmarks/fsdp2_check.py            # on a 2-GPU machine; writes $OUT/fsdp2_check.json
+    python benchmarks/fsdp2_check.py --mixed-precision bf16   # the same runs under bf16 mixed precision
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "grad_norm", "maxvio_batch")
 
 
 def launch(config: str, output_dir: Path, overrides: dict, cpu: bool) -> None:
+    mixed_precision = overrides["mixed_precision"]
     if cpu:  # accelerate launch --cpu runs one process: the dry run uses torchrun over gloo (plain data parallel)
         launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     else:
         launcher = ["accelerate.commands.launch", "--config_file", str(ROOT / "training" / "accelerate_configs" / config),
-                    "--num_processes", "2", "--mixed_precision", "no"]  # fmt: skip
+                    "--num_processes", "2", "--mixed_precision", mixed_precision]  # fmt: skip
     cmd = [sys.executable, "-m", *launcher, str(WORKER), str(output_dir), json.dumps(overrides)]
     print(" ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"} if cpu else None)
@@ -54,10 +56,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--model", default="deepseek-v3-debug")
     p.add_argument("--cpu", action="store_true", help="dry run of this script on CPUs (no FSDP there)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                   help="bf16: FSDP2's bf16 compute policy (routers kept fp32 by dsv3 train) against DDP's autocast; "
+                        "the two then compute different functions, so expect agreement to bf16 precision, not 1e-7")  # fmt: skip
     args = p.parse_args()
     base = dict(model=args.model, seq_len=64, per_device_batch_size=4, gradient_accumulation_steps=2,
                 max_steps=args.steps, warmup_steps=2, save_steps=args.steps // 2, bias_update_speed=0.01, plots=False,
-                mixed_precision="no")  # fmt: skip  # fp32 everywhere: FSDP2 and DDP then compute the same function
+                mixed_precision=args.mixed_precision)  # fmt: skip  # "no": FSDP2 and DDP compute the same function
     work = Path(tempfile.mkdtemp())
     launch("fsdp2.yaml", work / "straight", base, args.cpu)
     launch("fsdp2.yaml", work / "resumed", {**base, "stop_at_step": args.steps // 2}, args.cpu)
