@@ -240,7 +240,7 @@ def _grouped_launch(a_SK, a_s, b_ENK, b_s, offs_E, out_dtype, use_tma=None, conf
         return c
     if use_tma is None:
         # The one selection point: on an H100/H200 from 4096 rows, the warp-specialised Gluon kernel
-        # (fp8_gemm_gluon.launch_gluon_grouped; 1.05-1.24x the TMA kernel below at V3 size); else the TMA
+        # (fp8_gemm_gluon.launch_gluon_grouped; 1.04-1.24x the TMA kernel below at V3 size); else the TMA
         # kernel; else the pointer kernel. An explicit use_tma (benchmarks, tests) picks among this file's.
         gluon_cfg = _gluon.gluon_grouped_config(S, out_dtype)
         b_rows = b_ENK.view(E * N, K) if b_ENK.is_contiguous() else None  # the stacked [E * N, K] it reads
