@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 from transformers import PreTrainedModel
-from trl import GRPOConfig, GRPOTrainer, TrlParser
+from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from modeling_deepseek_v3.tokenizer import load_tokenizer
@@ -43,10 +43,10 @@ from .sft import (
     DSV3TrainerMixin,
     ModelArguments,
     check_length,
-    device_defaults,
     load_model,
+    parse_command,
     peft_config_for,
-    resume_path,
+    train_and_save,
 )
 from .tasks import arithmetic_dataset, load_gsm8k_jsonl, require_columns
 
@@ -146,11 +146,7 @@ def build_grpo_trainer(
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = TrlParser((GRPOScriptArguments, GRPOConfig))
-    sargs, args = parser.parse_args_and_config(args=device_defaults(argv))
-    if sargs.model_name_or_path is None:
-        raise SystemExit("dsv3 grpo: --model_name_or_path MODEL_DIR is required")
+    sargs, args = parse_command("grpo", GRPOScriptArguments, GRPOConfig, argv)
     unknown = [r for r in sargs.rewards if r not in REWARD_FUNCTIONS]
     if unknown:
         raise SystemExit(f"dsv3 grpo: unknown rewards {unknown}; choose from {sorted(REWARD_FUNCTIONS)}")
@@ -161,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         moe_balance=sargs.moe_balance, gamma=sargs.bias_update_gamma, log_expert_load=sargs.log_expert_load,
         dtype=sargs.dtype,
     )  # fmt: skip
-    trainer.train(resume_from_checkpoint=resume_path(args))
-    trainer.save_model(args.output_dir)
-    trainer.processing_class.save_pretrained(args.output_dir)
-    return 0
+    return train_and_save(trainer, args)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,23 @@ def check_length(model: PreTrainedModel, tokens: int, what: str) -> None:
         raise ValueError(f"{what} = {tokens} tokens exceeds the model's max_position_embeddings = {limit}")
 
 
+def parse_command(name: str, script_class, config_class, argv: list[str] | None):
+    """(script arguments, trainer config) of `dsv3 {name}` (TrlParser, with the device defaults); the model is required."""
+    argv = sys.argv[1:] if argv is None else argv
+    sargs, args = TrlParser((script_class, config_class)).parse_args_and_config(args=device_defaults(argv))
+    if sargs.model_name_or_path is None:
+        raise SystemExit(f"dsv3 {name}: --model_name_or_path MODEL_DIR is required")
+    return sargs, args
+
+
+def train_and_save(trainer, args) -> int:
+    """Train (resuming where --resume_from_checkpoint says), then save the model and tokenizer to output_dir."""
+    trainer.train(resume_from_checkpoint=resume_path(args))
+    trainer.save_model(args.output_dir)
+    trainer.processing_class.save_pretrained(args.output_dir)
+    return 0
+
+
 def resume_path(args) -> str | None:
     """--resume_from_checkpoint: a checkpoint folder, or 'last' for the newest one in output_dir."""
     if args.resume_from_checkpoint in (None, "", "False", "false"):
@@ -208,21 +225,14 @@ def build_sft_trainer(
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = TrlParser((SFTScriptArguments, SFTConfig))
-    sargs, args = parser.parse_args_and_config(args=device_defaults(argv))
-    if sargs.model_name_or_path is None:
-        raise SystemExit("dsv3 sft: --model_name_or_path MODEL_DIR is required")
+    sargs, args = parse_command("sft", SFTScriptArguments, SFTConfig, argv)
     model = load_model(sargs.model_name_or_path, sargs.dtype)
     trainer = build_sft_trainer(
         model, load_sft_dataset(sargs), args, tokenizer=load_tokenizer(sargs.model_name_or_path),
         peft_config=peft_config_for(model, sargs), moe_balance=sargs.moe_balance, gamma=sargs.bias_update_gamma,
         log_expert_load=sargs.log_expert_load,
     )  # fmt: skip
-    trainer.train(resume_from_checkpoint=resume_path(args))
-    trainer.save_model(args.output_dir)
-    trainer.processing_class.save_pretrained(args.output_dir)
-    return 0
+    return train_and_save(trainer, args)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,24 @@ def test_grpo_with_lora_generates_through_the_static_cache(sft_run, tokenizer, t
     assert len(calls) == 2 and all(choose is not fast_decode.greedy for choose in calls)  # sampled, every step
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "reward" in h]
     assert len(lengths) == 2 and all(1 <= n <= 2 for n in lengths)  # within max_completion_length; EOS may end one
+
+
+def test_sft_then_grpo_commands(tmp_path):
+    """`dsv3 sft` and `dsv3 grpo` end to end through their main(): a folder in, a folder out that the next command
+    (and from_pretrained) loads, with the tokenizer beside it; a missing --model_name_or_path is a clear exit."""
+    from modeling_deepseek_v3.training import grpo, sft
+
+    torch.manual_seed(0)
+    DSV3ForCausalLM(DSV3Config.from_pretrained(DEBUG)).save_pretrained(tmp_path / "base")
+    common = ["--max_steps", "1", "--report_to", "none", "--save_strategy", "no", "--num_problems", "8"]
+    assert sft.main(["--model_name_or_path", str(tmp_path / "base"), "--output_dir", str(tmp_path / "sft"),
+                     "--per_device_train_batch_size", "4", *common]) == 0  # fmt: skip
+    assert (tmp_path / "sft" / "tokenizer.json").is_file()
+    assert grpo.main(["--model_name_or_path", str(tmp_path / "sft"), "--output_dir", str(tmp_path / "grpo"),
+                      "--per_device_train_batch_size", "4", "--num_generations", "4", "--max_completion_length", "4",
+                      *common]) == 0  # fmt: skip
+    model = DSV3ForCausalLM.from_pretrained(tmp_path / "grpo")
+    assert model.config.num_hidden_layers == DSV3Config.from_pretrained(DEBUG).num_hidden_layers
+    for command in (sft, grpo):
+        with pytest.raises(SystemExit, match="--model_name_or_path MODEL_DIR is required"):
+            command.main(["--output_dir", str(tmp_path / "none")])
