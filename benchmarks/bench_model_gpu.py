@@ -9,7 +9,7 @@ dense/shared MLPs and the routed experts (linear_implementation = moe_implementa
 --fp8` sets them; embedding, router, norms and head stay bf16).
 
     PYTHONPATH=. python benchmarks/bench_model_gpu.py            # writes $OUT/bench_model_gpu.json if OUT is set
-    PYTHONPATH=. python benchmarks/bench_model_gpu.py --train-only [--fp8]
+    PYTHONPATH=. python benchmarks/bench_model_gpu.py --train-only [--fp8] [--compile-mode reduce-overhead]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SHAPE = dict(
 )  # fmt: skip
 
 
-def build(kind: str):
+def build(kind: str, compile_mode: str | None = None):
     torch.manual_seed(0)
     if kind.startswith("ours"):
         fp8 = dict(linear_implementation="fp8", moe_implementation="fp8") if "+fp8" in kind else {}
@@ -48,7 +48,7 @@ def build(kind: str):
         if p.dim() >= 2:
             torch.nn.init.normal_(p, std=0.02)
     if kind.endswith("+compile"):
-        model.compile_layers()
+        model.compile_layers(mode=compile_mode)  # None: torch.compile's default mode
     return model
 
 
@@ -93,6 +93,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--train-only", action="store_true", help="skip the decode measurements")
     p.add_argument("--fp8", action="store_true", help="also train with the FP8 kernels, eager and compiled")
+    p.add_argument("--compile-mode", help="torch.compile mode of the compiled rows (e.g. reduce-overhead: CUDA graphs "
+                   "per layer, which take the FP8 kernels' host-side launch cost off the step)")  # fmt: skip
     args = p.parse_args()
     print(
         "torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name(), flush=True
@@ -100,7 +102,7 @@ def main() -> None:
     results = {}
     kinds = ["builtin", "ours", "ours+compile"] + (["ours+fp8", "ours+fp8+compile"] if args.fp8 else [])
     for kind in kinds:
-        model = build(kind)
+        model = build(kind, args.compile_mode)
         r = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "train": train_step_rate(model)}
         print(kind, "train", json.dumps(r["train"]), flush=True)
         for batch, context in () if args.train_only or kind not in ("builtin", "ours") else ((1, 512), (16, 4096)):
