@@ -107,8 +107,9 @@ GLUON_CONFIGS = {
     "64x128s4o2": (64, 128, 4, 8, 2),
     "64x128s6": (64, 128, 6, 8, 1),
     # wgrad candidates (B scaled per row: a vector of column scales a step); slower than the Triton
-    # kernel on the GPU (WGRAD_CONFIGS). The CPU tests check the compile (no spills, the overlap). Registers a consumer thread in the main loop,
-    # ptxas for sm_90a, fp32 out: predicted / compiled (highest register index + 1).
+    # kernel on the GPU (WGRAD_CONFIGS). The CPU tests check the compile (no spills, the overlap).
+    # Registers a consumer thread in the main loop, ptxas for sm_90a, fp32 out: predicted / compiled
+    # (highest register index + 1).
     # 128x128 tile, WARPS_N = 2: a warpgroup holds 128 rows x 64 columns, so acc + two partials are
     # still 3 x 64 registers but the column-scale vector is 16, not 32, and the row scales 4 (two
     # prefetched: 8); ~29 of addresses, counters, loop state as in the forward kernel: ~245 predicted,
@@ -405,7 +406,8 @@ if HAS_GLUON:
 
     # -----------------------------------------------------------------------------------------
     # Grouped (MoE experts) variant, B in 128x128 blocks (fp8_grouped_gemm's forward and dgrad). Same
-    # producer, ring, main loop (_produce_tile, _scaled_mainloop) as above; what differs is the tile walk and the epilogue.
+    # producer, ring, main loop (_produce_tile, _scaled_mainloop) as above; what differs is the tile walk
+    # and the epilogue.
     # Tiles: (row tile of one expert, N tile). Row tile t has expert tile_expert[t] and first row
     # tile_row[t] (fp8_grouped_gemm._tile_map, built on the device for BLOCK_M); the tail of the static
     # ceil(S / BLOCK_M) + E row tiles is idle. Both partitions read the number of real row tiles from

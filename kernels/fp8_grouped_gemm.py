@@ -243,8 +243,8 @@ def _grouped_launch(a_SK, a_s, b_ENK, b_s, offs_E, out_dtype, use_tma=None, conf
         # (fp8_gemm_gluon.launch_gluon_grouped; 1.04-1.24x the TMA kernel below at V3 size); else the TMA
         # kernel; else the pointer kernel. An explicit use_tma (benchmarks, tests) picks among this file's.
         gluon_cfg = _gluon.gluon_grouped_config(S, out_dtype)
-        b_rows = b_ENK.view(E * N, K) if b_ENK.is_contiguous() else None  # the stacked [E * N, K] it reads
-        if gluon_cfg is not None and b_rows is not None and offs_E.is_cuda and _gluon.can_use_gluon(a_SK, b_rows, c):
+        if (gluon_cfg is not None and b_ENK.is_contiguous() and offs_E.is_cuda
+                and _gluon.can_use_gluon(a_SK, b_ENK.view(E * N, K), c)):  # fmt: skip  # B as the kernel reads it
             return _gluon.launch_gluon_grouped(a_SK, a_s, b_ENK, b_s, offs_E, out_dtype, config=gluon_cfg, out=c)
         use_tma = can_use_tma(a_SK, b_ENK)
     if use_tma:
