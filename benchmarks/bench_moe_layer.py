@@ -91,8 +91,9 @@ def main() -> None:
 
 def kernels_table() -> None:
     """The grouped FP8 GEMMs of this layer alone (8192 tokens x top-8 over 256 experts, random routing): the
-    TMA kernels vs the pointer kernels they replace, checked against each other first; forward and dgrad
-    also through the Gluon grouped kernel (on Hopper only), checked against the fp32 reference."""
+    TMA kernels vs the pointer kernels they replace, checked against each other first; the streaming wgrad
+    (variant="stream") against the persistent one; forward and dgrad also through the Gluon grouped kernel (on
+    Hopper only), checked against the fp32 reference."""
     import importlib
     import sys
 
@@ -119,27 +120,34 @@ def kernels_table() -> None:
         dq, dsc = K_.quantize_act(dy)
         dtq, dts = K_.quantize_act_t(dy)
         xtq, xts = K_.quantize_act_t(x)
+        wst = ws.transpose(1, 2).contiguous()
         r = dict(quant_weight_ms=t_q, quant_weight_plus_T_ms=t_qt)
         for tag, f_new, f_old in [
             ("fwd", lambda: GG._grouped_launch(xq, xs, wq, ws, offs, torch.bfloat16, use_tma=True),
              lambda: GG._grouped_launch(xq, xs, wq, ws, offs, torch.bfloat16, use_tma=False)),
-            ("dgrad", lambda: K_.fp8_grouped_gemm_dgrad(dq, dsc, None, ws, offs, w_EKN=wqt),
-             lambda: GG._grouped_launch(dq, dsc, wqt, ws.transpose(1, 2).contiguous(), offs, torch.bfloat16, use_tma=False)),
+            ("dgrad", lambda: GG._grouped_launch(dq, dsc, wqt, wst, offs, torch.bfloat16, use_tma=True),
+             lambda: GG._grouped_launch(dq, dsc, wqt, wst, offs, torch.bfloat16, use_tma=False)),
             ("wgrad", lambda: K_.fp8_grouped_gemm_wgrad(dtq, dts, xtq, xts, offs, torch.bfloat16, use_tma=True),
              lambda: K_.fp8_grouped_gemm_wgrad(dtq, dts, xtq, xts, offs, torch.bfloat16, use_tma=False)),
         ]:  # fmt: skip
             r[f"{tag}_rel_diff_new_vs_old"] = rel(f_new(), f_old())
             r[f"{tag}_tflops_new"] = fl / ms(f_new) / 1e9
             r[f"{tag}_tflops_old"] = fl / ms(f_old) / 1e9
-        # The Gluon grouped kernel (fp8_gemm_gluon.launch_gluon_grouped, not dispatched) at the same sizes, each
-        # configuration, errors of it and of the Triton TMA kernel vs the fp32 reference; only where Gluon runs.
+        # The streaming wgrad (variant="stream", not dispatched) against the persistent one above.
+        f_stream = lambda: K_.fp8_grouped_gemm_wgrad(dtq, dts, xtq, xts, offs, torch.bfloat16, variant="stream")
+        f_persistent = lambda: K_.fp8_grouped_gemm_wgrad(dtq, dts, xtq, xts, offs, torch.bfloat16, use_tma=True)
+        r["wgrad_rel_diff_stream_vs_persistent"] = rel(f_stream(), f_persistent())
+        r["wgrad_tflops_stream"] = fl / ms(f_stream) / 1e9
+        # The Gluon grouped kernel (fp8_gemm_gluon.launch_gluon_grouped, what fp8_grouped_gemm dispatches to on
+        # Hopper) at the same sizes, each configuration, errors of it and of the Triton TMA kernel vs the fp32
+        # reference; only where Gluon runs.
         GLm = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
         if GLm.can_use_gluon(xq, dq):
             for tag, a, a_s, b, b_s_fn, ref_fn, f_triton in [
                 ("fwd", xq, xs, wq, lambda: ws, K_.fp8_grouped_gemm_ref,
                  lambda: GG._grouped_launch(xq, xs, wq, ws, offs, torch.bfloat16, use_tma=True)),
-                ("dgrad", dq, dsc, wqt, lambda: ws.transpose(1, 2).contiguous(), K_.fp8_grouped_gemm_dgrad_ref,
-                 lambda: K_.fp8_grouped_gemm_dgrad(dq, dsc, None, ws, offs, w_EKN=wqt)),
+                ("dgrad", dq, dsc, wqt, lambda: wst, K_.fp8_grouped_gemm_dgrad_ref,
+                 lambda: GG._grouped_launch(dq, dsc, wqt, wst, offs, torch.bfloat16, use_tma=True)),
             ]:  # fmt: skip
                 ref = ref_fn(a, a_s, wq, ws, offs, torch.float32)
                 r[f"{tag}_rel_err_new_vs_ref"] = rel(f_triton(), ref)
