@@ -235,6 +235,16 @@ def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
     return order_S, token_S, offs_E
 
 
+def _combine(y_SD, topk_weight_TK, order_S, token_S, hidden_TD) -> torch.Tensor:
+    """Each token's top-k sum of its expert rows times their routing weights. The rows are weighted in their own
+    dtype (autograd then saves y at that width, not an fp32 copy of [S, D]; the model's experts get weights in
+    the model dtype) and summed in fp32 (index_add saves nothing for its backward), as the model's torch experts
+    combine (modeling_dsv3._combine)."""
+    weighted_SD = y_SD * topk_weight_TK.reshape(-1)[order_S, None].to(y_SD.dtype)
+    out_TD = torch.zeros_like(hidden_TD, dtype=torch.float32)
+    return out_TD.index_add_(0, token_S, weighted_SD.float()).to(hidden_TD.dtype)
+
+
 def fp8_experts_forward(
     hidden_TD: torch.Tensor,
     topk_idx_TK: torch.Tensor,
@@ -247,7 +257,7 @@ def fp8_experts_forward(
     """Routed-experts output sum_k w_tk * down_e(act(gate_e(x_t)) * up_e(x_t)) in FP8, differentiable.
 
     Weights use transformers' fused layout: gate_up_proj [E, 2*I, D] (gate rows first, then up),
-    down_proj [E, D, I]. The top-k weighted sum is accumulated in fp32.
+    down_proj [E, D, I]. The top-k weighted sum is accumulated in fp32 (_combine).
     """
     E = gate_up_proj_EFD.shape[0]
     order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, E)
@@ -257,10 +267,7 @@ def fp8_experts_forward(
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_SI = act(gate_SI) * up_SI
     y_SD = FP8GroupedLinearFunction.apply(a_SI, down_proj_EDI, offs_E, pow2_scales, None, grad)
-    w_S = topk_weight_TK.reshape(-1)[order_S].float()
-    out_TD = hidden_TD.new_zeros(hidden_TD.shape, dtype=torch.float32)
-    out_TD = out_TD.index_add(0, token_S, y_SD.float() * w_S[:, None])
-    return out_TD.to(hidden_TD.dtype)
+    return _combine(y_SD, topk_weight_TK, order_S, token_S, hidden_TD)
 
 
 @torch.no_grad()
@@ -282,10 +289,7 @@ def fp8_experts_inference(
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_q, a_s = quantize_act((act(gate_SI) * up_SI).contiguous(), False)
     y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
-    w_S = topk_weight_TK.reshape(-1)[order_S].float()
-    out_TD = hidden_TD.new_zeros(hidden_TD.shape, dtype=torch.float32)
-    out_TD.index_add_(0, token_S, y_SD.float() * w_S[:, None])
-    return out_TD.to(hidden_TD.dtype)
+    return _combine(y_SD, topk_weight_TK, order_S, token_S, hidden_TD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +371,4 @@ def experts_forward_ref(
     h_SF = linear(x_SD, gate_up_proj_EFD)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     y_SD = linear(act(gate_SI) * up_SI, down_proj_EDI)
-    w_S = topk_weight_TK.reshape(-1)[order_S].float()
-    out_TD = hidden_TD.new_zeros(hidden_TD.shape, dtype=torch.float32)
-    return out_TD.index_add(0, token_S, y_SD.float() * w_S[:, None]).to(hidden_TD.dtype)
+    return _combine(y_SD, topk_weight_TK, order_S, token_S, hidden_TD)
