@@ -114,6 +114,24 @@ def test_fp8_experts_matches_reference(tol, rel):
     )
 
 
+def test_fp8_experts_route_without_bincount(monkeypatch):
+    """No host sync in the FP8 experts' routing: CUDA's torch.bincount reads max(idx) back to the host to size its
+    output, which would stall every MoE layer's launches. Forward and backward run with it unavailable, and the
+    row offsets equal bincount's."""
+    from modeling_deepseek_v3.kernels import fp8_linear
+
+    h, idx, wt, gu, dn = _experts_case(0)
+    expected = torch.bincount(idx.reshape(-1), minlength=gu.shape[0]).cumsum(0).to(torch.int32)
+
+    def no_bincount(*args, **kwargs):
+        raise AssertionError("torch.bincount syncs with the host on CUDA")
+
+    monkeypatch.setattr(torch, "bincount", no_bincount)
+    assert torch.equal(fp8_linear._sort_by_expert(idx, gu.shape[0])[2], expected)
+    fp8_experts_forward(h, idx, wt, gu, dn).sum().backward()
+    assert gu.grad is not None and h.grad is not None
+
+
 def test_fp8_experts_vs_full_precision(rel):
     h, idx, wt, gu, dn = _experts_case(1)
     y = fp8_experts_forward(h, idx, wt, gu, dn)
