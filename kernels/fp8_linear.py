@@ -169,6 +169,27 @@ class FP8Linear(nn.Linear):
         y = FP8LinearFunction.apply(x, self.weight, self.pow2_scales, torch.is_grad_enabled())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    @staticmethod
+    def forward_shared_input(x: torch.Tensor, layers) -> tuple[torch.Tensor, ...]:
+        """layer(x) for several FP8Linear layers that read the same x (MLA's q_a and kv_a projections, an MLP's gate
+        and up): one FP8 GEMM on the stacked weights, so x is quantised once and the kernels launch once, which is
+        what an eager FP8 step is short of (host-bound: benchmarks/RESULTS.md). Stacking keeps every 128x128 weight
+        block as it is apart when all widths but the last are multiples of 128; elsewhere (and for layers with a
+        bias, hooks, or other scale formats) the layers run one by one. Forward outputs are the same as apart; the
+        input gradient sums the layers' contributions in fp32 before one rounding instead of after."""
+        first = layers[0]
+        stackable = (
+            len(layers) > 1
+            and all(type(layer) is FP8Linear and layer.bias is None and layer.pow2_scales == first.pow2_scales
+                    and not (layer._forward_hooks or layer._forward_pre_hooks) for layer in layers)
+            and all(layer.out_features % BLOCK == 0 for layer in layers[:-1])
+        )  # fmt: skip
+        if not stackable:
+            return tuple(layer(x) for layer in layers)
+        weight = torch.cat([layer.weight for layer in layers])
+        y = FP8LinearFunction.apply(x, weight, first.pow2_scales, torch.is_grad_enabled())
+        return y.split([layer.out_features for layer in layers], dim=-1)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, pow2_scales: bool = False) -> FP8Linear:
         """Wrap an existing nn.Linear, sharing its parameters."""

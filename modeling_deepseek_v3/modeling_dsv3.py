@@ -139,7 +139,9 @@ def optional_kernels(feature: str):
     try:
         kernels = importlib.import_module("modeling_deepseek_v3.kernels")
     except ImportError as err:
-        raise RuntimeError(f"{feature} needs the deepseek-v3-hf package (pip install 'deepseek-v3-hf[triton]')") from err
+        raise RuntimeError(
+            f"{feature} needs the deepseek-v3-hf package (pip install 'deepseek-v3-hf[triton]')"
+        ) from err
     kernels.require_fp8(feature)
     return kernels
 
@@ -151,6 +153,13 @@ def make_linear(config: DSV3Config, in_features: int, out_features: int, bias: b
     if config.linear_implementation == "fp8":
         return optional_kernels("linear_implementation='fp8'").FP8Linear(in_features, out_features, bias=bias)
     return nn.Linear(in_features, out_features, bias=bias)
+
+
+def shared_input_linears(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """layer(x) for projections of one input. FP8 layers run as one FP8 GEMM (FP8Linear.forward_shared_input: x
+    quantised once, one set of kernel launches); any other backend calls each layer."""
+    stacked = getattr(type(layers[0]), "forward_shared_input", None)
+    return stacked(x, layers) if stacked is not None else tuple(layer(x) for layer in layers)
 
 
 # ----------------------------------------------------------------------------------------------------- attention
@@ -213,13 +222,13 @@ class DSV3Attention(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         B, S, _ = hidden_states.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(hidden_states)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+        q_in = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        q, kv_a = shared_input_linears(hidden_states, q_in, self.kv_a_proj_with_mqa)
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q_BSHd = q.view(B, S, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q_BSHd.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
         c_kv = self.kv_a_layernorm(c_kv)
         cos, sin = position_embeddings
         q_pe = apply_rotary_interleaved(q_pe, cos, sin)
@@ -293,7 +302,8 @@ class DSV3MLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_linears(x, self.gate_proj, self.up_proj)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 # -------------------------------------------------------------------------------------------------------- router
@@ -487,7 +497,9 @@ class DSV3MoE(nn.Module):
             DSV3MLP(config, config.moe_intermediate_size * config.n_shared_experts) if config.n_shared_experts else None
         )
 
-    def forward(self, x_BSD: torch.Tensor, token_mask_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats]:
+    def forward(
+        self, x_BSD: torch.Tensor, token_mask_BS: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RouterStats]:
         """token_mask_BS (True = real token) keeps padding out of the expert loads and the balance loss: padded
         positions are still computed, but they must not steer the router-bias update."""
         B, S, D = x_BSD.shape
@@ -816,7 +828,9 @@ class DSV3Model(DSV3PreTrainedModel):
 def _merge_stats(expert_load, aux_loss, stats: list[RouterStats]):
     """Append MTP layers' loads and balance losses to the main model's (either side may have no MoE layer)."""
     loads = ([expert_load] if expert_load is not None else []) + [s.expert_load[None] for s in stats]
-    losses = ([aux_loss] if aux_loss is not None else []) + [s.seq_aux_loss for s in stats if s.seq_aux_loss is not None]
+    losses = ([aux_loss] if aux_loss is not None else []) + [
+        s.seq_aux_loss for s in stats if s.seq_aux_loss is not None
+    ]
     return (torch.cat(loads) if loads else None), (torch.stack(losses).sum() if losses else None)
 
 

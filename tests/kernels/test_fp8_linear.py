@@ -166,3 +166,39 @@ def test_forward_only_calls_skip_the_backward_copies(monkeypatch):
     y, e = layer(x), fp8_experts_forward(h, idx, wt, gu, dn)
     assert "quantize_act_both" in calls and "quantize_weight_t" in calls  # training path unchanged
     assert torch.equal(y, y_nograd) and torch.equal(e, e_nograd)
+
+
+def test_shared_input_layers_run_as_one_gemm(monkeypatch, tol, rel):
+    """FP8Linear.forward_shared_input: layers reading one x (MLA's q_a / kv_a, an MLP's gate / up) as one FP8 GEMM
+    on the stacked weights, x quantised once, matching the layers run apart (outputs and every gradient); where
+    stacking would regroup the 128x128 weight blocks (a width before the last not a multiple of 128) or a layer
+    has a bias, the layers run apart, bit for bit as before."""
+    from modeling_deepseek_v3.kernels import fp8_linear
+
+    quantised = []
+    real = fp8_linear.quantize_act_both
+    monkeypatch.setattr(fp8_linear, "quantize_act_both", lambda *a, **k: quantised.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    x = torch.randn(3, 70, 256)
+    layers = [FP8Linear(256, 256, bias=False), FP8Linear(256, 136, bias=False)]
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused = FP8Linear.forward_shared_input(x1, layers)
+    assert len(quantised) == 1, "x is quantised once for both layers"
+    g = [torch.randn_like(y) for y in fused]
+    torch.autograd.backward(fused, g)
+    fused_grads = [layer.weight.grad.clone() for layer in layers]
+    for layer in layers:
+        layer.weight.grad = None
+    apart = [layer(x2) for layer in layers]
+    torch.autograd.backward(apart, g)
+    for yf, ya, gf, layer in zip(fused, apart, fused_grads, layers, strict=True):
+        assert yf.shape == ya.shape and rel(yf, ya) < tol[torch.float32]
+        assert rel(gf, layer.weight.grad) < tol[torch.float32]
+    assert rel(x1.grad, x2.grad) < TOL_CHAINED  # dgrad summed in fp32 before the output rounding, apart after
+    with torch.no_grad():
+        for stack in ([FP8Linear(256, 136, bias=False), FP8Linear(256, 256, bias=False)],
+                      [FP8Linear(256, 256, bias=True), FP8Linear(256, 128, bias=False)]):  # fmt: skip
+            quantised.clear()
+            out = FP8Linear.forward_shared_input(x, stack)
+            assert all(torch.equal(a, layer(x)) for a, layer in zip(out, stack, strict=True))
+            assert len(quantised) == 0  # apart: each layer quantises x itself, in the 1x128 tiling only (no grad)
