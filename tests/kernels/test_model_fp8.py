@@ -46,6 +46,47 @@ def test_fp8_model_trains_close_to_the_high_precision_model(rel):
     )  # measured 0.092; wgrad quantises grad_out and activations (e4m3), then sums over tokens
 
 
+@pytest.mark.parametrize("q_lora_rank", [None, 128])
+def test_fp8_projections_of_one_input_stack_into_one_gemm(monkeypatch, q_lora_rank, rel):
+    """Widths that are multiples of 128 (q_proj or q_a_proj, the MLP's gate), so MLA's first two projections and the
+    MLPs' gate / up run as one FP8 GEMM each (FP8Linear.forward_shared_input; the split outputs feed views and
+    norms): fewer quantisations of the inputs, and the model matches itself with every projection run apart."""
+    from modeling_deepseek_v3.kernels import fp8_linear
+
+    cfg = tiny(linear_implementation="fp8", q_lora_rank=q_lora_rank, num_attention_heads=2, qk_nope_head_dim=96,
+               qk_rope_head_dim=32, v_head_dim=64, kv_lora_rank=128, intermediate_size=256, moe_intermediate_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = DSV3ForCausalLM(cfg)
+    ids = torch.randint(0, 256, (2, 9))
+    quantised = []
+    real = fp8_linear.quantize_act_both
+    monkeypatch.setattr(fp8_linear, "quantize_act_both", lambda *a, **k: quantised.append(1) or real(*a, **k))
+
+    def run():
+        quantised.clear()
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return (
+            out.logits,
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            len(quantised),
+        )
+
+    logits, grads, n_stacked = run()
+    monkeypatch.setattr(FP8Linear, "forward_shared_input", staticmethod(lambda x, layers: tuple(m(x) for m in layers)))
+    logits_apart, grads_apart, n_apart = run()
+    # Two stacked pairs a decoder or MTP layer (MLA's first two projections, the MLP's gate / up), each quantising
+    # x once instead of twice in forward and its output gradient once instead of twice in backward.
+    blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    assert n_apart - n_stacked == 2 * 2 * blocks, (n_stacked, n_apart)
+    # Same blocks, same kernels: the logits are equal (measured 0); the stacked dgrad sums the pair in fp32 before
+    # its single rounding of the fp32 output (measured <= 8e-8 on every gradient).
+    assert rel(logits, logits_apart) < 1e-6
+    for name, g in grads.items():
+        assert rel(g, grads_apart[name]) < 1e-5, name
+
+
 def test_asking_for_fp8_where_it_cannot_run_says_why(tmp_path):
     # A process without TRITON_INTERPRET on this CPU-only machine: no CUDA, so FP8 cannot run.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
