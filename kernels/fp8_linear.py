@@ -175,8 +175,9 @@ class FP8Linear(nn.Linear):
         and up): one FP8 GEMM on the stacked weights, so x is quantised once and the kernels launch once, which is
         what an eager FP8 step is short of (host-bound: benchmarks/RESULTS.md). Stacking keeps every 128x128 weight
         block as it is apart when all widths but the last are multiples of 128; elsewhere (and for layers with a
-        bias, hooks, or other scale formats) the layers run one by one. Forward outputs are the same as apart; the
-        input gradient sums the layers' contributions in fp32 before one rounding instead of after."""
+        bias, hooks, or other scale formats) the layers run one by one. The forward computes what the layers apart
+        compute (the same x tiles and weight blocks; equal outputs under the interpreter); the input gradient sums
+        the layers' contributions in fp32 before its one rounding instead of after two."""
         first = layers[0]
         stackable = (
             len(layers) > 1
