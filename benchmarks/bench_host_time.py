@@ -3,7 +3,8 @@
 For each piece: microseconds of host time a call (no sync inside the timed loop, at most a few hundred
 launches queued, under the 1024-entry launch queue) and of wall time a call (the loop, then a sync). Where
 host ~ wall the piece is host-bound. Also the floor of this machine: torch.empty, a tiny Triton launch, a
-tiny torch op, and an identity autograd.Function.
+tiny torch op, and an identity autograd.Function. Then, at deepseek-v3-small shapes, two projections of one input
+apart and stacked into one FP8 GEMM, and the FP8 routed experts.
 
     python3 benchmarks/bench_host_time.py
 """
@@ -78,6 +79,24 @@ def main() -> None:
     res["FP8Linear fwd"] = host_us(lambda: f8(x), 50)
     res["FP8Linear fwd+bwd"] = host_us(lambda: f8(x).backward(g), 50)
     res["identity Function + sum + backward"] = host_us(lambda: Identity.apply(x).sum().backward(), 50)
+    # deepseek-v3-small shapes (B=8 x S=2048 tokens, hidden 1024): MLA's q_a (384) and kv_a (576) projections apart
+    # and stacked into one FP8 GEMM (FP8Linear.forward_shared_input), and the routed experts (64, top-6, width 512)
+    T, D = 16384, 1024
+    h = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pair = [K_.FP8Linear(D, 384, bias=False, device="cuda", dtype=torch.bfloat16),
+            K_.FP8Linear(D, 576, bias=False, device="cuda", dtype=torch.bfloat16)]  # fmt: skip
+    res["small: q_a + kv_a apart fwd+bwd"] = host_us(lambda: sum(m(h).sum() for m in pair).backward(), 30)
+    res["small: q_a + kv_a stacked fwd+bwd"] = host_us(
+        lambda: sum(y.sum() for y in K_.FP8Linear.forward_shared_input(h, pair)).backward(), 30
+    )
+    E, top_k, width = 64, 6, 512
+    gate_up = (torch.randn(E, 2 * width, D, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    down = (torch.randn(E, D, width, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    idx = torch.rand(T, E, device="cuda").topk(top_k, dim=1).indices
+    wt = torch.rand(T, top_k, device="cuda", dtype=torch.bfloat16)
+    res["small: FP8 experts fwd+bwd"] = host_us(
+        lambda: K_.fp8_experts_forward(h, idx, wt, gate_up, down).sum().backward(), 20
+    )
     for k, v in res.items():
         print(f"{k:40s} host_us {v[0]:8.1f}   wall_us {v[1]:8.1f}")
 
