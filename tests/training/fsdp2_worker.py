@@ -1,7 +1,7 @@
 """Run by test_distributed.py under `torchrun --nproc_per_node 2` (gloo, CPU): the debug model with MTP sharded by
 FSDP2 (`fully_shard` per decoder/MTP layer, then the root; the units of training/accelerate_configs/fsdp2.yaml),
 a few SGD steps on this rank's rows of a fixed global batch with the aux-loss-free bias update, then this rank's
-losses, router biases and the gathered full parameters are saved.
+losses, total gradient norms, router biases and the gathered full parameters are saved.
 
 With no argument beyond the output folder it runs the same steps in one process without FSDP (the reference).
 A second argument, "bf16" or "bf16-router-fp32", shards with a bf16 MixedPrecisionPolicy (what accelerate's FSDP2
@@ -62,11 +62,13 @@ def main(output_dir: str, precision: str = "fp32") -> None:
     # Plain SGD: its update is linear in the gradient, so a gradient averaged wrongly over ranks (summed, halved,
     # from one shard) shows in the parameters; Adam's normalised update would hide a scale error.
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    losses = []
+    losses, grad_norms = [], []
     for step in range(STEPS):
         rows = data[step, rank::world]  # this rank's half of the global batch
         out = model(rows, labels=rows)
         out.loss.backward()  # FSDP2 averages the gradients over ranks: the mean over the global batch
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # the total norm, nothing clipped
+        grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
         optimizer.step()
         optimizer.zero_grad()
         update_router_biases(model, out.expert_load, GAMMA)  # loads summed over ranks, as in training/pretrain.py
@@ -80,6 +82,8 @@ def main(output_dir: str, precision: str = "fp32") -> None:
     if rank == 0:
         with open(os.path.join(output_dir, "losses.json"), "w") as f:
             json.dump(losses, f)
+        with open(os.path.join(output_dir, "grad_norms.json"), "w") as f:
+            json.dump(grad_norms, f)
         with open(os.path.join(output_dir, "router_dtypes.json"), "w") as f:
             json.dump(sorted(set(router_dtypes)), f)
         torch.save(full, os.path.join(output_dir, "state.pt"))

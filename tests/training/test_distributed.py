@@ -70,6 +70,9 @@ def test_fsdp2_sharded_model_matches_one_process(tmp_path):
     ref_losses, losses = (json.loads((tmp_path / d / "losses.json").read_text()) for d in ("ref", "fsdp"))
     # fp32 reduction order only (two half-batch gradients averaged vs one batch): a few ulps per step.
     assert losses == pytest.approx(ref_losses, rel=1e-5)
+    # the total gradient norm over the sharded gradients (clip_grad_norm_ on DTensors): measured 1e-6 from the reference
+    ref_norms, norms = (json.loads((tmp_path / d / "grad_norms.json").read_text()) for d in ("ref", "fsdp"))
+    assert norms == pytest.approx(ref_norms, rel=1e-5)
     rank0, rank1, ref = (torch.load(tmp_path / d / f"biases-rank{r}.pt") for d, r in (("fsdp", 0), ("fsdp", 1), ("ref", 0)))
     assert all(torch.equal(a, b) and torch.equal(a, c) and a.abs().max() > 0 for a, b, c in zip(rank0, rank1, ref, strict=True))
     initial, ref_state, state = (torch.load(tmp_path / d / f) for d, f in (("ref", "initial.pt"), ("ref", "state.pt"),
@@ -91,6 +94,7 @@ def test_fsdp2_bf16_policy_keeps_the_router_fp32(tmp_path):
     (tmp_path / "ref").mkdir()
     subprocess.run([sys.executable, str(worker), str(tmp_path / "ref")], check=True, capture_output=True, timeout=240)
     ref_losses = json.loads((tmp_path / "ref" / "losses.json").read_text())
+    ref_norms = json.loads((tmp_path / "ref" / "grad_norms.json").read_text())
     for precision, expected in (("bf16", ["torch.bfloat16"]), ("bf16-router-fp32", ["torch.float32"])):
         (tmp_path / precision).mkdir()
         _torchrun(worker, str(tmp_path / precision), precision)
@@ -100,3 +104,8 @@ def test_fsdp2_bf16_policy_keeps_the_router_fp32(tmp_path):
         # losses by ~1e-4 relative (measured 1.1e-4); a broken unit (wrong gather, unreduced or doubled gradient,
         # a router left unsharded) moves the later steps' losses by 1e-2 or more.
         assert losses == pytest.approx(ref_losses, rel=1e-3), precision
+        # The total gradient norm under the bf16 policy (bf16 gradients reduce-scattered, then the fp32 shards'
+        # norm) follows the fp32 reference to bf16 precision (measured <= 8.1e-3 relative); a wrong reduction
+        # (summed: 2x, one shard's: ~0.7x) or a clip on bf16 values gone wrong would be far outside 3e-2.
+        norms = json.loads((tmp_path / precision / "grad_norms.json").read_text())
+        assert norms == pytest.approx(ref_norms, rel=3e-2), precision
