@@ -130,6 +130,31 @@ def test_killed_checkpoint_write_keeps_last_good(straight, tmp_path, monkeypatch
     assert sorted(os.listdir(ckpts)) == ["LATEST", "step-0000003", "step-0000006"]
 
 
+def test_out_of_memory_names_the_fix_and_keeps_the_checkpoint(straight, tmp_path, monkeypatch):
+    """An out-of-memory error in a training step (here raised by the 9th forward, in step 5, after the step-3
+    checkpoint) says which arguments to change and how to resume; the checkpoint stays as written, and resuming
+    from it continues the run as if nothing had happened."""
+    real_forward = DSV3ForCausalLM.forward
+    calls = []
+
+    def forward_until_oom(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # 2 micro-batches a step: the first of step 5
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DSV3ForCausalLM, "forward", forward_until_oom)
+    ckpts = tmp_path / "checkpoints"
+    with pytest.raises(torch.OutOfMemoryError, match="per_device_batch_size=2.*--gradient-checkpointing.*--resume"):
+        run(tmp_path)
+    assert (ckpts / "LATEST").read_text() == "step-0000003" and not (tmp_path / "final").exists()
+    good = {f: hashlib.sha256((ckpts / "step-0000003" / f).read_bytes()).hexdigest() for f in os.listdir(ckpts / "step-0000003")}
+    monkeypatch.setattr(DSV3ForCausalLM, "forward", real_forward)
+    run(tmp_path, resume=True)
+    assert trajectory(tmp_path) == trajectory(straight[0])
+    assert {f: hashlib.sha256((ckpts / "step-0000003" / f).read_bytes()).hexdigest() for f in good} == good
+
+
 def test_training_lowers_lm_and_mtp_loss(tmp_path):
     run(tmp_path, max_steps=20, per_device_batch_size=4, gradient_accumulation_steps=1, save_steps=20, warmup_steps=3)
     records = read_metrics(tmp_path / "metrics.jsonl")
