@@ -188,8 +188,9 @@ if tt.HAS_TRITON:
         # c = dW_ENK. One program owns one [BLOCK_M, BLOCK_N] tile position of every expert's dW and streams
         # once through all routed tokens, segment by segment (_wgrad_segments: one expert's tokens inside one
         # 128-token scale tile, in token order), storing an expert's tile after its last segment: one long
-        # K loop a program, which the software pipeliner can keep full, where the persistent kernel runs two
-        # or three 128-token steps per work item at V3 size. Other experts' tokens in a segment's tile are
+        # loop a program, where the persistent kernel walks work items of two or three 128-token steps at V3
+        # size (flattened into one loop too); which keeps the tensor cores busier is what
+        # benchmarks/bench_moe_layer.py --kernels is to measure. Other experts' tokens in a segment's tile are
         # zeroed in the A tile (their products vanish whatever B holds); TMA zero-fills tokens past S.
         pid = tl.program_id(0)
         num_n = tl.cdiv(K, BLOCK_N)
