@@ -192,10 +192,11 @@ if tt.HAS_TRITON:
         # size (flattened into one loop too); which keeps the tensor cores busier is what
         # benchmarks/bench_moe_layer.py --kernels is to measure. Other experts' tokens in a segment's tile are
         # zeroed in the A tile (their products vanish whatever B holds); TMA zero-fills tokens past S.
-        pid = tl.program_id(0)
         num_n = tl.cdiv(K, BLOCK_N)
-        offs_m = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        off_m = (tl.program_id(0) // num_n) * BLOCK_M
+        off_n = (tl.program_id(0) % num_n) * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
         sb = tl.cdiv(S, 128)
         as_ptrs = as_ptr + (offs_m % N) * sb
         bs_ptrs = bs_ptr + (offs_n % K) * sb
@@ -208,9 +209,9 @@ if tt.HAS_TRITON:
             lo = tl.load(seg_ptr + 2 * T + s)
             hi = tl.load(seg_ptr + 3 * T + s)
             tok = kb * 128 + tl.arange(0, 128)
-            a = a_desc.load([(pid // num_n) * BLOCK_M, kb * 128])
+            a = a_desc.load([off_m, kb * 128])
             a = tl.where(((tok >= lo) & (tok < hi))[None, :], a, tl.zeros_like(a))
-            b = b_desc.load([(pid % num_n) * BLOCK_N, kb * 128])
+            b = b_desc.load([off_n, kb * 128])
             a_s = tl.load(as_ptrs + kb)
             b_s = tl.load(bs_ptrs + kb)
             acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]

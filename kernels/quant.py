@@ -384,14 +384,13 @@ def quantize_weight(w_NK: torch.Tensor, pow2: bool = False, transposed: bool = F
     y_NK = torch.empty(w_NK.shape, dtype=torch.float8_e4m3fn, device=w_NK.device)
     y_KN = torch.empty(*lead, K, N, dtype=torch.float8_e4m3fn, device=w_NK.device) if transposed else None
     s_NbKb = torch.empty(*lead, triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK), dtype=torch.float32, device=w_NK.device)
+    grid = (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK), lead[0] if lead else 1)  # one 128x128 block a program
     if y_NK.numel() and transposed and _use_gluon(impl, fast_div, num_warps is not None):
         spt_n, spt_k, tpw_n, warps_n, warps_k = tile or QUANT_WEIGHT_T_GLUON
-        grid = (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK), lead[0] if lead else 1)
         _quant_weight_t_gluon_kernel[grid](w_NK, y_NK, s_NbKb, y_KN, N, K, POW2=pow2, SPT_N=spt_n, SPT_K=spt_k,
                                            TPW_N=tpw_n, WARPS_N=warps_n, WARPS_K=warps_k,
                                            num_warps=warps_n * warps_k)  # fmt: skip
     elif y_NK.numel():
-        grid = (triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK), lead[0] if lead else 1)
         fast = (FAST_DIV if fast_div is None else fast_div) and not tt.interpreting()
         _quant_weight_kernel[grid](w_NK, y_NK, s_NbKb, y_KN, N, K, POW2=pow2, EXACT=tt.interpreting(), TRANS=transposed,
                                    FAST_DIV=fast, num_warps=num_warps or (16 if transposed else 8))  # fmt: skip
