@@ -254,7 +254,8 @@ def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
     order_S = torch.argsort(flat_S, stable=True)
     token_S = order_S // topk_idx_TK.shape[1]
     # Counted by scatter_add, not torch.bincount: CUDA's bincount reads max(idx) back to size its output, a host
-    # sync in every MoE layer that stalls the launch queue (and breaks CUDA-graph capture).
+    # sync in every MoE layer that stalls the launch queue (and breaks CUDA-graph capture). The model's twin is
+    # modeling_dsv3.count_per_expert; kernels/ does not import the model (it also loads on its own).
     counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_S.device)
     offs_E = counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S)).cumsum(0).to(torch.int32)
     return order_S, token_S, offs_E
