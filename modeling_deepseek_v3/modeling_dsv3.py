@@ -393,9 +393,12 @@ def experts_grouped_mm(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) 
     """Sort rows by expert, then two grouped GEMMs (torch grouped_mm): no host sync, no loop over experts."""
     x_RD, order, token_of_row, counts_E = _sort_by_expert(x_TD, topk_idx_TK, experts.num_experts)
     offsets = counts_E.cumsum(0).to(torch.int32)
-    gate_up_RF = _grouped_mm(x_RD, experts.gate_up_proj.transpose(1, 2), offs=offsets)
+    # grouped_mm has no autocast rule: under autocast x comes in the autocast dtype (DSV3Experts.forward) and the
+    # fp32 master weights are cast here, as autocast casts F.linear's (a no-op when the model is bf16 already).
+    w_gate_up, w_down = experts.gate_up_proj.to(x_RD.dtype), experts.down_proj.to(x_RD.dtype)
+    gate_up_RF = _grouped_mm(x_RD, w_gate_up.transpose(1, 2), offs=offsets)
     gate, up = gate_up_RF.chunk(2, dim=-1)
-    y_RD = _grouped_mm(experts.act_fn(gate) * up, experts.down_proj.transpose(1, 2), offs=offsets)
+    y_RD = _grouped_mm(experts.act_fn(gate) * up, w_down.transpose(1, 2), offs=offsets)
     return _combine(y_RD, order, token_of_row, topk_weight_TK, x_TD)
 
 
@@ -473,9 +476,16 @@ class DSV3Experts(nn.Module):
         self.register_buffer("down_proj_scale_inv", torch.ones(E, blocks(D), blocks(F2 // 2), device=device))
 
     def forward(self, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
-        impl = resolve_experts_implementation(self.config.moe_implementation, x_TD)
-        # The routing weights are fp32; the expert GEMMs run in the model dtype.
-        return EXPERTS_FUNCTIONS[impl](self, x_TD, topk_idx_TK, topk_weight_TK.to(x_TD.dtype))
+        # The expert GEMMs run in the model dtype, or in the autocast dtype under autocast (accelerate's bf16 mixed
+        # precision keeps fp32 weights and an fp32 residual stream): then "auto" still finds grouped_mm, not the
+        # sorted loop whose per-expert host sync and data-dependent shapes break torch.compile and CUDA graphs.
+        device = x_TD.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
+        x_TD_compute = x_TD.to(compute_dtype)
+        impl = resolve_experts_implementation(self.config.moe_implementation, x_TD_compute)
+        # The routing weights are fp32; the combine weights rows in the compute dtype.
+        out_TD = EXPERTS_FUNCTIONS[impl](self, x_TD_compute, topk_idx_TK, topk_weight_TK.to(compute_dtype))
+        return out_TD.to(x_TD.dtype)
 
 
 @dataclass

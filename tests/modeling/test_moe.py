@@ -34,6 +34,44 @@ def test_expert_paths_match_the_eager_reference_forward_and_backward(tiny_config
         assert (a.grad - b.grad).abs().max() <= FP32_ATOL, name
 
 
+def test_auto_takes_grouped_mm_under_bf16_autocast_with_fp32_weights(tiny_config, monkeypatch):
+    """accelerate's bf16 mixed precision: fp32 weights and activations, autocast around the forward. "auto" must
+    still run grouped_mm (it once fell back to the sorted loop, whose host sync per expert and data-dependent
+    shapes made `dsv3 train --compile` recompile on every step), match the sorted path, and trace in one graph."""
+    if _grouped_mm is None:
+        pytest.skip("this torch has no grouped_mm")
+    from modeling_deepseek_v3 import modeling_dsv3 as M
+
+    ref = DSV3MoE(tiny_config(moe_implementation="sorted"))
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    test = DSV3MoE(tiny_config(moe_implementation="auto"))
+    test.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 9, ref.config.hidden_size)
+    x_ref, x_test = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ref, _ = ref(x_ref)
+        monkeypatch.setitem(M.EXPERTS_FUNCTIONS, "sorted", None)  # "auto" must not reach it now
+        y_test, _ = test(x_test)
+        compiled = torch.compile(test, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+        y_compiled, _ = compiled(x.clone())
+    assert y_test.dtype == x.dtype == torch.float32  # the residual stream keeps its dtype
+    # Both paths: bf16 GEMMs with fp32 accumulation, intermediate activations rounded to bf16 (2^-8 relative)
+    # in a different order; 2e-2 of the output's norm is a few such roundings, far below a wrong expert's O(1).
+    assert (y_test - y_ref).norm() <= 2e-2 * y_ref.norm()
+    torch.testing.assert_close(y_compiled, y_test, rtol=0, atol=0)
+    g = torch.randn_like(y_ref)
+    (y_ref * g).sum().backward()
+    (y_test * g).sum().backward()
+    assert (x_test.grad - x_ref.grad).norm() <= 2e-2 * x_ref.grad.norm()
+    for (name, a), b in zip(ref.named_parameters(), test.parameters(), strict=True):
+        if a.grad is None:  # the router bias: no gradient on either side
+            assert b.grad is None, name
+            continue
+        assert b.grad.dtype == torch.float32, name
+        assert (b.grad - a.grad).norm() <= 2e-2 * a.grad.norm(), name
+
+
 def test_bias_only_chooses_and_weights_are_normalised_scaled_scores(tiny_config):
     cfg = tiny_config()
     moe = DSV3MoE(cfg)
