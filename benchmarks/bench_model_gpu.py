@@ -10,6 +10,7 @@ dense/shared MLPs and the routed experts (linear_implementation = moe_implementa
 
     PYTHONPATH=. python benchmarks/bench_model_gpu.py            # writes $OUT/bench_model_gpu.json if OUT is set
     PYTHONPATH=. python benchmarks/bench_model_gpu.py --train-only [--fp8] [--compile-mode reduce-overhead]
+    PYTHONPATH=. python benchmarks/bench_model_gpu.py --train-only --rows ours+fp8 --profile   # the anchor always runs
 """
 
 from __future__ import annotations
@@ -52,26 +53,43 @@ def build(kind: str, compile_mode: str | None = None):
     return model
 
 
-def train_step_rate(model, B=8, S=2048, steps=10) -> dict:
+def train_step_rate(model, B=8, S=2048, steps=10, profile=False) -> dict:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, SHAPE["vocab_size"], (B, S), device="cuda")
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # as dsv3 train does: lets CUDA-graph trees replay (no-op otherwise)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    # Peak from before the warm-up: CUDA-graph replays allocate nothing, so a peak taken after recording would
+    # miss the graphs' memory pools; eager and compiled steps peak the same in warm-up as after it.
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    return dict(tokens_per_s=B * S / dt, step_ms=dt * 1e3, peak_GiB=torch.cuda.max_memory_allocated() / 2**30)
+    if profile:  # one more step under the profiler, after the timed ones: where host and GPU time go
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            step()
+            torch.cuda.synchronize()
+        for sort in ("self_cpu_time_total", "self_cuda_time_total"):
+            print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
+    return dict(
+        tokens_per_s=B * S / dt,
+        step_ms=dt * 1e3,
+        peak_GiB=torch.cuda.max_memory_allocated() / 2**30,
+        reserved_GiB=torch.cuda.max_memory_reserved() / 2**30,
+    )
 
 
 @torch.no_grad()
@@ -95,15 +113,22 @@ def main() -> None:
     p.add_argument("--fp8", action="store_true", help="also train with the FP8 kernels, eager and compiled")
     p.add_argument("--compile-mode", help="torch.compile mode of the compiled rows (e.g. reduce-overhead: CUDA graphs "
                    "per layer, which take the FP8 kernels' host-side launch cost off the step)")  # fmt: skip
+    p.add_argument("--rows", help="comma-separated rows to run besides the built-in anchor (default: all)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step of each row")
     args = p.parse_args()
     print(
         "torch", torch.__version__, "transformers", transformers.__version__, torch.cuda.get_device_name(), flush=True
     )
     results = {}
     kinds = ["builtin", "ours", "ours+compile"] + (["ours+fp8", "ours+fp8+compile"] if args.fp8 else [])
+    if args.rows:
+        kinds = ["builtin"] + args.rows.split(",")
     for kind in kinds:
         model = build(kind, args.compile_mode)
-        r = {"params_M": sum(p.numel() for p in model.parameters()) / 1e6, "train": train_step_rate(model)}
+        r = {
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "train": train_step_rate(model, profile=args.profile),
+        }
         print(kind, "train", json.dumps(r["train"]), flush=True)
         for batch, context in () if args.train_only or kind not in ("builtin", "ours") else ((1, 512), (16, 4096)):
             r[f"decode_bs{batch}_ctx{context}"] = decode_rate(model, batch, context)
@@ -112,15 +137,14 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
     ratios = {
-        "train_tokens_per_s": results["ours"]["train"]["tokens_per_s"] / results["builtin"]["train"]["tokens_per_s"],
         **{
             f"train_tokens_per_s_{kind}": results[kind]["train"]["tokens_per_s"]
             / results["builtin"]["train"]["tokens_per_s"]
-            for kind in kinds[2:]
+            for kind in kinds[1:]
         },
         **{
             k: results["ours"][k]["new_tokens_per_s"] / results["builtin"][k]["new_tokens_per_s"]
-            for k in results["ours"]
+            for k in results.get("ours", {})
             if k.startswith("decode")
         },
     }

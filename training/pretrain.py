@@ -73,6 +73,7 @@ class PretrainArguments:
     mixed_precision: str = field(default="auto", metadata={"help": "no (fp32), bf16, or auto (bf16 on a bf16 GPU, else no)"})
     fp8: bool = field(default=False, metadata={"help": "block-scaled FP8 (kernels/) for the MLA projections, dense/shared MLPs and routed experts; embedding, router, norms and head stay high precision. Needs a CUDA GPU of compute capability >= 8.9 and Triton"})
     compile: bool = field(default=False, metadata={"help": "torch.compile each decoder/MTP layer (regional compilation)"})
+    compile_mode: str | None = field(default=None, metadata={"help": "torch.compile mode for --compile: default, reduce-overhead (CUDA graphs per layer: takes the kernels' host-side launch cost off the step) or max-autotune"})
     use_cpu: bool = field(default=False, metadata={"help": "train on the CPU even with a GPU (always the case without CUDA)"})
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -121,6 +122,8 @@ class RunState:
 
 def train(args: PretrainArguments) -> DSV3ForCausalLM:
     """Run (or resume) training; returns the trained, unwrapped model (same biases on every rank)."""
+    if args.compile_mode is not None and not args.compile:
+        raise ValueError(f"--compile_mode {args.compile_mode} applies to --compile, which is off: pass both")
     if args.mixed_precision == "auto":
         args.mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     lambdas = (args.mtp_loss_weight, args.mtp_loss_weight_final)
@@ -178,7 +181,7 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
         else:
             warnings.warn("FSDP1 with mixed precision computes the router in bf16; use fsdp_version: 2 to keep it fp32", stacklevel=2)
     if args.compile:
-        model.compile_layers()
+        model.compile_layers(mode=args.compile_mode)
     # No weight decay on norms (1-D); the router bias is a buffer, moved only by the balancing rule.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
@@ -214,6 +217,8 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
             rows = dataset.next_rows(global_batch)  # every rank draws the global batch and keeps its slice
             rows = rows[accelerator.process_index :: accelerator.num_processes].to(accelerator.device)
             with accelerator.accumulate(model), _explain_oom(args):
+                if args.compile:  # a new step for CUDA-graph trees: the last micro-batch's graph outputs are consumed
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = model(input_ids=rows, labels=rows)
                 accelerator.backward(out.loss)
                 tracker.add(out.expert_load)

@@ -173,6 +173,8 @@ def test_bad_input_names_the_problem(straight, tmp_path):
         run(tmp_path, bias_update_speed=-1.0)
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         run(tmp_path, data_files=[str(tmp_path / "missing.jsonl")])
+    with pytest.raises(ValueError, match="--compile_mode reduce-overhead applies to --compile"):
+        run(tmp_path, compile_mode="reduce-overhead")
     small = tmp_path / "small-vocab"
     small.mkdir()
     config = json.loads(pretrain.load_config("deepseek-v3-debug").to_json_string())
