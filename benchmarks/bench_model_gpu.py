@@ -60,9 +60,11 @@ def train_step_rate(model, B=8, S=2048, steps=10, profile=False) -> dict:
 
     def step():
         torch.compiler.cudagraph_mark_step_begin()  # as dsv3 train does: lets CUDA-graph trees replay (no-op otherwise)
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     # Peak from before the warm-up: CUDA-graph replays allocate nothing, so a peak taken after recording would
     # miss the graphs' memory pools; eager and compiled steps peak the same in warm-up as after it.
@@ -73,9 +75,10 @@ def train_step_rate(model, B=8, S=2048, steps=10, profile=False) -> dict:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        step()
+        loss = step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
+    last_loss = loss.item()  # same batch every step: rows built alike should agree (FP8 within its rounding)
     if profile:  # one more step under the profiler, after the timed ones: where host and GPU time go
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -85,6 +88,7 @@ def train_step_rate(model, B=8, S=2048, steps=10, profile=False) -> dict:
         for sort in ("self_cpu_time_total", "self_cuda_time_total"):
             print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
     return dict(
+        last_loss=last_loss,
         tokens_per_s=B * S / dt,
         step_ms=dt * 1e3,
         peak_GiB=torch.cuda.max_memory_allocated() / 2**30,

@@ -7,6 +7,12 @@ launches stay opaque nodes and an FP8 layer compiles as one graph (`compile_laye
 --compile --fp8`). In eager mode the same names call the kernels directly: the dispatcher's
 per-call cost would land on a path that is already host-bound (benchmarks/RESULTS.md).
 
+The activation quantisers stay opaque too. Tracing them as their torch references instead, for inductor
+to fuse into the op that produces the activation, was measured (benchmarks/RESULTS.md, session 5): the
+FP8 train step fell from 1.75x to 1.43x the built-in on an H200; there inductor's codes and scales
+differed from the kernels' at 256 x 672 (a ragged last tile; not traced further), and on the CPU its C++
+code miscomputed such a tile outright (torch 2.13).
+
 FP8LinearFunction / FP8GroupedLinearFunction (fp8_linear.py) call these, so their forward and
 backward trace without a break. Shape legend as in fp8_gemm.py; Xb = ceil(X / 128).
 """
