@@ -154,10 +154,19 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 # Modules
 
 
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype where autocast is on, as autocast casts nn.Linear's input: the FP8 GEMM then writes
+    its output in that dtype too, and an FP8 layer under mixed precision (accelerate's bf16: fp32 weights and
+    residual stream) hands on bf16 activations like the bf16 layers it replaces, not fp32 ones."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 class FP8Linear(nn.Linear):
     """Drop-in nn.Linear (same `weight`/`bias`) whose matmuls run in block-scaled FP8.
 
-    The bias, if any, is added in the activation dtype after the FP8 GEMM.
+    The bias, if any, is added in the activation dtype after the FP8 GEMM. Under autocast the input is cast to the
+    autocast dtype first, as for nn.Linear.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
@@ -166,7 +175,7 @@ class FP8Linear(nn.Linear):
         self.pow2_scales = pow2_scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = FP8LinearFunction.apply(x, self.weight, self.pow2_scales, torch.is_grad_enabled())
+        y = FP8LinearFunction.apply(_autocast_input(x), self.weight, self.pow2_scales, torch.is_grad_enabled())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @staticmethod
@@ -188,7 +197,7 @@ class FP8Linear(nn.Linear):
         if not stackable:
             return tuple(layer(x) for layer in layers)
         weight = torch.cat([layer.weight for layer in layers])
-        y = FP8LinearFunction.apply(x, weight, first.pow2_scales, torch.is_grad_enabled())
+        y = FP8LinearFunction.apply(_autocast_input(x), weight, first.pow2_scales, torch.is_grad_enabled())
         return y.split([layer.out_features for layer in layers], dim=-1)
 
     @classmethod

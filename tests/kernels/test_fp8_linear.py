@@ -73,6 +73,27 @@ def test_fp8_linear_bf16_master(tol, rel):
     assert rel(y, F.linear(x.float(), lin.weight.float())) < tol["e4m3_recipe"] + tol[torch.bfloat16]
 
 
+def test_fp8_linear_under_autocast_hands_on_the_autocast_dtype():
+    """accelerate's bf16 mixed precision: fp32 master weight and fp32 input under autocast. Like nn.Linear there,
+    FP8Linear computes from the bf16-cast input and returns bf16 (it returned fp32, so an FP8 model under mixed
+    precision carried fp32 activations between its layers); the weight's gradient stays fp32 and the input's
+    comes back in fp32 through the cast. Stacked layers (forward_shared_input) follow the same rule."""
+    torch.manual_seed(2)
+    lin, other = FP8Linear(256, 128, bias=False), FP8Linear(256, 72, bias=False)
+    x = torch.randn(2, 9, 256, requires_grad=True)
+    x_bf16 = x.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+        y_stacked, _ = FP8Linear.forward_shared_input(x, [lin, other])
+    w_grad_ref = torch.autograd.grad(lin(x_bf16).float().sum(), lin.weight)[0]
+    y_ref = lin(x_bf16)  # outside autocast: the same kernels on the bf16 input
+    assert y.dtype == y_stacked.dtype == torch.bfloat16
+    assert torch.equal(y, y_ref) and torch.equal(y_stacked, y_ref)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and lin.weight.grad.dtype == torch.float32
+    assert torch.equal(lin.weight.grad, w_grad_ref)
+
+
 def test_fp8_inference_linear_official_layout(tol, rel):
     torch.manual_seed(2)
     lin = torch.nn.Linear(300, 576, bias=False)
