@@ -307,6 +307,15 @@ class DSV3MLP(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------------------- router
+def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries along the last dim, largest first, and their indices (ties to the lower index), by a
+    stable descending sort: torch.compile turns a sort over a few dozen entries into one Triton kernel fused with
+    the ops producing x, where topk stays an opaque ATen call (about 0.13 ms each of the router's three at
+    [16384, 64] on an H200, 4.3 ms a deepseek-v3-small training step: benchmarks/RESULTS.md)."""
+    values, indices = x.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 class DSV3TopkRouter(nn.Module):
     """Sigmoid affinities; bias-corrected, group-limited top-k choice; weights from the uncorrected scores.
 
@@ -336,16 +345,17 @@ class DSV3TopkRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns router logits [T, E] (fp32), top-k weights [T, K] (fp32) and top-k expert indices [T, K]."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run this GEMM in bf16
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         scores_TE = logits_TE.sigmoid()
         choice_TE = scores_TE + self.e_score_correction_bias
         T = choice_TE.shape[0]
         # Group score = sum of the group's two best experts; keep topk_group groups; mask the other experts out.
-        group_TG = choice_TE.view(T, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = group_TG.topk(self.topk_group, dim=-1, sorted=False)[1]
+        group_TG = _top_k(choice_TE.view(T, self.n_group, -1), 2)[0].sum(dim=-1)
+        group_idx = _top_k(group_TG, self.topk_group)[1]
         group_mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, group_idx, True)
         expert_mask_TE = group_mask_TG.repeat_interleave(self.n_routed_experts // self.n_group, dim=1)
-        topk_idx_TK = choice_TE.masked_fill(~expert_mask_TE, float("-inf")).topk(self.top_k, dim=-1, sorted=False)[1]
+        topk_idx_TK = _top_k(choice_TE.masked_fill(~expert_mask_TE, float("-inf")), self.top_k)[1]
         topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
         if self.norm_topk_prob:
             topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modeling_deepseek_v3 import DSV3ForCausalLM
+from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
 from modeling_deepseek_v3.modeling_dsv3 import DSV3MoE, _grouped_mm, sequence_balance_loss
 
 # fp32: the paths differ only in summation order (grouped vs per-expert GEMMs, index_add order).
@@ -93,6 +93,39 @@ def test_router_stays_fp32_when_the_model_is_cast(tiny_config):
     gate = model.moe_layers()[0].gate
     assert gate.weight.dtype == gate.e_score_correction_bias.dtype == torch.float32
     assert model.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+
+
+def test_router_matches_the_builtin_at_v3_routing_shape_and_stays_fp32_under_autocast():
+    """DeepSeek-V3's routing (256 experts, 8 groups, 4 kept, top-8) against transformers' built-in router: the same
+    experts for every token and the same weights. Ours selects by a stable sort (one fused kernel under
+    torch.compile), the built-in by topk; only exact ties could choose apart. Under bf16 autocast (accelerate's
+    mixed precision) our logits stay the fp32 ones bit for bit: autocast would otherwise run the router GEMM in bf16,
+    whose 2^-8 rounding of the scores exceeds a bias step of gamma = 1e-3."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    from modeling_deepseek_v3.modeling_dsv3 import DSV3TopkRouter
+
+    shape = dict(hidden_size=64, n_routed_experts=256, n_group=8, topk_group=4, num_experts_per_tok=8,
+                 norm_topk_prob=True, routed_scaling_factor=2.5)  # fmt: skip
+    ours = DSV3TopkRouter(DSV3Config(**shape, moe_intermediate_size=32))
+    builtin = DeepseekV3TopkRouter(DeepseekV3Config(**shape))
+    torch.nn.init.normal_(ours.weight, std=0.2)
+    torch.nn.init.normal_(ours.e_score_correction_bias, std=0.05)
+    builtin.load_state_dict(ours.state_dict())
+    x = torch.randn(333, 64)
+    logits, weights, idx = ours(x)
+    logits_b, weights_b, idx_b = builtin(x)
+    torch.testing.assert_close(logits, logits_b, rtol=0, atol=0)
+    idx_sorted, order = idx.sort(dim=-1)
+    idx_b_sorted, order_b = idx_b.sort(dim=-1)
+    assert torch.equal(idx_sorted, idx_b_sorted)
+    # weights: the same 8 scores, normalised by sums taken in another order (fp32 rounding)
+    torch.testing.assert_close(weights.gather(1, order), weights_b.gather(1, order_b), rtol=1e-6, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_autocast, _, idx_autocast = ours(x)
+    assert logits_autocast.dtype == torch.float32 and torch.equal(logits_autocast, logits)
+    assert torch.equal(idx_autocast, idx)
 
 
 def test_sequence_balance_loss_by_hand():
