@@ -309,9 +309,10 @@ class DSV3MLP(nn.Module):
 # -------------------------------------------------------------------------------------------------------- router
 def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries along the last dim, largest first, and their indices (ties to the lower index), by a
-    stable descending sort: torch.compile turns a sort over a few dozen entries into one Triton kernel fused with
-    the ops producing x, where topk stays an opaque ATen call (about 0.13 ms each of the router's three at
-    [16384, 64] on an H200, 4.3 ms a deepseek-v3-small training step: benchmarks/RESULTS.md)."""
+    stable descending sort. Why not topk: inductor lowers sort to a Triton kernel (ir.Sort) that can take in the
+    ops producing x, but keeps topk an ATen fallback unless its decompose_sort_ops option is set; as a fallback the
+    router's three topk calls took 4.3 ms of a compiled deepseek-v3-small training step on an H200
+    (benchmarks/RESULTS.md). The sort's own time there is not measured yet."""
     values, indices = x.sort(dim=-1, descending=True, stable=True)
     return values[..., :k], indices[..., :k]
 

@@ -105,8 +105,12 @@ class ExpertLoadTracker:
     def add(self, expert_load_LE: torch.Tensor | None) -> None:
         if expert_load_LE is None:
             return
+        # Summed where the loads are (the GPU): a copy to the host here would sync every micro-batch; step()'s is
+        # the one sync a step.
+        if self.step_loads_LE.device != expert_load_LE.device:
+            self.step_loads_LE = self.step_loads_LE.to(expert_load_LE.device)
         rows = expert_load_LE.shape[0]
-        self.step_loads_LE[:rows] += expert_load_LE.detach().to("cpu", torch.int64)
+        self.step_loads_LE[:rows] += expert_load_LE.detach().to(torch.int64)
 
     def step(self, model: nn.Module, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Bias update for the finished step; returns (global loads of the step [L, E], batch MaxVio [L])."""
