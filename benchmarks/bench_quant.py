@@ -6,9 +6,10 @@ The tile sweep behind quant.py's Gluon defaults (bench_fp8_gemm.py times the shi
 1. Bit-exactness: every kernel variant timed below, codes and scales against the CPU torch references
    (quantize_act_ref / quantize_act_t_ref / quantize_weight_ref) at (1024, 7168), (4096, 7168),
    (777, 1000), pow2 on and off; fresh random inputs (never zeros), outputs poisoned first.
-2. Bandwidth at (4096, 7168) and (16384, 7168) bf16: bytes = read M*K*2 + write M*K (+ M*K for the
-   weight's K-major copy) + fp32 scales; GB/s = bytes / median time (triton.testing.do_bench).
-   The copy (x.clone()) counts read + write: 2 * M*K*2 bytes.
+2. Bandwidth at (4096, 7168), (16384, 7168) and (16384, 1024) (deepseek-v3-small's training activations) bf16:
+   bytes = read M*K*2 + write M*K (+ M*K for the weight's K-major copy, or for the second tiling of the "both"
+   rows, whose bytes count one read of x whichever kernels run: compare their times) + fp32 scales; GB/s =
+   bytes / median time (triton.testing.do_bench). The copy (x.clone()) counts read + write: 2 * M*K*2 bytes.
 Prints one JSON object, then a short table; writes $OUT/quant_bandwidth.json when OUT is set.
 """
 
@@ -24,7 +25,7 @@ from modeling_deepseek_v3.kernels import quant as Q
 from triton.testing import do_bench
 
 SHAPES_CHECK = [(1024, 7168), (4096, 7168), (777, 1000)]
-SHAPES_TIME = [(4096, 7168), (16384, 7168)]
+SHAPES_TIME = [(4096, 7168), (16384, 7168), (16384, 1024)]
 # (name, function of x) for each variant; "before" = the @triton.jit pointer kernels as shipped.
 ACT_T_TRITON = [(128, 64, 4)]  # QUANT_TILES['col'] as shipped before
 # Gluon: (SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K), see quant._transpose_layout (the weight's: SPT_N, ...)
@@ -39,6 +40,8 @@ ACT_T_GLUON = [
     (32, 2, 4, 1, 4),
 ]
 W_T_GLUON = [(16, 8, 8, 1, 4), (8, 8, 8, 2, 4), (16, 4, 8, 1, 8), (8, 8, 16, 1, 8)]
+# Both tilings in one kernel (quant._quant_act_both_gluon_kernel): the tiles ptxas fits without spills
+BOTH_GLUON = [(16, 4, 8, 1, 8), (8, 8, 8, 2, 4), (8, 8, 16, 1, 8), (8, 4, 8, 2, 8), (4, 8, 8, 4, 4)]
 
 
 def variants():
@@ -61,6 +64,13 @@ def variants():
             "w_t",
             lambda x, p, t=t: Q.quantize_weight(x, p, transposed=True, impl="gluon", tile=t),
         )
+    v["both, two kernels (shipped)"] = ("both", lambda x, p: Q.quantize_act_both(x, p, fused=False))
+    v["both, triton fused"] = (
+        "both",
+        lambda x, p: Q._quant_launch(x, True, True, p, tile=Q.QUANT_TILES["both"], impl="triton"),
+    )
+    for t in BOTH_GLUON:
+        v[f"both gluon fused {t}"] = ("both", lambda x, p, t=t: Q._quant_launch(x, True, True, p, tile=t, impl="gluon"))
     # the shipped @triton.jit kernel once more, last: the spread between the two is the noise
     v["act_t triton (128, 64, 4) again"] = v["act_t triton (128, 64, 4)"]
     v["weight_T default"] = ("w_t", lambda x, p: Q.quantize_weight(x, p, transposed=True))
@@ -89,6 +99,7 @@ def check(vs) -> dict:
                 "w": Q.quantize_weight_ref(x, pow2),
             }
             ref["w_t"] = (*ref["w"], ref["w"][0].t().contiguous())
+            ref["both"] = (*ref["act"], *ref["act_t"])
             xd = x.cuda()
             for name, (kind, fn) in vs.items():
                 torch.cuda.empty_cache()
@@ -118,6 +129,7 @@ def bytes_of(kind, M, K) -> int:
     return {
         "act": M * K * 3 + M * kb * 4,
         "act_t": M * K * 3 + K * mb * 4,
+        "both": M * K * 4 + M * kb * 4 + K * mb * 4,  # x read once; both codes written
         "w": M * K * 3 + mb * kb * 4,
         "w_t": M * K * 4 + mb * kb * 4,
     }[kind]

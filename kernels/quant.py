@@ -225,6 +225,38 @@ if HAS_GLUON:
         gl.store(st_ptr + offs_k * gl.cdiv(M, 128) + pid_m, st, mask=offs_k < K)
 
     @gluon.jit
+    def _quant_act_both_gluon_kernel(
+        x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K, POW2: gl.constexpr, SPT_M: gl.constexpr, SPT_K: gl.constexpr,
+        TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
+    ):  # fmt: skip
+        # Both tilings from one read of x: a [128 tokens, 128 channels] tile a program gives the 1x128 codes
+        # and scales (stored from LD: a thread's SPT_K channels of a token are contiguous) and the 128x1 ones
+        # (stored transposed from ST, as _quant_act_t_gluon_kernel does). Not dispatched until timed
+        # (QUANT_BOTH_FUSED); the @triton.jit fused kernel ran at a third of copy bandwidth.
+        LD: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, False)
+        ST: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, True)
+        gl.static_assert(SPT_K * (32 // TPW_M) * WARPS_K == 128, "a 1x128 scale tile must sit in one program")
+        pid_m = gl.program_id(0)
+        pid_k = gl.program_id(1)
+        offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, LD))
+        offs_k = pid_k * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, LD))
+        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+        x = gl.load(x_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=mask, other=0.0).to(gl.float32)
+        ax = gl.abs(x)
+        s = _scale_from_amax(gl.max(ax, axis=1), POW2)  # [128 tokens]
+        y = _div(x, s[:, None], gl.div_rn(1.0, s)[:, None], True).to(gl.float8e4nv)
+        gl.store(y_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], y, mask=mask)
+        gl.store(s_ptr + offs_m * gl.cdiv(K, 128) + pid_k, s, mask=offs_m < M)
+        st = _scale_from_amax(gl.max(ax, axis=0), POW2)  # [128 channels]
+        # Cast after the (free) layout change, as in _quant_weight_t_gluon_kernel.
+        yt = gl.convert_layout(_div(x, st[None, :], gl.div_rn(1.0, st)[None, :], True), ST).to(gl.float8e4nv)
+        offs_mt = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ST))
+        offs_kt = pid_k * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, ST))
+        mask_t = (offs_mt[:, None] < M) & (offs_kt[None, :] < K)
+        gl.store(yt_ptr + offs_kt[None, :].to(gl.int64) * M + offs_mt[:, None], yt, mask=mask_t)
+        gl.store(st_ptr + offs_k * gl.cdiv(M, 128) + pid_m, st, mask=offs_k < K)
+
+    @gluon.jit
     def _quant_weight_t_gluon_kernel(
         w_ptr, y_ptr, s_ptr, yt_ptr, N, K, POW2: gl.constexpr, SPT_N: gl.constexpr, SPT_K: gl.constexpr,
         TPW_N: gl.constexpr, WARPS_N: gl.constexpr, WARPS_K: gl.constexpr,
@@ -280,6 +312,11 @@ QUANT_BOTH_FUSED = False
 # (benchmarks/bench_quant.py, same day): 83% / 84% at 16384x7168; at 4096x7168 (a 35 us launch, copy
 # itself 3626 GB/s there) 70% / 80%, against the @triton.jit kernels' 68% / 57%.
 QUANT_T_GLUON = (16, 8, 8, 1, 4)
+# Both tilings in one Gluon kernel (quantize_act_both with fused=True on a GPU; a 128x128 tile a program, so
+# SPT_K * (32 / TPW_M) * WARPS_K = 128). QUANT_T_GLUON's 4 warps spill here (ptxas for sm_90a: 260 bytes; x and
+# its two quotients are 128 fp32 values a thread each); 8 warps fit (205 registers) and keep 16-byte transposed
+# stores. Not timed yet: QUANT_BOTH_FUSED stays off until it beats the two kernels (bench_quant.py times both).
+QUANT_BOTH_GLUON = (16, 4, 8, 1, 8)
 QUANT_WEIGHT_T_GLUON = (8, 8, 8, 2, 4)
 # On a GPU, divide by Markstein's correction of x * (1/s) instead of div.rn (same bits; see _div):
 # on an H200 it lifted the 1x128 kernel from 81% to 86% of copy bandwidth and the weight one from 66% to 86%.
@@ -315,12 +352,16 @@ def _quant_launch(
     if col:
         yt = torch.empty(K, M, dtype=torch.float8_e4m3fn, device=dev)
         st = torch.empty(K, triton.cdiv(M, BLOCK), dtype=torch.float32, device=dev)
-    if col and not row and _use_gluon(impl, fast_div, tile is not None and len(tile) == 3):
-        spt_m, spt_k, tpw_m, warps_m, warps_k = tile or QUANT_T_GLUON
+    if col and _use_gluon(impl, fast_div, tile is not None and len(tile) == 3):
+        spt_m, spt_k, tpw_m, warps_m, warps_k = tile or (QUANT_BOTH_GLUON if row else QUANT_T_GLUON)
         if M and K:
             grid = (triton.cdiv(M, 128), triton.cdiv(K, spt_k * (32 // tpw_m) * warps_k))
-            _quant_act_t_gluon_kernel[grid](x_MK, yt, st, M, K, POW2=pow2, SPT_M=spt_m, SPT_K=spt_k, TPW_M=tpw_m,
-                                            WARPS_M=warps_m, WARPS_K=warps_k, num_warps=warps_m * warps_k)  # fmt: skip
+            layout = dict(SPT_M=spt_m, SPT_K=spt_k, TPW_M=tpw_m, WARPS_M=warps_m, WARPS_K=warps_k)
+            if row:
+                _quant_act_both_gluon_kernel[grid](x_MK, y, s, yt, st, M, K, POW2=pow2, **layout,
+                                                   num_warps=warps_m * warps_k)  # fmt: skip
+            else:
+                _quant_act_t_gluon_kernel[grid](x_MK, yt, st, M, K, POW2=pow2, **layout, num_warps=warps_m * warps_k)
         return y, s, yt, st
     if tt.interpreting():
         block_m, block_k, warps = (128 if col else 16), (128 if row else 16), 4
@@ -355,9 +396,11 @@ def quantize_act_both(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`quantize_act(x) + quantize_act_t(x)`: (x_fp8, scale, xT_fp8, scaleT).
 
-    fused=True reads x once for both (one 128x128 tile a program); measured on an H200 it ran at
-    a third of copy bandwidth against 86% and 71% for the two separate kernels (one 128x128 fp32
-    tile is too many registers a thread: few warps resident), so the default is two launches.
+    fused=True reads x once for both (one 128x128 tile a program). The @triton.jit fused kernel ran
+    at a third of copy bandwidth on an H200 against 86% and 71% for the two separate kernels (one
+    128x128 fp32 tile is too many registers a thread: few warps resident), so the default is two
+    launches. On a GPU with Gluon, fused=True takes _quant_act_both_gluon_kernel instead (explicit
+    layouts, the transpose in registers); not yet timed.
     """
     if QUANT_BOTH_FUSED if fused is None else fused:
         return _quant_launch(x_MK, True, True, pow2)

@@ -224,11 +224,26 @@ w = ptx(Q._quant_weight_t_gluon_kernel,
          "WARPS_N": "constexpr", "WARPS_K": "constexpr"},
         {"POW2": pow2, "SPT_N": spt_n, "SPT_K": spt_kw, "TPW_N": tpw_n, "WARPS_N": warps_n, "WARPS_K": warps_kw},
         warps_n * warps_kw)
-for p, spt in ((a, spt_m), (w, spt_n)):
+spt_mb, spt_kb, tpw_mb, warps_mb, warps_kb = Q.QUANT_BOTH_GLUON
+b = ptx(Q._quant_act_both_gluon_kernel,
+        {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32", "M": "i32",
+         "K": "i32", "POW2": "constexpr", "SPT_M": "constexpr", "SPT_K": "constexpr", "TPW_M": "constexpr",
+         "WARPS_M": "constexpr", "WARPS_K": "constexpr"},
+        {"POW2": pow2, "SPT_M": spt_mb, "SPT_K": spt_kb, "TPW_M": tpw_mb, "WARPS_M": warps_mb, "WARPS_K": warps_kb},
+        warps_mb * warps_kb)
+for p, spt in ((a, spt_m), (w, spt_n), (b, spt_mb)):
     assert "st.shared.b8" not in p and "st.shared.u8" not in p, "a byte-wise transpose through shared memory"
     assert "st.global.b8" not in p and "st.global.u8" not in p, "a byte-wise global store"
     wide = {16: "st.global.v4.b32", 8: "st.global.v2.b32", 4: "st.global.b32"}[spt]
     assert wide in p, f"the transposed store of {spt} bytes a thread should be {wide}"
+# The fused kernel holds a 128x128 fp32 tile and two quotients of it: ptxas must fit them without spilling.
+import subprocess, tempfile
+from triton import knobs
+with tempfile.TemporaryDirectory() as d:
+    open(f"{d}/k.ptx", "w").write(b)
+    v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                       capture_output=True, text=True).stderr
+assert "0 bytes spill stores, 0 bytes spill loads" in v, v
 print("ok")
 """
 
@@ -270,7 +285,11 @@ for shape in [(1024, 7168), (777, 1000), (130, 200)]:
         rt, rst = Q.quantize_act_t_ref(x.cpu(), pow2)
         q, s, qT = Q.quantize_weight(x, pow2, transposed=True, impl="gluon")
         rq, rs = Q.quantize_weight_ref(x.cpu(), pow2)
-        pairs = [(qt, rt), (st, rst), (q, rq), (s, rs), (qT, rq.t().contiguous())]
+        ra, ras = Q.quantize_act_ref(x.cpu(), pow2)
+        torch.full((x.numel() * 4 + (1 << 20),), 0x7F, dtype=torch.uint8, device="cuda")  # poison freed memory
+        fa, fas, fat, fats = Q.quantize_act_both(x, pow2, fused=True)  # the fused Gluon kernel
+        pairs = [(qt, rt), (st, rst), (q, rq), (s, rs), (qT, rq.t().contiguous()),
+                 (fa, ra), (fas, ras), (fat, rt), (fats, rst)]
         bad += [(shape, pow2, i) for i, (a, b) in enumerate(pairs)
                 if not torch.equal(a.cpu().view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a.cpu(),
                                    b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)]
@@ -281,8 +300,8 @@ print("ok")
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Gluon kernels do not interpret)")
 def test_gluon_transposed_quantisation_is_bit_exact_on_the_gpu():
-    """The GPU path of quantize_act_t and quantize_weight(transposed=True): codes and scales equal the CPU torch
-    references bit for bit, ragged shapes and pow2 included (a subprocess without TRITON_INTERPRET: the conftest's
+    """The GPU path of quantize_act_t, quantize_weight(transposed=True) and quantize_act_both(fused=True) (the
+    fused Gluon kernel): codes and scales equal the CPU torch references bit for bit, ragged shapes and pow2 included (a subprocess without TRITON_INTERPRET: the conftest's
     interpreter mode would turn the shared @triton.jit helpers into interpreter objects)."""
     import os
     import subprocess
