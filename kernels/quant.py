@@ -232,7 +232,9 @@ if HAS_GLUON:
         # Both tilings from one read of x: a [128 tokens, 128 channels] tile a program gives the 1x128 codes
         # and scales (stored from LD: a thread's SPT_K channels of a token are contiguous) and the 128x1 ones
         # (stored transposed from ST, as _quant_act_t_gluon_kernel does). Not dispatched until timed
-        # (QUANT_BOTH_FUSED); the @triton.jit fused kernel ran at a third of copy bandwidth.
+        # (QUANT_BOTH_FUSED); the @triton.jit fused kernel ran at a third of copy bandwidth. Kept apart from
+        # _quant_act_t_gluon_kernel (dispatched, bit-exact on the GPU) until then; if it wins, that kernel
+        # becomes this one's ROW=False case.
         LD: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, False)
         ST: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, True)
         gl.static_assert(SPT_K * (32 // TPW_M) * WARPS_K == 128, "a 1x128 scale tile must sit in one program")
