@@ -95,6 +95,8 @@ def test_compile_layers_trains_like_eager(tiny_config):
     eager = DSV3ForCausalLM(tiny_config(num_nextn_predict_layers=1)).train()
     compiled = copy.deepcopy(eager)
     compiled.compile_layers(backend="aot_eager")
+    assert hasattr(compiled.loss_function, "_torchdynamo_orig_callable"), "the loss is compiled with the layers"
+    assert not hasattr(eager.loss_function, "_torchdynamo_orig_callable")
     ids = torch.randint(0, 512, (2, 11))
     losses = []
     for model in (eager, compiled):
