@@ -711,9 +711,9 @@ class DSV3PreTrainedModel(PreTrainedModel):
         whole model; the embedding and the head stay eager. Training and prefill only: generation's growing cache
         shapes would recompile at every step (fast_decode.py has the compiled decode step).
 
-        The loss function is compiled too (the main and the MTP cross-entropy), so that inductor fuses its fp32
-        upcast of the logits into the log-softmax: no fp32 copy of the [tokens, vocab] logits and no saved fp32
-        log-probabilities (with vocab 129,280 and 16K tokens, 8.5 GB each). Never under CUDA graphs (`mode` is
+        The loss function is compiled too (the main and the MTP cross-entropy), so that inductor can fuse its fp32
+        upcast of the logits into the log-softmax instead of materialising fp32 [tokens, vocab] logits (8.5 GB at
+        vocab 129,280 and 16K tokens; the saving is not measured on a GPU yet). Never under CUDA graphs (`mode` is
         dropped for it): its input, the logits, is a new tensor each call, which a graph would first copy."""
         for module in self.modules():
             if isinstance(module, (DSV3DecoderLayer, DSV3MTPLayer)):
