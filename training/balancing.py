@@ -17,6 +17,8 @@ Shape suffixes: L MoE layers (main model, then MTP), E routed experts.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -45,6 +47,27 @@ def fully_shard_routers_fp32(model: nn.Module, **fsdp_kwargs) -> list[nn.Module]
     for router in routers:
         fully_shard(router, mp_policy=fp32, **fsdp_kwargs)
     return routers
+
+
+def keep_routers_fp32_under_fsdp2(accelerator, model: nn.Module) -> None:
+    """Where `accelerator` shards with FSDP2 under mixed precision, give every router its own fp32 unit
+    (`fully_shard_routers_fp32`, with the plugin's resharding, offload and mesh). Call it after the accelerator exists
+    and before `prepare()`, which then leaves these units alone (`dsv3 train`; `dsv3 sft`/`grpo` through
+    DSV3TrainerMixin). FSDP1 has one precision a unit: it warns. Elsewhere nothing to do."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP or accelerator.mixed_precision == "no":
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        warnings.warn("FSDP1 with mixed precision computes the router in bf16; use fsdp_version: 2 to keep it fp32",
+                      stacklevel=2)  # fmt: skip
+        return
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:
+        mesh = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    fully_shard_routers_fp32(model, reshard_after_forward=plugin.reshard_after_forward,
+                             offload_policy=plugin.cpu_offload, mesh=mesh)  # fmt: skip
 
 
 def all_reduce_sum(loads_LE: torch.Tensor) -> torch.Tensor:

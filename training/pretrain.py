@@ -37,7 +37,7 @@ from transformers import HfArgumentParser
 from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
 from modeling_deepseek_v3.tokenizer import load_tokenizer
 
-from .balancing import ExpertLoadTracker, fully_shard_routers_fp32, moe_layers
+from .balancing import ExpertLoadTracker, keep_routers_fp32_under_fsdp2, moe_layers
 from .checkpointing import check_same_run, latest_checkpoint, save_checkpoint
 from .data import build_dataset
 from .reporting import MetricsWriter, plot_run
@@ -172,14 +172,7 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if accelerator.distributed_type == DistributedType.FSDP and accelerator.mixed_precision != "no":
-        plugin = accelerator.state.fsdp_plugin
-        if plugin.fsdp_version == 2:  # before the optimizer sees the parameters and before prepare(), which skips modules that already are FSDP units
-            mesh = getattr(accelerator, "torch_device_mesh", None)
-            fully_shard_routers_fp32(model, reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
-                                     mesh=mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None)  # fmt: skip
-        else:
-            warnings.warn("FSDP1 with mixed precision computes the router in bf16; use fsdp_version: 2 to keep it fp32", stacklevel=2)
+    keep_routers_fp32_under_fsdp2(accelerator, model)  # before the optimizer sees the parameters
     if args.compile:
         model.compile_layers(mode=args.compile_mode)
     if args.fp8 and accelerator.device.type == "cuda" and args.compile_mode != "reduce-overhead":

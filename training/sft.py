@@ -38,6 +38,7 @@ from modeling_deepseek_v3 import DSV3ForCausalLM, DSV3PreTrainedModel
 from modeling_deepseek_v3.checkpoint import load_official_state_dict
 from modeling_deepseek_v3.tokenizer import load_tokenizer
 
+from .balancing import keep_routers_fp32_under_fsdp2
 from .callbacks import MoEBalanceCallback
 from .lora import check_targets, lora_config
 from .tasks import arithmetic_dataset
@@ -142,8 +143,14 @@ def resume_path(args) -> str | None:
 
 
 class DSV3TrainerMixin:
-    """Resume a TRL checkpoint of a full DSV3 model: the model's save_pretrained writes the official key layout
-    (one tensor per expert, MTP as model.layers.{L}), which Trainer's plain load_state_dict would silently skip."""
+    """What the TRL trainers need for a DSV3 model. Resume a TRL checkpoint of a full model: its save_pretrained
+    writes the official key layout (one tensor per expert, MTP as model.layers.{L}), which Trainer's plain
+    load_state_dict would silently skip. Under FSDP2 with mixed precision, keep each router an fp32 unit, as
+    `dsv3 train` does (the Trainer's prepare() comes later and leaves those units alone)."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        keep_routers_fp32_under_fsdp2(self.accelerator, self.model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         target = model if model is not None else self.model

@@ -80,3 +80,29 @@ def test_tracker_sums_micro_batches_and_run(model):
     restored = ExpertLoadTracker(3, 16)
     restored.load_state_dict(tracker.state_dict())
     assert torch.equal(restored.total_loads_LE, tracker.total_loads_LE)
+
+
+def _accelerator(distributed_type, mixed_precision="bf16", fsdp_version=2):
+    """The accelerator attributes keep_routers_fp32_under_fsdp2 reads (a real FSDP2 run needs several processes:
+    tests/training/test_distributed.py shards the routers for real)."""
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(fsdp_version=fsdp_version, reshard_after_forward=True, cpu_offload="offload-policy")
+    return SimpleNamespace(distributed_type=distributed_type, mixed_precision=mixed_precision,
+                           state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None)  # fmt: skip
+
+
+def test_routers_get_fp32_units_only_under_fsdp2_mixed_precision(monkeypatch):
+    from accelerate.utils import DistributedType
+    from modeling_deepseek_v3.training import balancing
+
+    calls = []
+    monkeypatch.setattr(balancing, "fully_shard_routers_fp32", lambda model, **kw: calls.append((model, kw)))
+    balancing.keep_routers_fp32_under_fsdp2(_accelerator(DistributedType.FSDP), "model")
+    assert calls == [("model", dict(reshard_after_forward=True, offload_policy="offload-policy", mesh=None))]
+    calls.clear()
+    balancing.keep_routers_fp32_under_fsdp2(_accelerator(DistributedType.FSDP, mixed_precision="no"), "model")
+    balancing.keep_routers_fp32_under_fsdp2(_accelerator(DistributedType.MULTI_GPU), "model")
+    with pytest.warns(UserWarning, match="FSDP1 with mixed precision computes the router in bf16"):
+        balancing.keep_routers_fp32_under_fsdp2(_accelerator(DistributedType.FSDP, fsdp_version=1), "model")
+    assert calls == []

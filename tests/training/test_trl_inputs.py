@@ -108,3 +108,24 @@ def test_lengths_beyond_max_position_embeddings(model_dir, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="max_length = 4096 tokens exceeds the model's max_position_embeddings = 2048"):
         build_sft_trainer(model_dir, arithmetic_dataset(4).select_columns(["prompt", "completion"]),
                           SFTConfig(output_dir=str(tmp_path), max_length=4096, **CPU), tokenizer=tokenizer)  # fmt: skip
+
+
+def test_trl_trainers_keep_routers_fp32_under_fsdp2(monkeypatch):
+    """dsv3 sft / grpo: once the Trainer has made its accelerator, and before it prepares the model, the routers get
+    their fp32 FSDP2 units, as in `dsv3 train` (the decision itself: test_balancing.py)."""
+    import transformers
+    from modeling_deepseek_v3.training import sft
+    from modeling_deepseek_v3.training.grpo import DSV3GRPOTrainer
+    from modeling_deepseek_v3.training.sft import DSV3SFTTrainer
+
+    seen = []
+    monkeypatch.setattr(transformers.Trainer, "create_accelerator_and_postprocess",
+                        lambda self: setattr(self, "accelerator", "the trainer's accelerator"))  # fmt: skip
+    monkeypatch.setattr(
+        sft, "keep_routers_fp32_under_fsdp2", lambda accelerator, model: seen.append((accelerator, model))
+    )
+    for cls in (DSV3SFTTrainer, DSV3GRPOTrainer):
+        trainer = object.__new__(cls)  # only the hook under test: no model loading, no datasets
+        trainer.model = cls.__name__
+        trainer.create_accelerator_and_postprocess()
+    assert seen == [("the trainer's accelerator", "DSV3SFTTrainer"), ("the trainer's accelerator", "DSV3GRPOTrainer")]
