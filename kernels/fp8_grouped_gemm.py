@@ -138,6 +138,19 @@ if tt.HAS_TRITON:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
     @triton.jit
+    def _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, lo, hi):
+        """One 128-token step of the grouped wgrad (both kernels): the scaled product of the dy^T and x^T tiles at
+        scale tile kb, counting only tokens lo <= t < hi (one expert's): the others are zeroed in the A tile (in
+        registers), which zeroes their products whatever B holds there."""
+        tok = kb * 128 + tl.arange(0, 128)
+        a = a_desc.load([off_m, kb * 128])
+        a = tl.where(((tok >= lo) & (tok < hi))[None, :], a, tl.zeros_like(a))
+        b = b_desc.load([off_n, kb * 128])
+        a_s = tl.load(as_ptrs + kb)
+        b_s = tl.load(bs_ptrs + kb)
+        return (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+
+    @triton.jit
     def _grouped_wgrad_tma_kernel(
         a_desc, b_desc, c_ptr, as_ptr, bs_ptr, offs_ptr,
         S, N, K, E,
@@ -165,13 +178,7 @@ if tt.HAS_TRITON:
             bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % K) * sb
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for kb in range(start // 128, tl.cdiv(end, 128)):
-                tok = kb * 128 + tl.arange(0, 128)
-                a = a_desc.load([off_m, kb * 128])
-                a = tl.where(((tok >= start) & (tok < end))[None, :], a, tl.zeros_like(a))
-                b = b_desc.load([off_n, kb * 128])
-                a_s = tl.load(as_ptrs + kb)
-                b_s = tl.load(bs_ptrs + kb)
-                acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+                acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end)
             # An expert with no tokens runs no step and stores zeros: its weight gradient is zero.
             offs_m = off_m + tl.arange(0, BLOCK_M)
             offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -208,13 +215,7 @@ if tt.HAS_TRITON:
             kb = tl.load(seg_ptr + T + s)
             lo = tl.load(seg_ptr + 2 * T + s)
             hi = tl.load(seg_ptr + 3 * T + s)
-            tok = kb * 128 + tl.arange(0, 128)
-            a = a_desc.load([off_m, kb * 128])
-            a = tl.where(((tok >= lo) & (tok < hi))[None, :], a, tl.zeros_like(a))
-            b = b_desc.load([off_n, kb * 128])
-            a_s = tl.load(as_ptrs + kb)
-            b_s = tl.load(bs_ptrs + kb)
-            acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+            acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, lo, hi)
             if tl.load(seg_ptr + 4 * T + s) != 0:  # the expert's last segment: its tile is complete
                 e = tl.load(seg_ptr + s)
                 tl.store(c_ptr + e * NK + c_tile, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
