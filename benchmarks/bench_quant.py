@@ -40,7 +40,7 @@ ACT_T_GLUON = [
     (32, 2, 4, 1, 4),
 ]
 W_T_GLUON = [(16, 8, 8, 1, 4), (8, 8, 8, 2, 4), (16, 4, 8, 1, 8), (8, 8, 16, 1, 8)]
-# Both tilings in one kernel (quant._quant_act_both_gluon_kernel): the tiles ptxas fits without spills
+# Both tilings in one kernel (quant._quant_act_gluon_kernel with ROW): the tiles ptxas fits without spills
 BOTH_GLUON = [(16, 4, 8, 1, 8), (8, 8, 8, 2, 4), (8, 8, 16, 1, 8), (8, 4, 8, 2, 8), (4, 8, 8, 4, 4)]
 
 

@@ -202,11 +202,15 @@ if HAS_GLUON:
         return gl.DistributedLinearLayout(regs, lanes, warps, [], [rows, spt_k * tpw_k * warps_k])
 
     @gluon.jit
-    def _quant_act_t_gluon_kernel(
-        x_ptr, yt_ptr, st_ptr, M, K, POW2: gl.constexpr, SPT_M: gl.constexpr, SPT_K: gl.constexpr,
-        TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
+    def _quant_act_gluon_kernel(
+        x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K, ROW: gl.constexpr, POW2: gl.constexpr, SPT_M: gl.constexpr,
+        SPT_K: gl.constexpr, TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
     ):  # fmt: skip
         # One program: x_MK[128 tokens, BLOCK_K channels] -> yT_KM and sT_KMb (see _quant_act_kernel, COL).
+        # ROW: also the 1x128 codes and scales from the same tile (BLOCK_K = 128), stored from LD (a thread's
+        # SPT_K channels of a token are contiguous): both tilings from one read of x, quantize_act_both(fused=True)
+        # on a GPU. Not dispatched until timed (QUANT_BOTH_FUSED); the @triton.jit fused kernel ran at a third of
+        # copy bandwidth.
         LD: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, False)
         ST: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, True)
         BLOCK_K: gl.constexpr = SPT_K * (32 // TPW_M) * WARPS_K
@@ -216,46 +220,18 @@ if HAS_GLUON:
         offs_k = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LD))
         mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = gl.load(x_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=mask, other=0.0).to(gl.float32)
+        if ROW:
+            gl.static_assert(BLOCK_K == 128, "a 1x128 scale tile must sit in one program")
+            s = _scale_from_amax(gl.max(gl.abs(x), axis=1), POW2)  # [128 tokens]
+            y = _div(x, s[:, None], gl.div_rn(1.0, s)[:, None], True).to(gl.float8e4nv)
+            gl.store(y_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], y, mask=mask)
+            gl.store(s_ptr + offs_m * gl.cdiv(K, 128) + pid_k, s, mask=offs_m < M)
         st = _scale_from_amax(gl.max(gl.abs(x), axis=0), POW2)  # [BLOCK_K]
         yt = gl.convert_layout(_div(x, st[None, :], gl.div_rn(1.0, st)[None, :], True).to(gl.float8e4nv), ST)
         offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ST))
         offs_kt = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ST))
         mask = (offs_m[:, None] < M) & (offs_kt[None, :] < K)
         gl.store(yt_ptr + offs_kt[None, :].to(gl.int64) * M + offs_m[:, None], yt, mask=mask)
-        gl.store(st_ptr + offs_k * gl.cdiv(M, 128) + pid_m, st, mask=offs_k < K)
-
-    @gluon.jit
-    def _quant_act_both_gluon_kernel(
-        x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K, POW2: gl.constexpr, SPT_M: gl.constexpr, SPT_K: gl.constexpr,
-        TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
-    ):  # fmt: skip
-        # Both tilings from one read of x: a [128 tokens, 128 channels] tile a program gives the 1x128 codes
-        # and scales (stored from LD: a thread's SPT_K channels of a token are contiguous) and the 128x1 ones
-        # (stored transposed from ST, as _quant_act_t_gluon_kernel does). Not dispatched until timed
-        # (QUANT_BOTH_FUSED); the @triton.jit fused kernel ran at a third of copy bandwidth. Kept apart from
-        # _quant_act_t_gluon_kernel (dispatched, bit-exact on the GPU) until then; if it wins, that kernel
-        # becomes this one's ROW=False case.
-        LD: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, False)
-        ST: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, True)
-        gl.static_assert(SPT_K * (32 // TPW_M) * WARPS_K == 128, "a 1x128 scale tile must sit in one program")
-        pid_m = gl.program_id(0)
-        pid_k = gl.program_id(1)
-        offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, LD))
-        offs_k = pid_k * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, LD))
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = gl.load(x_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=mask, other=0.0).to(gl.float32)
-        ax = gl.abs(x)
-        s = _scale_from_amax(gl.max(ax, axis=1), POW2)  # [128 tokens]
-        y = _div(x, s[:, None], gl.div_rn(1.0, s)[:, None], True).to(gl.float8e4nv)
-        gl.store(y_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], y, mask=mask)
-        gl.store(s_ptr + offs_m * gl.cdiv(K, 128) + pid_k, s, mask=offs_m < M)
-        st = _scale_from_amax(gl.max(ax, axis=0), POW2)  # [128 channels]
-        # Cast after the (free) layout change, as in _quant_weight_t_gluon_kernel.
-        yt = gl.convert_layout(_div(x, st[None, :], gl.div_rn(1.0, st)[None, :], True), ST).to(gl.float8e4nv)
-        offs_mt = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ST))
-        offs_kt = pid_k * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, ST))
-        mask_t = (offs_mt[:, None] < M) & (offs_kt[None, :] < K)
-        gl.store(yt_ptr + offs_kt[None, :].to(gl.int64) * M + offs_mt[:, None], yt, mask=mask_t)
         gl.store(st_ptr + offs_k * gl.cdiv(M, 128) + pid_m, st, mask=offs_k < K)
 
     @gluon.jit
@@ -358,12 +334,9 @@ def _quant_launch(
         spt_m, spt_k, tpw_m, warps_m, warps_k = tile or (QUANT_BOTH_GLUON if row else QUANT_T_GLUON)
         if M and K:
             grid = (triton.cdiv(M, 128), triton.cdiv(K, spt_k * (32 // tpw_m) * warps_k))
-            layout = dict(SPT_M=spt_m, SPT_K=spt_k, TPW_M=tpw_m, WARPS_M=warps_m, WARPS_K=warps_k)
-            if row:
-                _quant_act_both_gluon_kernel[grid](x_MK, y, s, yt, st, M, K, POW2=pow2, **layout,
-                                                   num_warps=warps_m * warps_k)  # fmt: skip
-            else:
-                _quant_act_t_gluon_kernel[grid](x_MK, yt, st, M, K, POW2=pow2, **layout, num_warps=warps_m * warps_k)
+            _quant_act_gluon_kernel[grid](x_MK, y, s, yt, st, M, K, ROW=row, POW2=pow2, SPT_M=spt_m, SPT_K=spt_k,
+                                          TPW_M=tpw_m, WARPS_M=warps_m, WARPS_K=warps_k,
+                                          num_warps=warps_m * warps_k)  # fmt: skip
         return y, s, yt, st
     if tt.interpreting():
         block_m, block_k, warps = (128 if col else 16), (128 if row else 16), 4
@@ -401,7 +374,7 @@ def quantize_act_both(
     fused=True reads x once for both (one 128x128 tile a program). The @triton.jit fused kernel ran
     at a third of copy bandwidth on an H200 against 86% and 71% for the two separate kernels (one
     128x128 fp32 tile is too many registers a thread: few warps resident), so the default is two
-    launches. On a GPU with Gluon, fused=True takes _quant_act_both_gluon_kernel instead (explicit
+    launches. On a GPU with Gluon, fused=True takes _quant_act_gluon_kernel with ROW instead (explicit
     layouts, the transpose in registers); not yet timed.
     """
     if QUANT_BOTH_FUSED if fused is None else fused:

@@ -210,13 +210,17 @@ def ptx(kernel, signature, constexprs, num_warps):
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=num_warps)).asm["ptx"]
 
 pow2 = sys.argv[1] == "1"
-spt_m, spt_k, tpw_m, warps_m, warps_k = Q.QUANT_T_GLUON
-a = ptx(Q._quant_act_t_gluon_kernel,
-        {"x_ptr": "*bf16", "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32", "M": "i32", "K": "i32", "POW2": "constexpr",
-         "SPT_M": "constexpr", "SPT_K": "constexpr", "TPW_M": "constexpr", "WARPS_M": "constexpr",
-         "WARPS_K": "constexpr"},
-        {"POW2": pow2, "SPT_M": spt_m, "SPT_K": spt_k, "TPW_M": tpw_m, "WARPS_M": warps_m, "WARPS_K": warps_k},
-        warps_m * warps_k)
+def act_ptx(row, tile):
+    # quantize_act_t (row=False: y_ptr and s_ptr are None, as the launcher passes them) or both tilings (row=True)
+    spt_m, spt_k, tpw_m, warps_m, warps_k = tile
+    layout = {"SPT_M": spt_m, "SPT_K": spt_k, "TPW_M": tpw_m, "WARPS_M": warps_m, "WARPS_K": warps_k}
+    signature = {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv" if row else "constexpr", "s_ptr": "*fp32" if row else "constexpr",
+                 "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32", "M": "i32", "K": "i32", "ROW": "constexpr",
+                 "POW2": "constexpr", **{k: "constexpr" for k in layout}}
+    constexprs = {"ROW": row, "POW2": pow2, **layout, **({} if row else {"y_ptr": None, "s_ptr": None})}
+    return ptx(Q._quant_act_gluon_kernel, signature, constexprs, warps_m * warps_k)
+
+a, spt_m = act_ptx(False, Q.QUANT_T_GLUON), Q.QUANT_T_GLUON[0]
 spt_n, spt_kw, tpw_n, warps_n, warps_kw = Q.QUANT_WEIGHT_T_GLUON
 w = ptx(Q._quant_weight_t_gluon_kernel,
         {"w_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "yt_ptr": "*fp8e4nv", "N": "i32", "K": "i32",
@@ -224,13 +228,7 @@ w = ptx(Q._quant_weight_t_gluon_kernel,
          "WARPS_N": "constexpr", "WARPS_K": "constexpr"},
         {"POW2": pow2, "SPT_N": spt_n, "SPT_K": spt_kw, "TPW_N": tpw_n, "WARPS_N": warps_n, "WARPS_K": warps_kw},
         warps_n * warps_kw)
-spt_mb, spt_kb, tpw_mb, warps_mb, warps_kb = Q.QUANT_BOTH_GLUON
-b = ptx(Q._quant_act_both_gluon_kernel,
-        {"x_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32", "M": "i32",
-         "K": "i32", "POW2": "constexpr", "SPT_M": "constexpr", "SPT_K": "constexpr", "TPW_M": "constexpr",
-         "WARPS_M": "constexpr", "WARPS_K": "constexpr"},
-        {"POW2": pow2, "SPT_M": spt_mb, "SPT_K": spt_kb, "TPW_M": tpw_mb, "WARPS_M": warps_mb, "WARPS_K": warps_kb},
-        warps_mb * warps_kb)
+b, spt_mb = act_ptx(True, Q.QUANT_BOTH_GLUON), Q.QUANT_BOTH_GLUON[0]
 for p, spt in ((a, spt_m), (w, spt_n), (b, spt_mb)):
     assert "st.shared.b8" not in p and "st.shared.u8" not in p, "a byte-wise transpose through shared memory"
     assert "st.global.b8" not in p and "st.global.u8" not in p, "a byte-wise global store"
