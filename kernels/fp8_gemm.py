@@ -142,12 +142,13 @@ if tt.HAS_TRITON:
         return acc
 
     @triton.jit
-    def _tma_scaled_dot_loop(a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, kb,
+    def _tma_scaled_dot_loop(a_desc, b_desc, a_row, b_row, as_ptrs, bs_ptrs, kb_lo, kb_hi,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCALAR_B: tl.constexpr):  # fmt: skip
-        """The TMA kernels' K loop (dense and grouped): sum over 128-steps of (A . B^T)_step * a_s[m] * b_s[n], A's
-        tile at row a_row, B's at b_row; SCALAR_B when the tile lies in one 128-block of B (one b_s a step)."""
+        """The TMA kernels' K loop (dense and grouped): sum over 128-steps kb_lo..kb_hi-1 of (A . B^T)_step * a_s[m] *
+        b_s[n], A's tile at row a_row, B's at b_row; SCALAR_B when the tile lies in one 128-block of B (one b_s a
+        step)."""
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(kb):
+        for ki in range(kb_lo, kb_hi):
             a = a_desc.load([a_row, ki * 128])
             b = b_desc.load([b_row, ki * 128])
             a_s = tl.load(as_ptrs + ki)
@@ -222,18 +223,24 @@ if tt.HAS_TRITON:
         NUM_SMS: tl.constexpr,
         OCC: tl.constexpr,
         FLATTEN: tl.constexpr,
+        partial_ptr=None,
+        SPLIT_K: tl.constexpr = 1,
     ):
         # Persistent: NUM_SMS * OCC programs (OCC resident per SM); program p computes output tiles
         # p, p + NUM_SMS * OCC, ... in grouped order.
         # a_desc over A[M, K] with block [BLOCK_M, 128]; b_desc over B[N, K], block [BLOCK_N, 128];
         # c_desc over C[M, N], block [BLOCK_M, BLOCK_N]. TMA zero-fills loads past the edges (a
         # ragged K tail adds zeros) and clips the store, so nothing here is masked.
+        # SPLIT_K > 1 (split_k_for): each tile's 128-steps are cut into SPLIT_K consecutive ranges, one work item
+        # each, whose fp32 sums go to partial_ptr[SPLIT_K, M, N] for the launcher to add up.
         start_pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         kb = tl.cdiv(K, 128)
+        kb_per_split = tl.cdiv(kb, SPLIT_K)
         per_group = GROUP_M * num_n
-        for tile_id in tl.range(start_pid, num_m * num_n, NUM_SMS * OCC, flatten=FLATTEN):
+        for work_id in tl.range(start_pid, num_m * num_n * SPLIT_K, NUM_SMS * OCC, flatten=FLATTEN):
+            tile_id = work_id // SPLIT_K
             first_m = (tile_id // per_group) * GROUP_M
             group_m = min(num_m - first_m, GROUP_M)
             pid_m = first_m + (tile_id % per_group) % group_m
@@ -249,18 +256,29 @@ if tt.HAS_TRITON:
                 bs_ptrs = bs_ptr + (((off_n + tl.arange(0, BLOCK_N)) % N) // 128) * kb
             else:
                 bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % N) * kb
-            acc = _tma_scaled_dot_loop(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, BLOCK_M, BLOCK_N, SCALAR_B)
-            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+            if SPLIT_K == 1:
+                acc = _tma_scaled_dot_loop(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, 0, kb, BLOCK_M, BLOCK_N,
+                                           SCALAR_B)  # fmt: skip
+                c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+            else:
+                split = work_id % SPLIT_K
+                kb_lo = split * kb_per_split
+                acc = _tma_scaled_dot_loop(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb_lo,
+                                           min(kb_lo + kb_per_split, kb), BLOCK_M, BLOCK_N, SCALAR_B)  # fmt: skip
+                offs_m = off_m + tl.arange(0, BLOCK_M)
+                offs_n = off_n + tl.arange(0, BLOCK_N)
+                p_ptrs = partial_ptr + split * M * N + offs_m[:, None] * N + offs_n[None, :]
+                tl.store(p_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
     @triton.jit
     def _fp8_gemm_tma_kernel(
         a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
         B_BLOCKWISE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-        NUM_SMS: tl.constexpr, OCC: tl.constexpr, FLATTEN: tl.constexpr,
+        NUM_SMS: tl.constexpr, OCC: tl.constexpr, FLATTEN: tl.constexpr, partial_ptr=None, SPLIT_K: tl.constexpr = 1,
     ):  # fmt: skip
-        # The same kernel without the autotuner, for benchmarks that sweep configurations by hand.
+        # The same kernel without the autotuner: tuned configs launched directly, split-K, benchmark sweeps.
         _fp8_gemm_tma_body(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K, B_BLOCKWISE, BLOCK_M, BLOCK_N, GROUP_M,
-                           NUM_SMS, OCC, FLATTEN)  # fmt: skip
+                           NUM_SMS, OCC, FLATTEN, partial_ptr, SPLIT_K)  # fmt: skip
 
     @triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "B_BLOCKWISE", "OUT_BITS"])
     @triton.jit
@@ -339,7 +357,46 @@ def launch_tma_config(a, a_s, b, b_s, b_blockwise, out_dtype, bm, bn, warps, sta
     return c
 
 
-def _launch(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, use_tma: bool | None = None) -> torch.Tensor:
+# Split-K, for the wgrad: its output dW[N, K] is small next to its reduction over all tokens. At deepseek-v3-small's
+# widths a [672, 1024] dW is 88 tiles of 64x128 for 132 SMs, each walking 128 steps of 128 tokens; cut into 3 token
+# ranges, the work fills the GPU (two programs an SM). The ranges' fp32 sums are added in a fixed order afterwards,
+# so results do not vary from run to run. The config is the dense sweep's most frequent winner (TMA_CONFIGS[0]).
+SPLIT_K_CONFIG = TMA_CONFIGS[0]
+SPLIT_K_MIN_STEPS = 8  # 1024 tokens a range at least, so the extra pass over the fp32 partial sums stays small
+# Measured on an H200 (benchmarks/bench_wgrad_split.py, 16384 tokens): 3 and 4 ranges took 1.43-1.51x less time
+# ([672, 1024], [1536, 384], [2048, 256]); 2 ranges of a [1024, 1024] dW (128 tiles: every SM busy already) 0.96x.
+SPLIT_K_MIN = 3
+
+
+def split_k_for(tiles: int, kb: int, slots: int) -> int:
+    """How many token ranges each of `tiles` output tiles is cut into so that the work items fill at most `slots`
+    programs (resident at once: one wave, since a second, partial wave costs more than the split saves), each range
+    at least SPLIT_K_MIN_STEPS steps of 128; 1 = no split (also below SPLIT_K_MIN). Every range is non-empty."""
+    want = min(slots // tiles, kb // SPLIT_K_MIN_STEPS)
+    if want < SPLIT_K_MIN:
+        return 1
+    return triton.cdiv(kb, triton.cdiv(kb, want))
+
+
+def _launch_split_k(a, a_s, b, b_s, b_blockwise: bool, c: torch.Tensor, split_k: int) -> torch.Tensor:
+    """C = A B^T with each tile's reduction cut into split_k ranges (SPLIT_K_CONFIG), summed in fp32 into c."""
+    M, K = a.shape
+    N = b.shape[0]
+    bm, bn, warps, stages, occ, flatten = SPLIT_K_CONFIG
+    partial = torch.empty(split_k, M, N, dtype=torch.float32, device=a.device)
+    nsm = num_sms()
+    work = triton.cdiv(M, bm) * triton.cdiv(N, bn) * split_k
+    _fp8_gemm_tma_kernel[(min(nsm * occ, work),)](
+        *_tma_descs(a, b, c, bm, bn), a_s, b_s, M, N, K, B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn,
+        GROUP_M=8, NUM_SMS=nsm, OCC=occ, FLATTEN=flatten, partial_ptr=partial, SPLIT_K=split_k, num_warps=warps,
+        num_stages=stages,
+    )  # fmt: skip
+    return torch.sum(partial, 0, out=c) if c.dtype == torch.float32 else c.copy_(partial.sum(0))
+
+
+def _launch(
+    a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, use_tma: bool | None = None, split_k: int | None = None
+) -> torch.Tensor:
     M, K = a.shape
     N = b.shape[0]
     Kb = triton.cdiv(K, BLOCK)
@@ -363,6 +420,11 @@ def _launch(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, use_tma: 
         use_tma = can_use_tma(a, b, c)
     if use_tma:
         nsm = num_sms()
+        if split_k is None and not b_blockwise:  # the wgrad (B scaled per row): split when its tiles are few
+            bm, bn, *_, occ, _ = SPLIT_K_CONFIG
+            split_k = split_k_for(triton.cdiv(M, bm) * triton.cdiv(N, bn), triton.cdiv(K, BLOCK), nsm * occ)
+        if split_k is not None and split_k > 1:
+            return _launch_split_k(a, a_s, b, b_s, b_blockwise, c, split_k)
         key = (m_bucket(M), N, K, b_blockwise, c.dtype, a.device)
         cfg = _TMA_BEST.get(key) if DIRECT_LAUNCH else None
         if cfg is not None:  # tuned before: launch the plain kernel, skipping the autotuner's per-call work
@@ -438,12 +500,15 @@ def fp8_gemm_wgrad(
     xT_KM: torch.Tensor,
     xT_scale_KMb: torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
+    split_k: int | None = None,
 ) -> torch.Tensor:
-    """dW[N, K] = dy^T x from both operands in the transposed 128x1 tiling (quantize_act_t)."""
+    """dW[N, K] = dy^T x from both operands in the transposed 128x1 tiling (quantize_act_t).
+
+    split_k: token ranges per output tile on the TMA path (None: split_k_for decides from the shape)."""
     tt.require_fp8("fp8_gemm_wgrad")
     _check_fp8(dyT_NM, dyT_scale_NMb, "dyT_NM")
     _check_fp8(xT_KM, xT_scale_KMb, "xT_KM")
-    return _launch(dyT_NM, dyT_scale_NMb, xT_KM, xT_scale_KMb, False, out_dtype)
+    return _launch(dyT_NM, dyT_scale_NMb, xT_KM, xT_scale_KMb, False, out_dtype, split_k=split_k)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,7 +132,7 @@ if tt.HAS_TRITON:
         else:
             bs_ptrs = bs_ptr + e * nb * kb + (tl.minimum(offs_n, N - 1) // 128) * kb
         acc = _tma_scaled_dot_loop(
-            a_desc, b_desc, row0, e * N + off_n, as_ptrs, bs_ptrs, kb, BLOCK_M, BLOCK_N, SCALAR_B
+            a_desc, b_desc, row0, e * N + off_n, as_ptrs, bs_ptrs, 0, kb, BLOCK_M, BLOCK_N, SCALAR_B
         )
         c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))

@@ -119,3 +119,45 @@ def test_full_recipe_vs_fp32_matmul(M, N, K, tol, rel):
     x, w = _rand(M, K, seed=3), _rand(N, K, seed=4) * 0.02
     y = fp8_gemm(*quantize_act(x), *quantize_weight(w), torch.float32)
     assert rel(y, x @ w.t()) < tol["e4m3_recipe"]
+
+
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_wgrad_split_k(split_k, out_dtype, tol, rel):
+    """The wgrad with each tile's token range cut in pieces (split-K, summed afterwards in fp32): 1008 tokens = 8
+    steps of 128 with a ragged 112-token last step, so 3 pieces are 3 + 3 + 2 steps; 70 x 130 output (ragged tiles).
+    Against the reference and against the unsplit kernel, which sums the same products in another order."""
+    import importlib
+
+    G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm")
+    M, N, K = 1008, 70, 130
+    dyTq, dyTs = quantize_act_t_ref(_rand(M, N, seed=11))
+    xTq, xTs = quantize_act_t_ref(_rand(M, K, seed=12))
+    assert G.can_use_tma(dyTq, xTq)
+    dw = _poison(lambda: fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs, out_dtype, split_k=split_k))
+    assert dw.dtype == out_dtype and dw.shape == (N, K) and not dw.isnan().any()
+    assert rel(dw, fp8_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs)) < tol[out_dtype]
+    dw_unsplit = fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs, torch.float32, split_k=1)
+    assert rel(dw.float(), dw_unsplit) < tol[out_dtype]
+
+
+def test_split_k_choice():
+    """split_k_for: pieces only where the tiles leave resident programs idle (one wave at most, SPLIT_K_MIN pieces at
+    least), each piece >= SPLIT_K_MIN_STEPS steps, and never an empty piece."""
+    import importlib
+
+    G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm")
+    assert G.split_k_for(tiles=88, kb=128, slots=264) == 3  # deepseek-v3-small's q_a+kv_a dW at 16384 tokens
+    assert G.split_k_for(tiles=64, kb=128, slots=264) == 4  # kv_b's [2048, 256] dW
+    assert G.split_k_for(tiles=128, kb=128, slots=264) == 1  # 3 would need a second wave, 2 lost on the H200
+    assert G.split_k_for(tiles=300, kb=128, slots=264) == 1  # enough tiles already
+    assert G.split_k_for(tiles=8, kb=12, slots=264) == 1  # too few steps to cut (12 < 2 * 8)
+    for tiles in range(1, 300, 7):
+        for kb in range(1, 200, 3):
+            s = G.split_k_for(tiles, kb, 264)
+            per = -(-kb // s)
+            assert (
+                s >= 1
+                and (s - 1) * per < kb
+                and (s == 1 or (per >= G.SPLIT_K_MIN_STEPS and tiles * s <= 264 and s >= G.SPLIT_K_MIN))
+            )

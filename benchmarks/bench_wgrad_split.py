@@ -1,0 +1,81 @@
+"""FP8 wgrad with and without split-K at deepseek-v3-small's training shapes (issue 3/4), one process, one GPU.
+
+dW[N, K] = dy^T x over M = 16384 tokens (B=8, S=2048) for every dense FP8 layer of deepseek-v3-small (the MLA
+projections, the shared experts, the dense MLP of layer 0), and two of the issue's V3 shapes at M = 4096 (enough
+tiles that split_k_for does not split). Each row: the unsplit kernel (split_k=1, the dispatch before split-K), the
+split that split_k_for picks, and cuBLAS bf16 `dy^T @ x` as the anchor; the split's result against the unsplit
+one (same FP8 products, another fp32 summation order) and both against the dequantise-then-fp32-matmul reference.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py      # writes $OUT/wgrad_split.json if OUT is set
+"""
+
+# ruff: noqa: B023  (each lambda is timed inside its own loop iteration)
+from __future__ import annotations
+
+import importlib
+import json
+import os
+
+import torch
+import triton
+from modeling_deepseek_v3.kernels import quantize_act_t
+from triton.testing import do_bench
+
+G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm")  # the package exports a function of that name
+
+# (M tokens, N out features, K in features)
+SHAPES = [
+    (16384, 672, 1024),  # q_a + kv_a, stacked
+    (16384, 1536, 384),  # q_b
+    (16384, 2048, 256),  # kv_b
+    (16384, 1024, 1024),  # o_proj, shared down (2 x 512 -> 1024 is (1024, 1024) too)
+    (16384, 2048, 1024),  # shared gate + up
+    (16384, 8192, 1024),  # layer 0's dense gate + up
+    (16384, 1024, 4096),  # layer 0's dense down
+    (4096, 2112, 7168),  # V3 q_a + kv_a
+    (4096, 7168, 2048),  # V3 o_proj-like
+]
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    rows = []
+    slots = G.num_sms() * G.SPLIT_K_CONFIG[4]
+    for M, N, K in SHAPES:
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        x = (torch.randn(M, K, device="cuda") * (1 + torch.rand(K, device="cuda"))).bfloat16()
+        dyT_q, dyT_s = quantize_act_t(dy)
+        xT_q, xT_s = quantize_act_t(x)
+        bm, bn = G.SPLIT_K_CONFIG[:2]
+        split = G.split_k_for(triton.cdiv(N, bm) * triton.cdiv(K, bn), triton.cdiv(M, 128), slots)
+        unsplit = G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, split_k=1)
+        chosen = G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s)  # split_k=None: what the model runs
+        ref = G.fp8_gemm_wgrad_ref(dyT_q, dyT_s, xT_q, xT_s)
+        dyt = dy.t()
+        t_unsplit = do_bench(lambda: G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, split_k=1))
+        t_chosen = do_bench(lambda: G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s))
+        t_bf16 = do_bench(lambda: dyt @ x)
+        tflops = 2 * M * N * K / 1e12
+        row = dict(
+            M=M, N=N, K=K, split_k=split, us_unsplit=t_unsplit * 1e3, us_split=t_chosen * 1e3, us_bf16=t_bf16 * 1e3,
+            tflops_unsplit=tflops / t_unsplit * 1e3, tflops_split=tflops / t_chosen * 1e3,
+            speedup=t_unsplit / t_chosen, vs_bf16=t_bf16 / t_chosen,
+            rel_split_vs_unsplit=rel(chosen, unsplit), rel_split_vs_ref=rel(chosen, ref), rel_unsplit_vs_ref=rel(unsplit, ref),
+        )  # fmt: skip
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\nM, N, K | split | unsplit us | split us | bf16 us | split speed-up | vs bf16 | rel err vs ref")
+    for r in rows:
+        print(f"{r['M']}, {r['N']}, {r['K']} | {r['split_k']} | {r['us_unsplit']:.1f} | {r['us_split']:.1f} | "
+              f"{r['us_bf16']:.1f} | {r['speedup']:.2f} | {r['vs_bf16']:.2f} | {r['rel_split_vs_ref']:.1e}")  # fmt: skip
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "wgrad_split.json"), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
