@@ -166,7 +166,7 @@ def main() -> None:
                 Q.FAST_DIV, saved = fast, Q.FAST_DIV
                 got = (*Q.quantize_act(x, pow2), *Q.quantize_act_t(x, pow2), *Q.quantize_weight(w, pow2)[:2])
                 _, _, wt = Q.quantize_weight(w, pow2, transposed=True)
-                got_b = Q.quantize_act_both(x, pow2, fused=True)
+                got_b = Q.quantize_act_both(x, pow2)
                 Q.FAST_DIV = saved
                 same = [torch.equal(g.cpu().view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g.cpu(),
                                     r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r)
@@ -256,10 +256,7 @@ def main() -> None:
         sfx = "_fastdiv" if fast else "_divrn"
         quant["quant_act" + sfx] = nbytes_q / bench(lambda: K_.quantize_act(x)) / 1e6
         quant["quant_act_t" + sfx] = nbytes_q / bench(lambda: K_.quantize_act_t(x)) / 1e6
-        quant["quant_both_fused" + sfx] = (
-            (n * 4 + n // 64 * 4) / bench(lambda: Q.quantize_act_both(x, fused=True)) / 1e6
-        )
-        quant["quant_both_2launch" + sfx] = 2 * nbytes_q / bench(lambda: Q.quantize_act_both(x, fused=False)) / 1e6
+        quant["quant_both_2launch" + sfx] = 2 * nbytes_q / bench(lambda: Q.quantize_act_both(x)) / 1e6
         quant["quant_weight" + sfx] = (wbig.numel() * 3) / bench(lambda: K_.quantize_weight(wbig)) / 1e6
         quant["quant_weight_plus_T" + sfx] = (
             (wbig.numel() * 4) / bench(lambda: K_.quantize_weight(wbig, transposed=True)) / 1e6
@@ -292,10 +289,10 @@ def main() -> None:
     g = torch.randn(Mi, Ni, device=dev, dtype=torch.bfloat16)
     linear = dict(shape=[Mi, Ni, Ki])
     linear["bf16_fwd_bwd_ms"] = bench(lambda: lin(xi).backward(g))
-    for tag, fused, direct in [("", False, True), ("_fusedquant", True, True), ("_autotuner_each_call", False, False)]:
-        Q.QUANT_BOTH_FUSED, G.DIRECT_LAUNCH = fused, direct
+    for tag, direct in [("", True), ("_autotuner_each_call", False)]:
+        G.DIRECT_LAUNCH = direct
         linear["fp8_fwd_bwd_ms" + tag] = bench(lambda: f8(xi).backward(g))
-    Q.QUANT_BOTH_FUSED, G.DIRECT_LAUNCH = False, True
+    G.DIRECT_LAUNCH = True
     linear["speedup"] = linear["bf16_fwd_bwd_ms"] / linear["fp8_fwd_bwd_ms"]
     if not small:
         linear["bf16_host_ms"], linear["bf16_graph_ms"] = _host_and_graph_ms(
@@ -401,13 +398,12 @@ def sweep() -> None:
     nb = big.numel() * 3 + big.numel() // 128 * 4
     q = {}
     for kind, tiles in [("row", [(32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8)]),
-                        ("col", [(128, 32, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8)]),
-                        ("both", [(128, 128, 8), (128, 128, 16)])]:  # fmt: skip
+                        ("col", [(128, 32, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8)])]:  # fmt: skip
         for t in tiles:
             for fast in (False, True):
                 try:
-                    ms = _ms(lambda: Q._quant_launch(big, kind != "col", kind != "row", False, t, fast))
-                    gbps = (nb if kind != "both" else big.numel() * 4 + big.numel() // 64 * 4) / ms / 1e6
+                    ms = _ms(lambda: Q._quant_launch(big, kind == "row", kind == "col", False, t, fast))
+                    gbps = nb / ms / 1e6
                     q[f"{kind}{t}fast{fast}"] = gbps
                     log(
                         f"quant {kind} {t} fast={fast}: {ms * 1e3:.0f} us {gbps:.0f} GB/s = {gbps / copy_gbps:.0%} of copy"
@@ -558,7 +554,7 @@ def sweep() -> None:
         del x, xq, wq
         if not small:
             torch.cuda.empty_cache()
-    # FP8Linear forward+backward vs bf16 nn.Linear (autotuned launchers, fused quantisation)
+    # FP8Linear forward+backward vs bf16 nn.Linear (autotuned launchers)
     Mi, Ni, Ki = (256, 256, 256) if small else (4096, 7168, 2048)
     lin = torch.nn.Linear(Ki, Ni, bias=False, device=dev, dtype=torch.bfloat16)
     f8 = K_.FP8Linear.from_linear(lin)

@@ -8,7 +8,7 @@ The tile sweep behind quant.py's Gluon defaults (bench_fp8_gemm.py times the shi
    (777, 1000), pow2 on and off; fresh random inputs (never zeros), outputs poisoned first.
 2. Bandwidth at (4096, 7168), (16384, 7168) and (16384, 1024) (deepseek-v3-small's training activations) bf16:
    bytes = read M*K*2 + write M*K (+ M*K for the weight's K-major copy, or for the second tiling of the "both"
-   rows, whose bytes count one read of x whichever kernels run: compare their times) + fp32 scales; GB/s =
+   row, whose bytes count one read of x though its two kernels read it twice) + fp32 scales; GB/s =
    bytes / median time (triton.testing.do_bench). The copy (x.clone()) counts read + write: 2 * M*K*2 bytes.
 Prints one JSON object, then a short table; writes $OUT/quant_bandwidth.json when OUT is set.
 """
@@ -40,8 +40,6 @@ ACT_T_GLUON = [
     (32, 2, 4, 1, 4),
 ]
 W_T_GLUON = [(16, 8, 8, 1, 4), (8, 8, 8, 2, 4), (16, 4, 8, 1, 8), (8, 8, 16, 1, 8)]
-# Both tilings in one kernel (quant._quant_act_gluon_kernel with ROW): the tiles ptxas fits without spills
-BOTH_GLUON = [(16, 4, 8, 1, 8), (8, 8, 8, 2, 4), (8, 8, 16, 1, 8), (8, 4, 8, 2, 8), (4, 8, 8, 4, 4)]
 
 
 def variants():
@@ -64,13 +62,7 @@ def variants():
             "w_t",
             lambda x, p, t=t: Q.quantize_weight(x, p, transposed=True, impl="gluon", tile=t),
         )
-    v["both, two kernels (shipped)"] = ("both", lambda x, p: Q.quantize_act_both(x, p, fused=False))
-    v["both, triton fused"] = (
-        "both",
-        lambda x, p: Q._quant_launch(x, True, True, p, tile=Q.QUANT_TILES["both"], impl="triton"),
-    )
-    for t in BOTH_GLUON:
-        v[f"both gluon fused {t}"] = ("both", lambda x, p, t=t: Q._quant_launch(x, True, True, p, tile=t, impl="gluon"))
+    v["both (two kernels)"] = ("both", lambda x, p: Q.quantize_act_both(x, p))
     # the shipped @triton.jit kernel once more, last: the spread between the two is the noise
     v["act_t triton (128, 64, 4) again"] = v["act_t triton (128, 64, 4)"]
     v["weight_T default"] = ("w_t", lambda x, p: Q.quantize_weight(x, p, transposed=True))

@@ -51,14 +51,14 @@ from .quant import (
 
 
 def _quantize_input(x_MK: torch.Tensor, pow2: bool, need_t: bool):
-    """x in the 1x128 tiling, and (if need_t) in the 128x1 tiling too, from one read of x."""
+    """x in the 1x128 tiling, and (if need_t) in the 128x1 tiling too."""
     if need_t:
         return quantize_act_both(x_MK, pow2)
     return (*quantize_act(x_MK, pow2), None, None)
 
 
 def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool):
-    """dy in the tilings that dgrad (1x128) and wgrad (128x1) read, from one read of dy."""
+    """dy in the tilings that dgrad (1x128) and wgrad (128x1) read."""
     if need_dx and need_dw:
         return quantize_act_both(dy_MN, pow2)
     if need_dx:

@@ -92,11 +92,12 @@ if tt.HAS_TRITON:
         ROW: tl.constexpr, COL: tl.constexpr, POW2: tl.constexpr, EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_DIV: tl.constexpr = False,
     ):  # fmt: skip
-        # One program: a [BLOCK_M tokens, BLOCK_K channels] tile of x_MK, read once.
+        # One program: a [BLOCK_M tokens, BLOCK_K channels] tile of x_MK.
         # ROW: the 1x128 tiling (BLOCK_K = 128): y_MK and s_MKb, a scale per token.
         # COL: the 128x1 tiling (BLOCK_M = 128): yT_KM transposed, so that the wgrad GEMM reads its
         #      reduction dim (tokens) contiguously (fp8 tensor-core operands must be K-major), and
-        #      sT_KMb, a scale per channel. Both at once: x is read from memory once for the two.
+        #      sT_KMb, a scale per channel.
+        # The launchers set one of the two (see quantize_act_both for why not both).
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,14 +204,10 @@ if HAS_GLUON:
 
     @gluon.jit
     def _quant_act_gluon_kernel(
-        x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K, ROW: gl.constexpr, POW2: gl.constexpr, SPT_M: gl.constexpr,
-        SPT_K: gl.constexpr, TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
+        x_ptr, yt_ptr, st_ptr, M, K, POW2: gl.constexpr, SPT_M: gl.constexpr, SPT_K: gl.constexpr,
+        TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
     ):  # fmt: skip
         # One program: x_MK[128 tokens, BLOCK_K channels] -> yT_KM and sT_KMb (see _quant_act_kernel, COL).
-        # ROW: also the 1x128 codes and scales from the same tile (BLOCK_K = 128), stored from LD (a thread's
-        # SPT_K channels of a token are contiguous): both tilings from one read of x, quantize_act_both(fused=True)
-        # on a GPU. Not dispatched until timed (QUANT_BOTH_FUSED); the @triton.jit fused kernel ran at a third of
-        # copy bandwidth.
         LD: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, False)
         ST: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, True)
         BLOCK_K: gl.constexpr = SPT_K * (32 // TPW_M) * WARPS_K
@@ -220,12 +217,6 @@ if HAS_GLUON:
         offs_k = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LD))
         mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = gl.load(x_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=mask, other=0.0).to(gl.float32)
-        if ROW:
-            gl.static_assert(BLOCK_K == 128, "a 1x128 scale tile must sit in one program")
-            s = _scale_from_amax(gl.max(gl.abs(x), axis=1), POW2)  # [128 tokens]
-            y = _div(x, s[:, None], gl.div_rn(1.0, s)[:, None], True).to(gl.float8e4nv)
-            gl.store(y_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], y, mask=mask)
-            gl.store(s_ptr + offs_m * gl.cdiv(K, 128) + pid_k, s, mask=offs_m < M)
         st = _scale_from_amax(gl.max(gl.abs(x), axis=0), POW2)  # [BLOCK_K]
         yt = gl.convert_layout(_div(x, st[None, :], gl.div_rn(1.0, st)[None, :], True).to(gl.float8e4nv), ST)
         offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ST))
@@ -278,9 +269,8 @@ def _check_2d(x: torch.Tensor, name: str) -> None:
 
 # Tile of each @triton.jit launch: (BLOCK_M, BLOCK_K, num_warps) on a GPU; the interpreter takes the
 # smallest. Measured on an H200 (2026-11-30, 16384x7168 bf16): row (64, 128, 8) 86-87% of copy
-# bandwidth, col (128, 64, 4) 71-72%, both (128, 128, 8) 38%.
-QUANT_TILES = {"row": (64, 128, 8), "col": (128, 64, 4), "both": (128, 128, 8)}
-QUANT_BOTH_FUSED = False
+# bandwidth, col (128, 64, 4) 71-72%.
+QUANT_TILES = {"row": (64, 128, 8), "col": (128, 64, 4)}
 # The 128x1 tiling alone and the weight's K-major copy take the Gluon kernels on a GPU where Triton has
 # Gluon (the in-register transpose above); the interpreter and older Triton take the @triton.jit ones
 # (selected in _use_gluon). Tiles: (SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K), see _transpose_layout.
@@ -290,11 +280,6 @@ QUANT_BOTH_FUSED = False
 # (benchmarks/bench_quant.py, same day): 83% / 84% at 16384x7168; at 4096x7168 (a 35 us launch, copy
 # itself 3626 GB/s there) 70% / 80%, against the @triton.jit kernels' 68% / 57%.
 QUANT_T_GLUON = (16, 8, 8, 1, 4)
-# Both tilings in one Gluon kernel (quantize_act_both with fused=True on a GPU; a 128x128 tile a program, so
-# SPT_K * (32 / TPW_M) * WARPS_K = 128). QUANT_T_GLUON's 4 warps spill here (ptxas for sm_90a: 260 bytes; x and
-# its two quotients are 128 fp32 values a thread each); 8 warps fit (205 registers) and keep 16-byte transposed
-# stores. Not timed yet: QUANT_BOTH_FUSED stays off until it beats the two kernels (bench_quant.py times both).
-QUANT_BOTH_GLUON = (16, 4, 8, 1, 8)
 QUANT_WEIGHT_T_GLUON = (8, 8, 8, 2, 4)
 # On a GPU, divide by Markstein's correction of x * (1/s) instead of div.rn (same bits; see _div):
 # on an H200 it lifted the 1x128 kernel from 81% to 86% of copy bandwidth and the weight one from 66% to 86%.
@@ -320,6 +305,7 @@ def _quant_launch(
     impl: str | None = None,
 ):
     tt.require_fp8("quantize_act" if row else "quantize_act_t")
+    assert row != col, "one tiling a launch (quantize_act_both launches twice)"
     _check_2d(x_MK, "x_MK")
     M, K = x_MK.shape
     dev = x_MK.device
@@ -331,17 +317,16 @@ def _quant_launch(
         yt = torch.empty(K, M, dtype=torch.float8_e4m3fn, device=dev)
         st = torch.empty(K, triton.cdiv(M, BLOCK), dtype=torch.float32, device=dev)
     if col and _use_gluon(impl, fast_div, tile is not None and len(tile) == 3):
-        spt_m, spt_k, tpw_m, warps_m, warps_k = tile or (QUANT_BOTH_GLUON if row else QUANT_T_GLUON)
+        spt_m, spt_k, tpw_m, warps_m, warps_k = tile or QUANT_T_GLUON
         if M and K:
             grid = (triton.cdiv(M, 128), triton.cdiv(K, spt_k * (32 // tpw_m) * warps_k))
-            _quant_act_gluon_kernel[grid](x_MK, y, s, yt, st, M, K, ROW=row, POW2=pow2, SPT_M=spt_m, SPT_K=spt_k,
-                                          TPW_M=tpw_m, WARPS_M=warps_m, WARPS_K=warps_k,
-                                          num_warps=warps_m * warps_k)  # fmt: skip
+            _quant_act_gluon_kernel[grid](x_MK, yt, st, M, K, POW2=pow2, SPT_M=spt_m, SPT_K=spt_k, TPW_M=tpw_m,
+                                          WARPS_M=warps_m, WARPS_K=warps_k, num_warps=warps_m * warps_k)  # fmt: skip
         return y, s, yt, st
     if tt.interpreting():
         block_m, block_k, warps = (128 if col else 16), (128 if row else 16), 4
     else:
-        block_m, block_k, warps = tile or QUANT_TILES["both" if row and col else "row" if row else "col"]
+        block_m, block_k, warps = tile or QUANT_TILES["row" if row else "col"]
     assert (not row or block_k == BLOCK) and (not col or block_m == BLOCK), "a scale tile must sit in one program"
     if M and K:
         grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
@@ -367,18 +352,16 @@ def quantize_act_t(x_MK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor
 
 
 def quantize_act_both(
-    x_MK: torch.Tensor, pow2: bool = False, fused: bool | None = None
+    x_MK: torch.Tensor, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`quantize_act(x) + quantize_act_t(x)`: (x_fp8, scale, xT_fp8, scaleT).
+    """`quantize_act(x) + quantize_act_t(x)`: (x_fp8, scale, xT_fp8, scaleT), in two launches.
 
-    fused=True reads x once for both (one 128x128 tile a program). The @triton.jit fused kernel ran
-    at a third of copy bandwidth on an H200 against 86% and 71% for the two separate kernels (one
-    128x128 fp32 tile is too many registers a thread: few warps resident), so the default is two
-    launches. On a GPU with Gluon, fused=True takes _quant_act_gluon_kernel with ROW instead (explicit
-    layouts, the transpose in registers); not yet timed.
+    One kernel reading x once for both tilings was slower on an H200 at every shape timed: a @triton.jit one
+    (128x128 tiles) and a Gluon one (the transpose in registers, five tiles) took 295-382 us at 16384x7168 bf16
+    against 200 us for these two launches, and 50-61 us against 49 us at 16384x1024 (benchmarks/RESULTS.md,
+    session 6). Our reading: a program holding both tilings' quotients needs too many registers a thread to keep
+    enough warps resident to hide the memory latency.
     """
-    if QUANT_BOTH_FUSED if fused is None else fused:
-        return _quant_launch(x_MK, True, True, pow2)
     return (*_quant_launch(x_MK, True, False, pow2)[:2], *_quant_launch(x_MK, False, True, pow2)[2:])
 
 
