@@ -97,8 +97,8 @@ def test_router_stays_fp32_when_the_model_is_cast(tiny_config):
 
 def test_router_matches_the_builtin_at_v3_routing_shape_and_stays_fp32_under_autocast():
     """DeepSeek-V3's routing (256 experts, 8 groups, 4 kept, top-8) against transformers' built-in router: the same
-    experts for every token and the same weights. Ours selects by a stable sort (one fused kernel under
-    torch.compile), the built-in by topk; only exact ties could choose apart. Under bf16 autocast (accelerate's
+    experts for every token and the same weights (ours selects by topk, as the built-in, in eager, by a sort under
+    torch.compile: test_top_k_by_sort_under_compile_equals_topk). Under bf16 autocast (accelerate's
     mixed precision) our logits stay the fp32 ones bit for bit: autocast would otherwise run the router GEMM in bf16,
     whose 2^-8 rounding of the scores exceeds a bias step of gamma = 1e-3."""
     from transformers import DeepseekV3Config
@@ -126,6 +126,27 @@ def test_router_matches_the_builtin_at_v3_routing_shape_and_stays_fp32_under_aut
         logits_autocast, _, idx_autocast = ours(x)
     assert logits_autocast.dtype == torch.float32 and torch.equal(logits_autocast, logits)
     assert torch.equal(idx_autocast, idx)
+
+
+@pytest.mark.parametrize("shape,k", [((333, 8, 8), 2), ((333, 8), 4), ((333, 64), 6), ((5, 256), 8)])
+def test_top_k_by_sort_under_compile_equals_topk(shape, k):
+    """The router's _top_k takes a stable sort while torch.compile traces it (one Triton kernel under inductor) and
+    topk in eager: the same values and indices, largest first, on random scores (no ties), odd row counts."""
+    from modeling_deepseek_v3.modeling_dsv3 import _top_k
+
+    traced = []
+
+    def record(gm, example_inputs):  # a torch.compile backend that notes the ops it is given and runs them
+        traced.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_method")
+        return gm.forward
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(shape[-1]))
+    values, indices = _top_k(x, k)
+    values_sort, indices_sort = torch.compile(_top_k, backend=record, fullgraph=True)(x, k)
+    assert "sort" in traced and "topk" not in traced
+    ref_values, ref_indices = x.topk(k, dim=-1)
+    assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
+    assert torch.equal(values_sort, ref_values) and torch.equal(indices_sort, ref_indices)
 
 
 def test_sequence_balance_loss_by_hand():
