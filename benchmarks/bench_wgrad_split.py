@@ -7,6 +7,7 @@ split that split_k_for picks, and cuBLAS bf16 `dy^T @ x` as the anchor; the spli
 one (same FP8 products, another fp32 summation order) and both against the dequantise-then-fp32-matmul reference.
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py      # writes $OUT/wgrad_split.json if OUT is set
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py --sweep   # also every TMA_CONFIGS entry, split or not
 """
 
 # ruff: noqa: B023  (each lambda is timed inside its own loop iteration)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 
 import torch
 import triton
@@ -41,7 +43,26 @@ def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def sweep(dyT_q, dyT_s, xT_q, xT_s, M, N, K) -> dict:
+    """Microseconds of each TMA_CONFIGS entry (BLOCK_M, BLOCK_N, warps, stages, programs an SM, flatten) with the
+    split split_k_for picks for its tiles (1: the plain kernel), and its error against the shipped dispatch."""
+    shipped = G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s)
+    out = {}
+    for cfg in G.TMA_CONFIGS:
+        bm, bn, warps, stages, occ, flatten = cfg
+        split = G.split_k_for(triton.cdiv(N, bm) * triton.cdiv(K, bn), triton.cdiv(M, 128), G.num_sms() * occ)
+        if split == 1:
+            run = lambda: G.launch_tma_config(dyT_q, dyT_s, xT_q, xT_s, False, torch.float32, bm, bn, warps, stages,
+                                              occ, flatten)  # fmt: skip
+        else:
+            run = lambda: G._launch_split_k(dyT_q, dyT_s, xT_q, xT_s, False,
+                                            torch.empty(N, K, device=dyT_q.device), split, cfg)  # fmt: skip
+        out[str(cfg)] = dict(split_k=split, us=do_bench(run) * 1e3, rel_vs_shipped=rel(run(), shipped))
+    return out
+
+
 def main() -> None:
+    do_sweep = "--sweep" in sys.argv[1:]
     torch.manual_seed(0)
     rows = []
     slots = G.num_sms() * G.SPLIT_K_CONFIG[4]
@@ -66,6 +87,8 @@ def main() -> None:
             speedup=t_unsplit / t_chosen, vs_bf16=t_bf16 / t_chosen,
             rel_split_vs_unsplit=rel(chosen, unsplit), rel_split_vs_ref=rel(chosen, ref), rel_unsplit_vs_ref=rel(unsplit, ref),
         )  # fmt: skip
+        if do_sweep:
+            row["sweep"] = sweep(dyT_q, dyT_s, xT_q, xT_s, M, N, K)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\nM, N, K | split | unsplit us | split us | bf16 us | split speed-up | vs bf16 | rel err vs ref")

@@ -378,11 +378,12 @@ def split_k_for(tiles: int, kb: int, slots: int) -> int:
     return triton.cdiv(kb, triton.cdiv(kb, want))
 
 
-def _launch_split_k(a, a_s, b, b_s, b_blockwise: bool, c: torch.Tensor, split_k: int) -> torch.Tensor:
-    """C = A B^T with each tile's reduction cut into split_k ranges (SPLIT_K_CONFIG), summed in fp32 into c."""
+def _launch_split_k(a, a_s, b, b_s, b_blockwise: bool, c: torch.Tensor, split_k: int, config=SPLIT_K_CONFIG):
+    """C = A B^T with each tile's reduction cut into split_k ranges, summed in fp32 into c. config: one of
+    TMA_CONFIGS' form (benchmarks/bench_wgrad_split.py --sweep times them all)."""
     M, K = a.shape
     N = b.shape[0]
-    bm, bn, warps, stages, occ, flatten = SPLIT_K_CONFIG
+    bm, bn, warps, stages, occ, flatten = config
     partial = torch.empty(split_k, M, N, dtype=torch.float32, device=a.device)
     nsm = num_sms()
     work = triton.cdiv(M, bm) * triton.cdiv(N, bn) * split_k
