@@ -163,11 +163,10 @@ def main() -> None:
                 *Q.quantize_weight_ref(w.cpu(), pow2),
             )
             for fast in (False, True):
-                Q.FAST_DIV, saved = fast, Q.FAST_DIV
-                got = (*Q.quantize_act(x, pow2), *Q.quantize_act_t(x, pow2), *Q.quantize_weight(w, pow2)[:2])
-                _, _, wt = Q.quantize_weight(w, pow2, transposed=True)
-                got_b = Q.quantize_act_both(x, pow2)
-                Q.FAST_DIV = saved
+                got = (*Q.quantize_act(x, pow2, fast), *Q.quantize_act_t(x, pow2, fast),
+                       *Q.quantize_weight(w, pow2, fast_div=fast)[:2])  # fmt: skip
+                _, _, wt = Q.quantize_weight(w, pow2, transposed=True, fast_div=fast)
+                got_b = Q.quantize_act_both(x, pow2, fast)
                 same = [torch.equal(g.cpu().view(torch.uint8) if g.dtype == torch.float8_e4m3fn else g.cpu(),
                                     r.view(torch.uint8) if r.dtype == torch.float8_e4m3fn else r)
                         for g, r in zip((*got, *got_b), (*refs, *refs[:4]), strict=True)]  # fmt: skip
@@ -252,22 +251,19 @@ def main() -> None:
     t_copy = bench(lambda: x.clone())
     quant = dict(copy_GBps=2 * n * 2 / t_copy / 1e6)
     for fast in (False, True):
-        Q.FAST_DIV, saved = fast, Q.FAST_DIV
         sfx = "_fastdiv" if fast else "_divrn"
-        quant["quant_act" + sfx] = nbytes_q / bench(lambda: K_.quantize_act(x)) / 1e6
-        quant["quant_act_t" + sfx] = nbytes_q / bench(lambda: K_.quantize_act_t(x)) / 1e6
-        quant["quant_both_2launch" + sfx] = 2 * nbytes_q / bench(lambda: Q.quantize_act_both(x)) / 1e6
-        quant["quant_weight" + sfx] = (wbig.numel() * 3) / bench(lambda: K_.quantize_weight(wbig)) / 1e6
+        quant["quant_act" + sfx] = nbytes_q / bench(lambda: Q.quantize_act(x, fast_div=fast)) / 1e6
+        quant["quant_act_t" + sfx] = nbytes_q / bench(lambda: Q.quantize_act_t(x, fast_div=fast)) / 1e6
+        quant["quant_both_2launch" + sfx] = 2 * nbytes_q / bench(lambda: Q.quantize_act_both(x, fast_div=fast)) / 1e6
+        quant["quant_weight" + sfx] = (wbig.numel() * 3) / bench(lambda: Q.quantize_weight(wbig, fast_div=fast)) / 1e6
         quant["quant_weight_plus_T" + sfx] = (
-            (wbig.numel() * 4) / bench(lambda: K_.quantize_weight(wbig, transposed=True)) / 1e6
+            (wbig.numel() * 4) / bench(lambda: Q.quantize_weight(wbig, transposed=True, fast_div=fast)) / 1e6
         )
-        Q.FAST_DIV = saved
     # The two divisions on 117M elements, kernel against kernel (the CPU reference above covers fewer).
     same = []
     for fast in (False, True):
-        Q.FAST_DIV, saved = fast, Q.FAST_DIV
-        same.append((*Q.quantize_act(x), *Q.quantize_act_t(x), *Q.quantize_weight(wbig)))
-        Q.FAST_DIV = saved
+        same.append((*Q.quantize_act(x, fast_div=fast), *Q.quantize_act_t(x, fast_div=fast),
+                     *Q.quantize_weight(wbig, fast_div=fast)))  # fmt: skip
     quant = {k: round(v, 1) for k, v in quant.items()}
     quant["fast_div_equals_div_rn_117M"] = all(
         torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == torch.float8_e4m3fn else torch.equal(a, b)
@@ -289,10 +285,7 @@ def main() -> None:
     g = torch.randn(Mi, Ni, device=dev, dtype=torch.bfloat16)
     linear = dict(shape=[Mi, Ni, Ki])
     linear["bf16_fwd_bwd_ms"] = bench(lambda: lin(xi).backward(g))
-    for tag, direct in [("", True), ("_autotuner_each_call", False)]:
-        G.DIRECT_LAUNCH = direct
-        linear["fp8_fwd_bwd_ms" + tag] = bench(lambda: f8(xi).backward(g))
-    G.DIRECT_LAUNCH = True
+    linear["fp8_fwd_bwd_ms"] = bench(lambda: f8(xi).backward(g))
     linear["speedup"] = linear["bf16_fwd_bwd_ms"] / linear["fp8_fwd_bwd_ms"]
     if not small:
         linear["bf16_host_ms"], linear["bf16_graph_ms"] = _host_and_graph_ms(
@@ -378,23 +371,21 @@ def sweep() -> None:
         x = (torch.randn(*shape, device=dev) * torch.logspace(-3, 2, shape[1], device=dev)).to(torch.bfloat16)
         x.view(-1)[:7] = carry.to(dev, torch.bfloat16)
         for pow2, fast in [(False, False), (True, False), (False, True), (True, True)]:
-            Q.FAST_DIV = fast
             yr, sr = Q.quantize_act_ref(x, pow2)
             ytr, str_ = Q.quantize_act_t_ref(x, pow2)
-            y, s_, yt, st = Q.quantize_act_both(x, pow2)
-            y1, s1 = Q.quantize_act(x, pow2)
-            yt1, st1 = Q.quantize_act_t(x, pow2)
+            y, s_, yt, st = Q.quantize_act_both(x, pow2, fast)
+            y1, s1 = Q.quantize_act(x, pow2, fast)
+            yt1, st1 = Q.quantize_act_t(x, pow2, fast)
             ok = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in
                      [(y, yr), (y1, yr), (yt, ytr), (yt1, ytr)]) and all(torch.equal(a, b) for a, b in
                      [(s_, sr), (s1, sr), (st, str_), (st1, str_)])  # fmt: skip
             w = x[:, : shape[1] // 2 * 2].reshape(2, shape[0], -1).contiguous() if shape[0] % 2 == 0 else x
-            wq, ws, wqt = Q.quantize_weight(w, pow2, transposed=True)
+            wq, ws, wqt = Q.quantize_weight(w, pow2, transposed=True, fast_div=fast)
             wr, wsr = Q.quantize_weight_ref(w, pow2)
             ok_w = torch.equal(wq.view(torch.uint8), wr.view(torch.uint8)) and torch.equal(ws, wsr)
             ok_w = ok_w and torch.equal(wqt.view(torch.uint8), wr.transpose(-1, -2).contiguous().view(torch.uint8))
             log(f"quant exact {shape} pow2={pow2} fast_div={fast}: act={ok} weight={ok_w}")
             out.setdefault("quant_exact", []).append([shape, pow2, fast, bool(ok and ok_w)])
-    Q.FAST_DIV = False
     nb = big.numel() * 3 + big.numel() // 128 * 4
     q = {}
     for kind, tiles in [("row", [(32, 128, 4), (64, 128, 4), (64, 128, 8), (128, 128, 8)]),

@@ -9,6 +9,7 @@ shared expert GEMMs only (the anchor's convention: 2 * T * 3 * D * F * (top-k + 
 # ruff: noqa: B023, F821  (lambdas are timed inside their own loop iteration; names are deleted only after)
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -79,13 +80,15 @@ def main() -> None:
         fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
         results[kind] = dict(fwd_ms=fwd, fwd_tflops=FLOP_FWD / fwd / 1e9, fwdbwd_ms=fb,
                              fwdbwd_tflops=3 * FLOP_FWD / fb / 1e9, rel_err_vs_builtin=err)  # fmt: skip
-        if kind == "fp8":  # the same layer with the streaming grouped wgrad (not dispatched yet)
+        if kind == "fp8":  # the same layer with the streaming grouped wgrad (not dispatched), swapped in here only
             GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
-            GG.WGRAD_VARIANT = "stream"
+            FL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_linear")
+            persistent = FL.fp8_grouped_gemm_wgrad
+            FL.fp8_grouped_gemm_wgrad = functools.partial(GG.fp8_grouped_gemm_wgrad, variant="stream")
             try:
                 fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
             finally:
-                GG.WGRAD_VARIANT = "persistent"
+                FL.fp8_grouped_gemm_wgrad = persistent
             results[kind]["fwdbwd_ms_stream_wgrad"] = fb
         print(kind, json.dumps(results[kind]), flush=True)
         moe = None

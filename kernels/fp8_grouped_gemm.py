@@ -40,8 +40,6 @@ GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True)
 # Streaming grouped wgrad (variant="stream"): (BLOCK_M, BLOCK_N, num_warps, num_stages). Not timed yet, so not
 # dispatched; the dense wgrad's best Triton shape as the starting point (benchmarks/bench_moe_layer.py --kernels).
 GROUPED_WGRAD_STREAM_CONFIG = (64, 128, 4, 4)
-# The wgrad kernel fp8_grouped_gemm_wgrad runs when not told (benchmarks flip it to time a whole MoE layer).
-WGRAD_VARIANT = "persistent"
 
 
 def _grouped_configs() -> list:
@@ -397,14 +395,13 @@ def fp8_grouped_gemm_wgrad(
     out_dtype: torch.dtype = torch.float32,
     use_tma: bool | None = None,
     config: tuple | None = None,
-    variant: str | None = None,
+    variant: str = "persistent",
 ) -> torch.Tensor:
     """dW[E, N, K]: per expert, dy^T x over its tokens, both in the 128x1 tiling along tokens.
 
     variant="stream" runs `_grouped_wgrad_stream_kernel` (TMA operands only; not yet timed on a GPU, so not the
-    default) instead of the persistent per-expert-tile kernel; None: WGRAD_VARIANT."""
+    default) instead of the persistent per-expert-tile kernel."""
     tt.require_fp8("fp8_grouped_gemm_wgrad")
-    variant = variant or WGRAD_VARIANT
     if variant not in ("persistent", "stream"):
         raise ValueError(f"variant must be 'persistent' or 'stream', got {variant!r}")
     _check_fp8(dyT_NS, dyT_scale_NSb, "dyT_NS")

@@ -336,23 +336,29 @@ def _quant_launch(
     return y, s, yt, st
 
 
-def quantize_act(x_MK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token 1x128 quantisation: returns (x_fp8 [M, K] e4m3, scale [M, Kb] fp32)."""
-    y, s, _, _ = _quant_launch(x_MK, True, False, pow2)
+def quantize_act(
+    x_MK: torch.Tensor, pow2: bool = False, fast_div: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token 1x128 quantisation: returns (x_fp8 [M, K] e4m3, scale [M, Kb] fp32).
+
+    fast_div (here and below): the division on a GPU, None = FAST_DIV (benchmarks check both give the same bits)."""
+    y, s, _, _ = _quant_launch(x_MK, True, False, pow2, fast_div=fast_div)
     return y, s
 
 
-def quantize_act_t(x_MK: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_act_t(
+    x_MK: torch.Tensor, pow2: bool = False, fast_div: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Transposed 128x1 quantisation along tokens: returns (xT_fp8 [K, M] e4m3, scale [K, Mb] fp32).
 
     Equal to `quantize_act(x_MK.T.contiguous())`, without materialising the transpose.
     """
-    _, _, yt, st = _quant_launch(x_MK, False, True, pow2)
+    _, _, yt, st = _quant_launch(x_MK, False, True, pow2, fast_div=fast_div)
     return yt, st
 
 
 def quantize_act_both(
-    x_MK: torch.Tensor, pow2: bool = False
+    x_MK: torch.Tensor, pow2: bool = False, fast_div: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`quantize_act(x) + quantize_act_t(x)`: (x_fp8, scale, xT_fp8, scaleT), in two launches.
 
@@ -362,7 +368,7 @@ def quantize_act_both(
     session 6). Our reading: a program holding both tilings' quotients needs too many registers a thread to keep
     enough warps resident to hide the memory latency.
     """
-    return (*_quant_launch(x_MK, True, False, pow2)[:2], *_quant_launch(x_MK, False, True, pow2)[2:])
+    return (*quantize_act(x_MK, pow2, fast_div), *quantize_act_t(x_MK, pow2, fast_div))
 
 
 def _check_weight(w: torch.Tensor, name: str) -> None:
