@@ -37,8 +37,10 @@ GROUPED_TMA_CONFIG_SHORT_K = (64, 128, 4, 3)
 # Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops).
 # On an H200 at V3 size (2026-11-30): 186 / 196 TFLOPS for gate_up / down, against 73 for the pointer kernel.
 GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True)
-# Streaming grouped wgrad (variant="stream"): (BLOCK_M, BLOCK_N, num_warps, num_stages). Not timed yet, so not
-# dispatched; the dense wgrad's best Triton shape as the starting point (benchmarks/bench_moe_layer.py --kernels).
+# Streaming grouped wgrad (variant="stream"): (BLOCK_M, BLOCK_N, num_warps, num_stages), the dense wgrad's best Triton
+# shape. Timed on an H200 (benchmarks/RESULTS.md): 207 / 206 TFLOPS at V3 size against the persistent kernel's 188 /
+# 194, a whole V3 MoE layer 75.4 vs 77.0 ms (one run each), the deepseek-v3-small train step no faster (1.90x vs
+# 1.91x the built-in): not dispatched until a gain shows at training shapes.
 GROUPED_WGRAD_STREAM_CONFIG = (64, 128, 4, 4)
 
 
@@ -399,8 +401,8 @@ def fp8_grouped_gemm_wgrad(
 ) -> torch.Tensor:
     """dW[E, N, K]: per expert, dy^T x over its tokens, both in the 128x1 tiling along tokens.
 
-    variant="stream" runs `_grouped_wgrad_stream_kernel` (TMA operands only; not yet timed on a GPU, so not the
-    default) instead of the persistent per-expert-tile kernel."""
+    variant="stream" runs `_grouped_wgrad_stream_kernel` (TMA operands only; not the default, see
+    GROUPED_WGRAD_STREAM_CONFIG) instead of the persistent per-expert-tile kernel."""
     tt.require_fp8("fp8_grouped_gemm_wgrad")
     if variant not in ("persistent", "stream"):
         raise ValueError(f"variant must be 'persistent' or 'stream', got {variant!r}")
