@@ -7,7 +7,8 @@ split that split_k_for picks, and cuBLAS bf16 `dy^T @ x` as the anchor; the spli
 one (same FP8 products, another fp32 summation order) and both against the dequantise-then-fp32-matmul reference.
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py      # writes $OUT/wgrad_split.json if OUT is set
-    PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py --sweep   # also every TMA_CONFIGS entry, split or not
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py --sweep   # also every TMA_CONFIGS entry (split or
+                                                                       # not) and the Gluon wgrad configurations
 """
 
 # ruff: noqa: B023  (each lambda is timed inside its own loop iteration)
@@ -24,6 +25,7 @@ from modeling_deepseek_v3.kernels import quantize_act_t
 from triton.testing import do_bench
 
 G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm")  # the package exports a function of that name
+GL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
 
 # (M tokens, N out features, K in features)
 SHAPES = [
@@ -58,6 +60,12 @@ def sweep(dyT_q, dyT_s, xT_q, xT_s, M, N, K) -> dict:
             run = lambda: G._launch_split_k(dyT_q, dyT_s, xT_q, xT_s, False,
                                             torch.empty(N, K, device=dyT_q.device), split, cfg)  # fmt: skip
         out[str(cfg)] = dict(split_k=split, us=do_bench(run) * 1e3, rel_vs_shipped=rel(run(), shipped))
+    # The Gluon kernel's wgrad configurations (warp-specialised, promotion overlapped; unsplit), last timed at V3
+    # shapes only, where they lost to the Triton kernel.
+    if GL.can_use_gluon(dyT_q, xT_q):
+        for cfg in GL.WGRAD_CONFIGS:
+            run = lambda: GL.launch_gluon(dyT_q, dyT_s, xT_q, xT_s, False, torch.float32, config=cfg)
+            out[f"gluon {cfg}"] = dict(split_k=1, us=do_bench(run) * 1e3, rel_vs_shipped=rel(run(), shipped))
     return out
 
 
