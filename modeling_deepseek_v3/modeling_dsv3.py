@@ -313,10 +313,9 @@ def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     Under torch.compile by a stable descending sort: inductor lowers sort to a Triton kernel (ir.Sort) that can take
     in the ops producing x, but keeps topk an ATen fallback unless its decompose_sort_ops option is set (the
     router's three topk calls took 4.3 ms of a compiled training step). With the sort (and the compiled loss) the
-    compiled step on an H200 went from 2.00x to 2.21x the built-in. Eager by topk: with the sort there, the eager
-    step measured 0.95x the built-in against 1.21x with topk the session before, the sort being the main change to
-    the eager path between the two runs (benchmarks/RESULTS.md, session 6). The two choose the same entries but on
-    exact ties (the sort keeps the lower index; topk's choice among equals is unspecified)."""
+    compiled step on an H200 went from 2.00x to 2.21x the built-in. Eager by topk, which took less GPU time there
+    (the eager sorts: 6.6 ms a step, about 130 us of host time a call). The two choose the same entries but on exact
+    ties (the sort keeps the lower index; topk's choice among equals is unspecified)."""
     if torch.compiler.is_compiling():
         values, indices = x.sort(dim=-1, descending=True, stable=True)
         return values[..., :k], indices[..., :k]
