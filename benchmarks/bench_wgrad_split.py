@@ -20,7 +20,6 @@ import os
 import sys
 
 import torch
-import triton
 from modeling_deepseek_v3.kernels import quantize_act_t
 from triton.testing import do_bench
 
@@ -52,7 +51,7 @@ def sweep(dyT_q, dyT_s, xT_q, xT_s, M, N, K) -> dict:
     out = {}
     for cfg in G.TMA_CONFIGS:
         bm, bn, warps, stages, occ, flatten = cfg
-        split = G.split_k_for(triton.cdiv(N, bm) * triton.cdiv(K, bn), triton.cdiv(M, 128), G.num_sms() * occ)
+        split = G.split_k_of(N, K, M, cfg)  # dW[N, K] over M tokens
         if split == 1:
             run = lambda: G.launch_tma_config(dyT_q, dyT_s, xT_q, xT_s, False, torch.float32, bm, bn, warps, stages,
                                               occ, flatten)  # fmt: skip
@@ -73,14 +72,12 @@ def main() -> None:
     do_sweep = "--sweep" in sys.argv[1:]
     torch.manual_seed(0)
     rows = []
-    slots = G.num_sms() * G.SPLIT_K_CONFIG[4]
     for M, N, K in SHAPES:
         dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         x = (torch.randn(M, K, device="cuda") * (1 + torch.rand(K, device="cuda"))).bfloat16()
         dyT_q, dyT_s = quantize_act_t(dy)
         xT_q, xT_s = quantize_act_t(x)
-        bm, bn = G.SPLIT_K_CONFIG[:2]
-        split = G.split_k_for(triton.cdiv(N, bm) * triton.cdiv(K, bn), triton.cdiv(M, 128), slots)
+        split = G.split_k_of(N, K, M)
         unsplit = G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, split_k=1)
         chosen = G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s)  # split_k=None: what the model runs
         ref = G.fp8_gemm_wgrad_ref(dyT_q, dyT_s, xT_q, xT_s)

@@ -377,6 +377,12 @@ def split_k_for(tiles: int, kb: int, slots: int) -> int:
     return triton.cdiv(kb, triton.cdiv(kb, want))
 
 
+def split_k_of(M: int, N: int, K: int, config=SPLIT_K_CONFIG) -> int:
+    """split_k_for of C[M, N] = A[M, K] B[N, K]^T launched with `config` (TMA_CONFIGS' form) on this GPU."""
+    bm, bn, *_, occ, _ = config
+    return split_k_for(triton.cdiv(M, bm) * triton.cdiv(N, bn), triton.cdiv(K, BLOCK), num_sms() * occ)
+
+
 def _launch_split_k(a, a_s, b, b_s, b_blockwise: bool, c: torch.Tensor, split_k: int, config=SPLIT_K_CONFIG):
     """C = A B^T with each tile's reduction cut into split_k ranges, summed in fp32 into c. config: one of
     TMA_CONFIGS' form (benchmarks/bench_wgrad_split.py --sweep times them all)."""
@@ -421,8 +427,7 @@ def _launch(
     if use_tma:
         nsm = num_sms()
         if split_k is None and not b_blockwise:  # the wgrad (B scaled per row): split when its tiles are few
-            bm, bn, *_, occ, _ = SPLIT_K_CONFIG
-            split_k = split_k_for(triton.cdiv(M, bm) * triton.cdiv(N, bn), triton.cdiv(K, BLOCK), nsm * occ)
+            split_k = split_k_of(M, N, K)
         if split_k is not None and split_k > 1:
             return _launch_split_k(a, a_s, b, b_s, b_blockwise, c, split_k)
         key = (m_bucket(M), N, K, b_blockwise, c.dtype, a.device)
@@ -504,7 +509,7 @@ def fp8_gemm_wgrad(
 ) -> torch.Tensor:
     """dW[N, K] = dy^T x from both operands in the transposed 128x1 tiling (quantize_act_t).
 
-    split_k: token ranges per output tile on the TMA path (None: split_k_for decides from the shape)."""
+    split_k: token ranges per output tile on the TMA path (None: split_k_of(N, K, tokens) decides)."""
     tt.require_fp8("fp8_gemm_wgrad")
     _check_fp8(dyT_NM, dyT_scale_NMb, "dyT_NM")
     _check_fp8(xT_KM, xT_scale_KMb, "xT_KM")

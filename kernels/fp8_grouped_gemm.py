@@ -196,9 +196,9 @@ if tt.HAS_TRITON:
         # once through all routed tokens, segment by segment (_wgrad_segments: one expert's tokens inside one
         # 128-token scale tile, in token order), storing an expert's tile after its last segment: one long
         # loop a program, where the persistent kernel walks work items of two or three 128-token steps at V3
-        # size (flattened into one loop too); which keeps the tensor cores busier is what
-        # benchmarks/bench_moe_layer.py --kernels is to measure. Other experts' tokens in a segment's tile are
-        # zeroed in the A tile (their products vanish whatever B holds); TMA zero-fills tokens past S.
+        # size (flattened into one loop too); timings in GROUPED_WGRAD_STREAM_CONFIG's comment. Other experts'
+        # tokens in a segment's tile are zeroed in the A tile (their products vanish whatever B holds); TMA
+        # zero-fills tokens past S.
         num_n = tl.cdiv(K, BLOCK_N)
         off_m = (tl.program_id(0) // num_n) * BLOCK_M
         off_n = (tl.program_id(0) % num_n) * BLOCK_N
