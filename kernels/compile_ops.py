@@ -63,25 +63,36 @@ def _opaque(name: str, fake):
 # Quantisation
 
 
-@_opaque("quantize_act", lambda x, pow2: (x.new_empty(x.shape, dtype=E4M3), x.new_empty(x.shape[0], _blocks(x.shape[1]), dtype=F32)))  # fmt: skip
-def quantize_act(x_MK: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quant.quantize_act(x_MK, pow2)
+def _rows_of(x, rows):
+    """Rows of the quantised X: x's, or as many as the gather index has (quant.quantize_act's rows)."""
+    return x.shape[0] if rows is None else rows.shape[0]
 
 
-@_opaque("quantize_act_t", lambda x, pow2: (x.new_empty(x.shape[1], x.shape[0], dtype=E4M3), x.new_empty(x.shape[1], _blocks(x.shape[0]), dtype=F32)))  # fmt: skip
-def quantize_act_t(x_MK: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quant.quantize_act_t(x_MK, pow2)
+@_opaque("quantize_act", lambda x, pow2, rows=None, row_scale=None: (x.new_empty(_rows_of(x, rows), x.shape[1], dtype=E4M3), x.new_empty(_rows_of(x, rows), _blocks(x.shape[1]), dtype=F32)))  # fmt: skip
+def quantize_act(
+    x_MK: torch.Tensor, pow2: bool, rows: torch.Tensor | None = None, row_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quant.quantize_act(x_MK, pow2, rows=rows, row_scale=row_scale)
 
 
-def _quantize_act_both_fake(x, pow2):
-    M, K = x.shape
+@_opaque("quantize_act_t", lambda x, pow2, rows=None, row_scale=None: (x.new_empty(x.shape[1], _rows_of(x, rows), dtype=E4M3), x.new_empty(x.shape[1], _blocks(_rows_of(x, rows)), dtype=F32)))  # fmt: skip
+def quantize_act_t(
+    x_MK: torch.Tensor, pow2: bool, rows: torch.Tensor | None = None, row_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quant.quantize_act_t(x_MK, pow2, rows=rows, row_scale=row_scale)
+
+
+def _quantize_act_both_fake(x, pow2, rows=None, row_scale=None):
+    M, K = _rows_of(x, rows), x.shape[1]
     return (x.new_empty(M, K, dtype=E4M3), x.new_empty(M, _blocks(K), dtype=F32),
             x.new_empty(K, M, dtype=E4M3), x.new_empty(K, _blocks(M), dtype=F32))  # fmt: skip
 
 
 @_opaque("quantize_act_both", _quantize_act_both_fake)
-def quantize_act_both(x_MK: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _quant.quantize_act_both(x_MK, pow2)
+def quantize_act_both(
+    x_MK: torch.Tensor, pow2: bool, rows: torch.Tensor | None = None, row_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quant.quantize_act_both(x_MK, pow2, rows=rows, row_scale=row_scale)
 
 
 def _weight_scale_fake(w):

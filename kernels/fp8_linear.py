@@ -50,20 +50,23 @@ from .quant import (
 # autograd.Functions
 
 
-def _quantize_input(x_MK: torch.Tensor, pow2: bool, need_t: bool):
-    """x in the 1x128 tiling, and (if need_t) in the 128x1 tiling too."""
+def _quantize_input(x_MK: torch.Tensor, pow2: bool, need_t: bool, rows: torch.Tensor | None = None):
+    """x (or x[rows], gathered by the quantisers) in the 1x128 tiling, and (if need_t) in the 128x1 tiling too."""
     if need_t:
-        return quantize_act_both(x_MK, pow2)
-    return (*quantize_act(x_MK, pow2), None, None)
+        return quantize_act_both(x_MK, pow2, rows)
+    return (*quantize_act(x_MK, pow2, rows), None, None)
 
 
-def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool):
-    """dy in the tilings that dgrad (1x128) and wgrad (128x1) read."""
+def _quantize_grad(
+    dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool, rows=None, row_scale=None
+):  # fmt: skip
+    """dy (or dy[rows] * row_scale, see quant.quantize_act) in the tilings that dgrad (1x128) and wgrad (128x1)
+    read."""
     if need_dx and need_dw:
-        return quantize_act_both(dy_MN, pow2)
+        return quantize_act_both(dy_MN, pow2, rows, row_scale)
     if need_dx:
-        return (*quantize_act(dy_MN, pow2), None, None)
-    return (None, None, *quantize_act_t(dy_MN, pow2)) if need_dw else (None,) * 4
+        return (*quantize_act(dy_MN, pow2, rows, row_scale), None, None)
+    return (None, None, *quantize_act_t(dy_MN, pow2, rows, row_scale)) if need_dw else (None,) * 4
 
 
 def _quantize_master_weight(weight: torch.Tensor, pow2: bool, need_t: bool):
@@ -113,41 +116,90 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, None, None
 
 
+def _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S=None):
+    """The FP8 grouped GEMM of both grouped Functions: y_SN; saves on ctx what _grouped_backward needs."""
+    need_dx, need_dw = _needs_grads(ctx, grad_enabled)
+    x_q, x_s, xT_q, xT_s = _quantize_input(x, pow2, need_dw, rows_S)
+    if quantized_weight is None:
+        quantized_weight = _quantize_master_weight(weight_ENK, pow2, need_dx)
+    w_q, w_s, wT_q = quantized_weight
+    y_SN = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offs_E, out_dtype=x.dtype)
+    ctx.pow2, ctx.x_dtype, ctx.w_dtype = pow2, x.dtype, weight_ENK.dtype
+    return y_SN, (xT_q, xT_s, wT_q, w_s, offs_E)
+
+
+def _grouped_backward(ctx, saved, dy_q, dy_s, dyT_q, dyT_s):
+    """(dx_SK, dW) of _grouped_forward from dy in both tilings (None where not needed)."""
+    xT_q, xT_s, wT_q, w_s, offs_E = saved
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = fp8_grouped_gemm_dgrad(dy_q, dy_s, wT_q, w_s, offs_E, ctx.x_dtype)
+    if ctx.needs_input_grad[1]:
+        dw = fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs_E, out_dtype=ctx.w_dtype)
+    return dx, dw
+
+
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """y[rows_e] = x[rows_e] W[e]^T for tokens sorted by expert; FP8 forward and backward.
 
     `quantized_weight`, if given, is (w_fp8, weight_scale_inv, w_fp8T) of `weight_ENK` made by the
     caller (`quantize_weight(weight, transposed=True)`), so that one quantisation serves a whole
     forward+backward however the caller splits it.
+
+    `rows_S`, if given, makes the grouped input x[rows_S] (x [T, K]; the routed experts' first projection reads
+    each token once per expert it goes to): the quantisers gather the rows as they read them, so the [S, K] copy
+    is never written in x's dtype, and dx sums each row's gradient back into its token as autograd's backward of
+    x[rows_S] does.
     """
 
     @staticmethod
     def forward(
-        ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False,
-        quantized_weight: tuple | None = None, grad_enabled: bool = True,
+        ctx, x: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False,
+        quantized_weight: tuple | None = None, grad_enabled: bool = True, rows_S: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        x_SK = x_SK.contiguous()
-        need_dx, need_dw = _needs_grads(ctx, grad_enabled)
-        x_q, x_s, xT_q, xT_s = _quantize_input(x_SK, pow2, need_dw)
-        if quantized_weight is None:
-            quantized_weight = _quantize_master_weight(weight_ENK, pow2, need_dx)
-        w_q, w_s, wT_q = quantized_weight
-        y_SN = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offs_E, out_dtype=x_SK.dtype)
-        ctx.save_for_backward(xT_q, xT_s, wT_q, w_s, offs_E)
-        ctx.pow2, ctx.x_dtype, ctx.w_dtype = pow2, x_SK.dtype, weight_ENK.dtype
+        x = x.contiguous()
+        y_SN, saved = _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S)
+        ctx.save_for_backward(*saved, rows_S)
+        ctx.x_shape = x.shape
         return y_SN
 
     @staticmethod
     def backward(ctx, dy_SN: torch.Tensor):
-        xT_q, xT_s, wT_q, w_s, offs_E = ctx.saved_tensors
+        *saved, rows_S = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dy_q, dy_s, dyT_q, dyT_s = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw)
-        dx = dw = None
-        if need_dx:
-            dx = fp8_grouped_gemm_dgrad(dy_q, dy_s, wT_q, w_s, offs_E, ctx.x_dtype)
-        if need_dw:
-            dw = fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs_E, out_dtype=ctx.w_dtype)
-        return dx, dw, None, None, None, None
+        dy = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw)
+        dx, dw = _grouped_backward(ctx, saved, *dy)
+        if dx is not None and rows_S is not None:
+            dx = dx.new_zeros(ctx.x_shape).index_put_((rows_S,), dx, accumulate=True)
+        return dx, dw, None, None, None, None, None
+
+
+class FP8GroupedLinearCombineFunction(torch.autograd.Function):
+    """The routed experts' last projection and their top-k combine in one:
+    out[t] = sum over the rows s of token t (token_S[s] = t) of weight_S[s] * x[s] W[e(s)]^T, summed in fp32
+    (_combine). Apart, autograd would hand the backward dy_S = dout[token_S] * weight_S written out in full ([S, N],
+    each token's gradient repeated per expert); here the quantisers read it straight from dout (quant.quantize_act's
+    rows and row_scale), with the same bf16 product. weight_S: the routing weights in row order, in x's dtype."""
+
+    @staticmethod
+    def forward(
+        ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, token_S: torch.Tensor,
+        weight_S: torch.Tensor, num_tokens: int, pow2: bool = False, grad_enabled: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
+        y_SN, saved = _grouped_forward(ctx, x_SK.contiguous(), weight_ENK, offs_E, pow2, None, grad_enabled)
+        ctx.save_for_backward(*saved, token_S, weight_S, y_SN)  # y for weight_S's gradient
+        return _combine(y_SN, weight_S, token_S, num_tokens)
+
+    @staticmethod
+    def backward(ctx, dout_TN: torch.Tensor):
+        *saved, token_S, weight_S, y_SN = ctx.saved_tensors
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dout_TN = dout_TN.contiguous()
+        dy = _quantize_grad(dout_TN, ctx.pow2, need_dx, need_dw, token_S, weight_S)
+        dx, dw = _grouped_backward(ctx, saved, *dy)
+        # as autograd differentiates y_SN * weight_S[:, None] (the rows' products in y's dtype)
+        dweight = (dout_TN[token_S] * y_SN).sum(-1) if ctx.needs_input_grad[4] else None
+        return dx, dw, None, None, dweight, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,14 +322,12 @@ def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
     return order_S, token_S, offs_E
 
 
-def _combine(y_SD, topk_weight_TK, order_S, token_S, hidden_TD) -> torch.Tensor:
-    """Each token's top-k sum of its expert rows times their routing weights. The rows are weighted in their own
-    dtype (autograd then saves y at that width, not an fp32 copy of [S, D]; the model's experts get weights in
-    the model dtype) and summed in fp32 (index_add saves nothing for its backward), as the model's torch experts
-    combine (modeling_dsv3._combine)."""
-    weighted_SD = y_SD * topk_weight_TK.reshape(-1)[order_S, None].to(y_SD.dtype)
-    out_TD = torch.zeros_like(hidden_TD, dtype=torch.float32)
-    return out_TD.index_add_(0, token_S, weighted_SD.float()).to(hidden_TD.dtype)
+def _combine(y_SD, weight_S, token_S, num_tokens: int) -> torch.Tensor:
+    """Each token's sum of its expert rows times their routing weights (weight_S, in row order and y's dtype). The
+    rows are weighted in their own dtype (the model's experts get weights in the model dtype) and summed in fp32
+    (index_add saves nothing for its backward), as the model's torch experts combine (modeling_dsv3._combine)."""
+    out_TD = y_SD.new_zeros(num_tokens, y_SD.shape[1], dtype=torch.float32)
+    return out_TD.index_add_(0, token_S, (y_SD * weight_S[:, None]).float()).to(y_SD.dtype)
 
 
 def fp8_experts_forward(
@@ -292,17 +342,20 @@ def fp8_experts_forward(
     """Routed-experts output sum_k w_tk * down_e(act(gate_e(x_t)) * up_e(x_t)) in FP8, differentiable.
 
     Weights use transformers' fused layout: gate_up_proj [E, 2*I, D] (gate rows first, then up),
-    down_proj [E, D, I]. The top-k weighted sum is accumulated in fp32 (_combine).
+    down_proj [E, D, I]. The top-k weighted sum is accumulated in fp32 (_combine). Neither the routed input rows
+    nor their output gradient are written out in bf16 (the quantisers gather them: FP8GroupedLinearFunction's
+    rows_S, FP8GroupedLinearCombineFunction).
     """
     E = gate_up_proj_EFD.shape[0]
     order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, E)
-    x_SD = hidden_TD[token_S]  # [S, D], rows grouped by expert
     grad = torch.is_grad_enabled()
-    h_SF = FP8GroupedLinearFunction.apply(x_SD, gate_up_proj_EFD, offs_E, pow2_scales, None, grad)
+    h_SF = FP8GroupedLinearFunction.apply(hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, None, grad, token_S)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_SI = act(gate_SI) * up_SI
-    y_SD = FP8GroupedLinearFunction.apply(a_SI, down_proj_EDI, offs_E, pow2_scales, None, grad)
-    return _combine(y_SD, topk_weight_TK, order_S, token_S, hidden_TD)
+    weight_S = topk_weight_TK.reshape(-1)[order_S].to(h_SF.dtype)
+    return FP8GroupedLinearCombineFunction.apply(
+        a_SI, down_proj_EDI, offs_E, token_S, weight_S, hidden_TD.shape[0], pow2_scales, grad
+    )
 
 
 @torch.no_grad()
@@ -319,12 +372,12 @@ def fp8_experts_inference(
     """Routed experts over checkpoint-quantised weights (e4m3 + weight_scale_inv per 128x128 block, stacked per
     expert): the activations are quantised 1x128 on the fly, the weights are never dequantised."""
     order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, gate_up_q_EFD.shape[0])
-    x_q, x_s = quantize_act(hidden_TD[token_S].contiguous(), False)  # [S, D] rows grouped by expert
+    x_q, x_s = quantize_act(hidden_TD.contiguous(), False, token_S)  # [S, D] rows grouped by expert
     h_SF = fp8_grouped_gemm(x_q, x_s, gate_up_q_EFD, gate_up_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_q, a_s = quantize_act((act(gate_SI) * up_SI).contiguous(), False)
     y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
-    return _combine(y_SD, topk_weight_TK, order_S, token_S, hidden_TD)
+    return _combine(y_SD, topk_weight_TK.reshape(-1)[order_S].to(y_SD.dtype), token_S, hidden_TD.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,4 +459,4 @@ def experts_forward_ref(
     h_SF = linear(x_SD, gate_up_proj_EFD)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     y_SD = linear(act(gate_SI) * up_SI, down_proj_EDI)
-    return _combine(y_SD, topk_weight_TK, order_S, token_S, hidden_TD)
+    return _combine(y_SD, topk_weight_TK.reshape(-1)[order_S].to(y_SD.dtype), token_S, hidden_TD.shape[0])

@@ -87,12 +87,40 @@ if tt.HAS_TRITON:
         return v.to(tl.float8e4nv)
 
     @triton.jit
+    def _round_to(v, DTYPE: tl.constexpr):
+        """fp32 v rounded to DTYPE (to nearest, ties to even) and returned as fp32. For bf16 by integer arithmetic,
+        because the interpreter's fp32 -> bf16 cast truncates (and its "rtne" mode rounds ties up and loses the
+        carry into the exponent; Triton 3.6), so a cast would give other bits there than on the GPU."""
+        if DTYPE == tl.bfloat16:
+            bits = v.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # keeps NaN and inf; overflow rounds to inf
+            return bits.to(tl.float32, bitcast=True)
+        elif DTYPE == tl.float32:
+            return v
+        else:
+            return v.to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _load_rows(x_ptr, rows_ptr, mult_ptr, offs_m, offs_k, M, K, GATHER: tl.constexpr, MULT: tl.constexpr):
+        """Rows offs_m of X = x[rows] * mult[:, None] as fp32 (see _quant_launch); masked lanes are 0."""
+        mask_m = offs_m < M
+        mask = mask_m[:, None] & (offs_k[None, :] < K)  # ragged last tile
+        src_m = tl.load(rows_ptr + offs_m, mask=mask_m, other=0) if GATHER else offs_m
+        x = tl.load(x_ptr + src_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        if MULT:  # the product rounded to x's dtype, as torch's `x * mult` stores it
+            mult = tl.load(mult_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
+            x = _round_to(x * mult[:, None], x_ptr.dtype.element_ty)
+        return x, mask
+
+    @triton.jit
     def _quant_act_kernel(
-        x_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K,
+        x_ptr, rows_ptr, mult_ptr, y_ptr, s_ptr, yt_ptr, st_ptr, M, K,
         ROW: tl.constexpr, COL: tl.constexpr, POW2: tl.constexpr, EXACT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FAST_DIV: tl.constexpr = False,
+        GATHER: tl.constexpr = False, MULT: tl.constexpr = False,
     ):  # fmt: skip
-        # One program: a [BLOCK_M tokens, BLOCK_K channels] tile of x_MK.
+        # One program: a [BLOCK_M tokens, BLOCK_K channels] tile of X (x_MK, or x gathered: _load_rows).
         # ROW: the 1x128 tiling (BLOCK_K = 128): y_MK and s_MKb, a scale per token.
         # COL: the 128x1 tiling (BLOCK_M = 128): yT_KM transposed, so that the wgrad GEMM reads its
         #      reduction dim (tokens) contiguously (fp8 tensor-core operands must be K-major), and
@@ -102,8 +130,7 @@ if tt.HAS_TRITON:
         pid_k = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)  # ragged last tile: masked lanes are 0
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, mask = _load_rows(x_ptr, rows_ptr, mult_ptr, offs_m, offs_k, M, K, GATHER, MULT)
         ax = tl.abs(x)
         if ROW:
             s = _scale_from_amax(tl.max(ax, axis=1), POW2)  # [BLOCK_M]
@@ -204,10 +231,11 @@ if HAS_GLUON:
 
     @gluon.jit
     def _quant_act_gluon_kernel(
-        x_ptr, yt_ptr, st_ptr, M, K, POW2: gl.constexpr, SPT_M: gl.constexpr, SPT_K: gl.constexpr,
-        TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
+        x_ptr, rows_ptr, mult_ptr, yt_ptr, st_ptr, M, K, POW2: gl.constexpr, SPT_M: gl.constexpr,
+        SPT_K: gl.constexpr, TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
+        GATHER: gl.constexpr = False, MULT: gl.constexpr = False,
     ):  # fmt: skip
-        # One program: x_MK[128 tokens, BLOCK_K channels] -> yT_KM and sT_KMb (see _quant_act_kernel, COL).
+        # One program: X[128 tokens, BLOCK_K channels] -> yT_KM and sT_KMb (see _quant_act_kernel, COL).
         LD: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, False)
         ST: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, True)
         BLOCK_K: gl.constexpr = SPT_K * (32 // TPW_M) * WARPS_K
@@ -215,8 +243,13 @@ if HAS_GLUON:
         pid_k = gl.program_id(1)
         offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, LD))
         offs_k = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LD))
-        mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = gl.load(x_ptr + offs_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=mask, other=0.0).to(gl.float32)
+        mask_m = offs_m < M
+        mask = mask_m[:, None] & (offs_k[None, :] < K)
+        src_m = gl.load(rows_ptr + offs_m, mask=mask_m, other=0) if GATHER else offs_m
+        x = gl.load(x_ptr + src_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=mask, other=0.0).to(gl.float32)
+        if MULT:  # as _load_rows
+            mult = gl.load(mult_ptr + offs_m, mask=mask_m, other=0.0).to(gl.float32)
+            x = _round_to(x * mult[:, None], x_ptr.dtype.element_ty)
         st = _scale_from_amax(gl.max(gl.abs(x), axis=0), POW2)  # [BLOCK_K]
         yt = gl.convert_layout(_div(x, st[None, :], gl.div_rn(1.0, st)[None, :], True).to(gl.float8e4nv), ST)
         offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ST))
@@ -295,6 +328,22 @@ def _use_gluon(impl: str | None, fast_div: bool | None, triton_args: bool = Fals
     return not triton_args if impl is None else impl == "gluon"
 
 
+def _gathered_rows(x_MK: torch.Tensor, rows: torch.Tensor | None, row_scale: torch.Tensor | None) -> int:
+    """Check the gather/scale arguments of the activation quantisers; return M, the number of rows of X."""
+    _check_2d(x_MK, "x_MK")
+    M = x_MK.shape[0]
+    if rows is not None:
+        assert rows.dim() == 1 and rows.is_contiguous(), "rows must be a contiguous 1-D index"
+        assert rows.dtype in (torch.int32, torch.int64) and rows.device == x_MK.device, (
+            "rows: int32/int64 on x's device"
+        )
+        M = rows.shape[0]
+    if row_scale is not None:
+        assert row_scale.shape == (M,) and row_scale.is_contiguous(), f"row_scale must be contiguous [{M}]"
+        assert row_scale.device == x_MK.device, "row_scale must be on x's device"
+    return M
+
+
 def _quant_launch(
     x_MK: torch.Tensor,
     row: bool,
@@ -303,11 +352,16 @@ def _quant_launch(
     tile=None,
     fast_div: bool | None = None,
     impl: str | None = None,
+    rows: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ):
+    """Quantise X = x_MK, or X = x_MK[rows] * row_scale[:, None] rounded to x's dtype (either optional) read
+    straight from x_MK: the routed experts' input (x's tokens repeated in expert order) and their output gradient
+    (the combined gradient's rows times the routing weights) are never written out in bf16."""
     tt.require_fp8("quantize_act" if row else "quantize_act_t")
     assert row != col, "one tiling a launch (quantize_act_both launches twice)"
-    _check_2d(x_MK, "x_MK")
-    M, K = x_MK.shape
+    M = _gathered_rows(x_MK, rows, row_scale)
+    K = x_MK.shape[1]
     dev = x_MK.device
     y = s = yt = st = None
     if row:
@@ -316,12 +370,14 @@ def _quant_launch(
     if col:
         yt = torch.empty(K, M, dtype=torch.float8_e4m3fn, device=dev)
         st = torch.empty(K, triton.cdiv(M, BLOCK), dtype=torch.float32, device=dev)
+    gather = dict(GATHER=rows is not None, MULT=row_scale is not None)
     if col and _use_gluon(impl, fast_div, tile is not None and len(tile) == 3):
         spt_m, spt_k, tpw_m, warps_m, warps_k = tile or QUANT_T_GLUON
         if M and K:
             grid = (triton.cdiv(M, 128), triton.cdiv(K, spt_k * (32 // tpw_m) * warps_k))
-            _quant_act_gluon_kernel[grid](x_MK, yt, st, M, K, POW2=pow2, SPT_M=spt_m, SPT_K=spt_k, TPW_M=tpw_m,
-                                          WARPS_M=warps_m, WARPS_K=warps_k, num_warps=warps_m * warps_k)  # fmt: skip
+            _quant_act_gluon_kernel[grid](x_MK, rows, row_scale, yt, st, M, K, POW2=pow2, SPT_M=spt_m, SPT_K=spt_k,
+                                          TPW_M=tpw_m, WARPS_M=warps_m, WARPS_K=warps_k,
+                                          num_warps=warps_m * warps_k, **gather)  # fmt: skip
         return y, s, yt, st
     if tt.interpreting():
         block_m, block_k, warps = (128 if col else 16), (128 if row else 16), 4
@@ -331,34 +387,49 @@ def _quant_launch(
     if M and K:
         grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
         fast = (FAST_DIV if fast_div is None else fast_div) and not tt.interpreting()
-        _quant_act_kernel[grid](x_MK, y, s, yt, st, M, K, ROW=row, COL=col, POW2=pow2, EXACT=tt.interpreting(),
-                                BLOCK_M=block_m, BLOCK_K=block_k, FAST_DIV=fast, num_warps=warps)  # fmt: skip
+        _quant_act_kernel[grid](x_MK, rows, row_scale, y, s, yt, st, M, K, ROW=row, COL=col, POW2=pow2,
+                                EXACT=tt.interpreting(), BLOCK_M=block_m, BLOCK_K=block_k, FAST_DIV=fast,
+                                num_warps=warps, **gather)  # fmt: skip
     return y, s, yt, st
 
 
 def quantize_act(
-    x_MK: torch.Tensor, pow2: bool = False, fast_div: bool | None = None
+    x_MK: torch.Tensor,
+    pow2: bool = False,
+    fast_div: bool | None = None,
+    rows: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token 1x128 quantisation: returns (x_fp8 [M, K] e4m3, scale [M, Kb] fp32).
 
-    fast_div (here and below): the division on a GPU, None = FAST_DIV (benchmarks check both give the same bits)."""
-    y, s, _, _ = _quant_launch(x_MK, True, False, pow2, fast_div=fast_div)
+    fast_div (here and below): the division on a GPU, None = FAST_DIV (benchmarks check both give the same bits).
+    rows / row_scale (here and below): quantise `(x_MK[rows] * row_scale[:, None]).to(x_MK.dtype)` instead, without
+    materialising it (M = len(rows)); indices are not range-checked (that would read them back to the host)."""
+    y, s, _, _ = _quant_launch(x_MK, True, False, pow2, fast_div=fast_div, rows=rows, row_scale=row_scale)
     return y, s
 
 
 def quantize_act_t(
-    x_MK: torch.Tensor, pow2: bool = False, fast_div: bool | None = None
+    x_MK: torch.Tensor,
+    pow2: bool = False,
+    fast_div: bool | None = None,
+    rows: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transposed 128x1 quantisation along tokens: returns (xT_fp8 [K, M] e4m3, scale [K, Mb] fp32).
 
     Equal to `quantize_act(x_MK.T.contiguous())`, without materialising the transpose.
     """
-    _, _, yt, st = _quant_launch(x_MK, False, True, pow2, fast_div=fast_div)
+    _, _, yt, st = _quant_launch(x_MK, False, True, pow2, fast_div=fast_div, rows=rows, row_scale=row_scale)
     return yt, st
 
 
 def quantize_act_both(
-    x_MK: torch.Tensor, pow2: bool = False, fast_div: bool | None = None
+    x_MK: torch.Tensor,
+    pow2: bool = False,
+    fast_div: bool | None = None,
+    rows: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`quantize_act(x) + quantize_act_t(x)`: (x_fp8, scale, xT_fp8, scaleT), in two launches.
 
@@ -368,7 +439,10 @@ def quantize_act_both(
     session 6). Our reading: a program holding both tilings' quotients needs too many registers a thread to keep
     enough warps resident to hide the memory latency.
     """
-    return (*quantize_act(x_MK, pow2, fast_div), *quantize_act_t(x_MK, pow2, fast_div))
+    return (
+        *quantize_act(x_MK, pow2, fast_div, rows, row_scale),
+        *quantize_act_t(x_MK, pow2, fast_div, rows, row_scale),
+    )
 
 
 def _check_weight(w: torch.Tensor, name: str) -> None:

@@ -135,6 +135,33 @@ def test_fp8_experts_matches_reference(tol, rel):
     )
 
 
+def test_fp8_experts_gathered_rows_equal_the_rows_written_out():
+    """fp8_experts_forward never writes the routed rows x[token] nor their gradient dout[token] * weight in bf16: the
+    quantisers gather them. Against the same recipe with both written out and autograd doing the gather and the
+    combine (as before the fusion), in bf16: output and every gradient, the routing weights' included, bit for
+    bit."""
+    from modeling_deepseek_v3.kernels import fp8_linear as FL
+
+    h, idx, wt, gu, dn = _experts_case(2, T=37, Kt=3, E=6, D=256, I=128)
+    h, wt, gu, dn = (t.detach().bfloat16().requires_grad_() for t in (h, wt, gu, dn))
+    h2, wt2, gu2, dn2 = _clone(h, wt, gu, dn)
+    y = fp8_experts_forward(h, idx, wt, gu, dn)
+
+    order_S, token_S, offs_E = FL._sort_by_expert(idx, gu2.shape[0])
+    h_SF = FL.FP8GroupedLinearFunction.apply(h2[token_S], gu2, offs_E)
+    gate_SI, up_SI = h_SF.chunk(2, dim=-1)
+    y_SD = FL.FP8GroupedLinearFunction.apply(F.silu(gate_SI) * up_SI, dn2, offs_E)
+    weighted_SD = y_SD * wt2.reshape(-1)[order_S, None].to(y_SD.dtype)
+    y2 = torch.zeros_like(h2, dtype=torch.float32).index_add_(0, token_S, weighted_SD.float()).to(h2.dtype)
+
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    assert torch.equal(y, y2)
+    for a, b in ((h, h2), (wt, wt2), (gu, gu2), (dn, dn2)):
+        assert a.grad.abs().sum() > 0 and torch.equal(a.grad, b.grad)
+
+
 def test_fp8_experts_route_without_bincount(monkeypatch):
     """No host sync in the FP8 experts' routing: CUDA's torch.bincount reads max(idx) back to the host to size its
     output, which would stall every MoE layer's launches. Forward and backward run with it unavailable, and the

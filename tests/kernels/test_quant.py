@@ -94,6 +94,48 @@ def test_quantize_act_both_is_both(shape, pow2):
     assert torch.equal(st, st_ref) and torch.equal(_codes(yt), _codes(yt_ref))
 
 
+def _gathered(x, rows, row_scale):
+    """X as the quantisers' rows/row_scale define it, materialised the way the model would: x[rows] * scale."""
+    X = x if rows is None else x[rows]
+    return X if row_scale is None else X * row_scale[:, None]
+
+
+@pytest.mark.parametrize("T, M, K", [(37, 300, 200), (5, 129, 128), (130, 7, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("how", ["rows", "rows+scale", "scale"])
+def test_quantize_act_gathers_rows(T, M, K, dtype, how):
+    """rows / row_scale (the routed experts' input x[token] and output gradient dout[token] * weight): both tilings
+    equal, bit for bit, the references on X materialised by torch, the bf16 product rounded like torch's. The
+    rows repeat and skip tokens, M is ragged, and scaled rows get bf16 products near rounding ties (random
+    weights in (0, 1))."""
+    from modeling_deepseek_v3.kernels.quant import quantize_act_both
+
+    x = _inputs((T, K), dtype, seed=T + M)
+    g = torch.Generator().manual_seed(M)
+    rows = torch.randint(0, T, (M,), generator=g) if "rows" in how else None
+    if rows is not None and how == "rows+scale":
+        rows = rows.int()  # both index dtypes
+    n = M if rows is not None else T
+    row_scale = torch.rand(n, generator=g).to(dtype) if "scale" in how else None
+    X = _gathered(x, rows, row_scale)
+    y, s, yt, st = quantize_act_both(x, False, None, rows, row_scale)
+    y_ref, s_ref = quantize_act_ref(X)
+    yt_ref, st_ref = quantize_act_t_ref(X)
+    assert y.shape == (n, K) and yt.shape == (K, n)
+    assert torch.equal(s, s_ref) and torch.equal(_codes(y), _codes(y_ref))
+    assert torch.equal(st, st_ref) and torch.equal(_codes(yt), _codes(yt_ref))
+
+
+def test_quantize_act_gather_arguments_are_checked():
+    x = torch.randn(4, 128)
+    with pytest.raises(AssertionError, match="1-D index"):
+        quantize_act(x, rows=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(AssertionError, match="int32/int64"):
+        quantize_act(x, rows=torch.zeros(3))
+    with pytest.raises(AssertionError, match=r"row_scale must be contiguous \[3\]"):
+        quantize_act(x, rows=torch.zeros(3, dtype=torch.long), row_scale=torch.ones(4))
+
+
 @pytest.mark.parametrize("shape", [(200, 300), (2, 130, 129)])
 def test_quantize_weight_transposed_copy(shape):
     """transposed=True also writes the K-major copy dgrad reads, from the same pass: W's codes, transposed."""
@@ -270,6 +312,12 @@ for shape in [(1024, 7168), (777, 1000), (130, 200)]:
         q, s, qT = Q.quantize_weight(x, pow2, transposed=True, impl="gluon")
         rq, rs = Q.quantize_weight_ref(x.cpu(), pow2)
         pairs = [(qt, rt), (st, rst), (q, rq), (s, rs), (qT, rq.t().contiguous())]
+        # the routed experts' gathered, scaled rows (quant.quantize_act's rows / row_scale), both tilings
+        rows = torch.randint(0, shape[0], (3 * shape[0] + 5,), device="cuda")
+        scale = torch.rand(rows.shape[0], device="cuda").to(torch.bfloat16)
+        X = (x[rows] * scale[:, None]).cpu()
+        pairs += list(zip(Q.quantize_act_both(x, pow2, None, rows, scale),
+                          (*Q.quantize_act_ref(X, pow2), *Q.quantize_act_t_ref(X, pow2))))
         bad += [(shape, pow2, i) for i, (a, b) in enumerate(pairs)
                 if not torch.equal(a.cpu().view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a.cpu(),
                                    b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)]
@@ -280,8 +328,8 @@ print("ok")
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Gluon kernels do not interpret)")
 def test_gluon_transposed_quantisation_is_bit_exact_on_the_gpu():
-    """The GPU path of quantize_act_t and quantize_weight(transposed=True): codes and scales equal the CPU torch
-    references bit for bit, ragged shapes and pow2 included (a subprocess without TRITON_INTERPRET: the conftest's
+    """The GPU path of quantize_act_t and quantize_weight(transposed=True), and both activation tilings of gathered
+    and scaled rows: codes and scales equal the CPU torch references bit for bit, ragged shapes and pow2 included (a subprocess without TRITON_INTERPRET: the conftest's
     interpreter mode would turn the shared @triton.jit helpers into interpreter objects)."""
     import os
     import subprocess
