@@ -176,30 +176,34 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 
 class FP8GroupedLinearCombineFunction(torch.autograd.Function):
     """The routed experts' last projection and their top-k combine in one:
-    out[t] = sum over the rows s of token t (token_S[s] = t) of weight_S[s] * x[s] W[e(s)]^T, summed in fp32
-    (_combine). Apart, autograd would hand the backward dy_S = dout[token_S] * weight_S written out in full ([S, N],
-    each token's gradient repeated per expert); here the quantisers read it straight from dout (quant.quantize_act's
-    rows and row_scale), with the same bf16 product. weight_S: the routing weights in row order, in x's dtype."""
+    out[t] = sum over k of weight_TK[t, k] * x[s] W[e(s)]^T with s = row_TK[t, k], summed in fp32 (_combine; the
+    routing tensors as _sort_by_expert returns them).
+    Apart, autograd would hand the backward dy_S = dout[token_S] * weight_S written out in full ([S, N], each
+    token's gradient repeated per expert); here the quantisers read it straight from dout (quant.quantize_act's rows
+    and row_scale), with the same bf16 product. weight_TK: the routing weights, in x's dtype."""
 
     @staticmethod
     def forward(
-        ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, token_S: torch.Tensor,
-        weight_S: torch.Tensor, num_tokens: int, pow2: bool = False, grad_enabled: bool = True,
+        ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, order_S: torch.Tensor,
+        token_S: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Tensor, pow2: bool = False,
+        grad_enabled: bool = True,
     ) -> torch.Tensor:  # fmt: skip
         y_SN, saved = _grouped_forward(ctx, x_SK.contiguous(), weight_ENK, offs_E, pow2, None, grad_enabled)
-        ctx.save_for_backward(*saved, token_S, weight_S, y_SN)  # y for weight_S's gradient
-        return _combine(y_SN, weight_S, token_S, num_tokens)
+        weight_S = weight_TK.reshape(-1)[order_S]  # the weight of each row, in row order
+        ctx.save_for_backward(*saved, token_S, row_TK, weight_S, y_SN)  # y for the routing weights' gradient
+        return _combine(y_SN, weight_TK, row_TK)
 
     @staticmethod
     def backward(ctx, dout_TN: torch.Tensor):
-        *saved, token_S, weight_S, y_SN = ctx.saved_tensors
+        *saved, token_S, row_TK, weight_S, y_SN = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dout_TN = dout_TN.contiguous()
         dy = _quantize_grad(dout_TN, ctx.pow2, need_dx, need_dw, token_S, weight_S)
         dx, dw = _grouped_backward(ctx, saved, *dy)
-        # as autograd differentiates y_SN * weight_S[:, None] (the rows' products in y's dtype)
-        dweight = (dout_TN[token_S] * y_SN).sum(-1) if ctx.needs_input_grad[4] else None
-        return dx, dw, None, None, dweight, None, None, None
+        dweight = None
+        if ctx.needs_input_grad[6]:  # as autograd differentiates y[row] * weight (the products in y's dtype)
+            dweight = torch.stack([(dout_TN * y_SN[row_TK[:, k]]).sum(-1) for k in range(row_TK.shape[1])], 1)
+        return dx, dw, None, None, None, None, dweight, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,24 +314,32 @@ class FP8InferenceLinear(nn.Module):
 
 
 def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
-    """Order of the S = T*Kt routed rows by expert, their token, and the int32 end offsets [E]."""
+    """Order of the S = T*Kt routed rows by expert, their token, the row of each (token, slot) [T, Kt] (the inverse
+    order), and the int32 end offsets [E]."""
     flat_S = topk_idx_TK.reshape(-1)
     order_S = torch.argsort(flat_S, stable=True)
     token_S = order_S // topk_idx_TK.shape[1]
+    row_S = torch.empty_like(order_S)
+    row_S[order_S] = torch.arange(order_S.shape[0], device=order_S.device)
     # Counted by scatter_add, not torch.bincount: CUDA's bincount reads max(idx) back to size its output, a host
     # sync in every MoE layer that stalls the launch queue (and breaks CUDA-graph capture). The model's twin is
     # modeling_dsv3.count_per_expert; kernels/ does not import the model (it also loads on its own).
     counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_S.device)
     offs_E = counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S)).cumsum(0).to(torch.int32)
-    return order_S, token_S, offs_E
+    return order_S, token_S, row_S.view(topk_idx_TK.shape), offs_E
 
 
-def _combine(y_SD, weight_S, token_S, num_tokens: int) -> torch.Tensor:
-    """Each token's sum of its expert rows times their routing weights (weight_S, in row order and y's dtype). The
-    rows are weighted in their own dtype (the model's experts get weights in the model dtype) and summed in fp32
-    (index_add saves nothing for its backward), as the model's torch experts combine (modeling_dsv3._combine)."""
-    out_TD = y_SD.new_zeros(num_tokens, y_SD.shape[1], dtype=torch.float32)
-    return out_TD.index_add_(0, token_S, (y_SD * weight_S[:, None]).float()).to(y_SD.dtype)
+def _combine(y_SD, weight_TK, row_TK) -> torch.Tensor:
+    """Each token's sum of its expert rows (row_TK) times their routing weights. The rows are weighted in their own
+    dtype (the model's experts get weights in the model dtype) and summed in fp32 in slot order, as the model's
+    torch experts combine (modeling_dsv3._combine). Gathered per slot, not scattered with index_add: no atomics
+    (index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md) and a
+    fixed summation order."""
+    weight_TK = weight_TK.to(y_SD.dtype)
+    out_TD = (y_SD[row_TK[:, 0]] * weight_TK[:, :1]).float()
+    for k in range(1, row_TK.shape[1]):
+        out_TD = out_TD + (y_SD[row_TK[:, k]] * weight_TK[:, k : k + 1]).float()
+    return out_TD.to(y_SD.dtype)
 
 
 def fp8_experts_forward(
@@ -347,14 +359,13 @@ def fp8_experts_forward(
     rows_S, FP8GroupedLinearCombineFunction).
     """
     E = gate_up_proj_EFD.shape[0]
-    order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, E)
+    order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
     grad = torch.is_grad_enabled()
     h_SF = FP8GroupedLinearFunction.apply(hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, None, grad, token_S)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_SI = act(gate_SI) * up_SI
-    weight_S = topk_weight_TK.reshape(-1)[order_S].to(h_SF.dtype)
     return FP8GroupedLinearCombineFunction.apply(
-        a_SI, down_proj_EDI, offs_E, token_S, weight_S, hidden_TD.shape[0], pow2_scales, grad
+        a_SI, down_proj_EDI, offs_E, order_S, token_S, row_TK, topk_weight_TK.to(h_SF.dtype), pow2_scales, grad
     )
 
 
@@ -371,13 +382,13 @@ def fp8_experts_inference(
 ) -> torch.Tensor:
     """Routed experts over checkpoint-quantised weights (e4m3 + weight_scale_inv per 128x128 block, stacked per
     expert): the activations are quantised 1x128 on the fly, the weights are never dequantised."""
-    order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, gate_up_q_EFD.shape[0])
+    _, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, gate_up_q_EFD.shape[0])
     x_q, x_s = quantize_act(hidden_TD.contiguous(), False, token_S)  # [S, D] rows grouped by expert
     h_SF = fp8_grouped_gemm(x_q, x_s, gate_up_q_EFD, gate_up_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_q, a_s = quantize_act((act(gate_SI) * up_SI).contiguous(), False)
     y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
-    return _combine(y_SD, topk_weight_TK.reshape(-1)[order_S].to(y_SD.dtype), token_S, hidden_TD.shape[0])
+    return _combine(y_SD, topk_weight_TK, row_TK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +460,7 @@ def experts_forward_ref(
 ) -> torch.Tensor:
     """Reference of fp8_experts_forward; with fp8=False, the plain high-precision experts."""
     E = gate_up_proj_EFD.shape[0]
-    order_S, token_S, offs_E = _sort_by_expert(topk_idx_TK, E)
+    _, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
     x_SD = hidden_TD[token_S]
     if fp8:
         linear = lambda x, w: FP8GroupedLinearRefFunction.apply(x, w, offs_E, pow2_scales)
@@ -459,4 +470,4 @@ def experts_forward_ref(
     h_SF = linear(x_SD, gate_up_proj_EFD)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     y_SD = linear(act(gate_SI) * up_SI, down_proj_EDI)
-    return _combine(y_SD, topk_weight_TK.reshape(-1)[order_S].to(y_SD.dtype), token_S, hidden_TD.shape[0])
+    return _combine(y_SD, topk_weight_TK, row_TK)

@@ -388,26 +388,57 @@ def count_per_expert(idx: torch.Tensor, num_experts: int, weight: torch.Tensor |
 
 
 def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
-    """Rows of x repeated per chosen expert and sorted by expert id; the token of each row; rows per expert."""
+    """Rows of x repeated per chosen expert and sorted by expert id; the routing of those rows (_Routing); rows per
+    expert."""
     flat_idx = topk_idx_TK.reshape(-1)
     order = flat_idx.argsort(stable=True)  # [T*K] positions in the flattened (token, slot) grid
     token_of_row = order // topk_idx_TK.shape[1]
+    row_of_slot = torch.empty_like(order)
+    row_of_slot[order] = torch.arange(order.shape[0], device=order.device)
     counts_E = count_per_expert(flat_idx, num_experts)
-    return x_TD[token_of_row], order, token_of_row, counts_E
+    return x_TD[token_of_row], (order, token_of_row, row_of_slot.view(topk_idx_TK.shape)), counts_E
 
 
-def _combine(y_RD, order, token_of_row, topk_weight_TK, like_TD) -> torch.Tensor:
-    """Weighted sum of each token's expert rows. Weighting in the model dtype keeps autograd's saved copy of y at
-    that width; the K-way sum runs in fp32 (index_add needs no saved input for its backward)."""
-    weighted_RD = y_RD * topk_weight_TK.reshape(-1)[order, None]
-    out_TD = torch.zeros_like(like_TD, dtype=torch.float32)
-    out_TD.index_add_(0, token_of_row, weighted_RD.float())
-    return out_TD.to(like_TD.dtype)
+class _Combine(torch.autograd.Function):
+    """out[t] = sum over slots k of weight[t, k] * y[row_of_slot[t, k]]: each token's expert rows, weighted in the
+    model dtype (autograd then keeps y at that width) and summed in fp32 in slot order.
+
+    Gathered per slot rather than scattered with index_add: no atomics (index_add's fp32 atomics took 228 us a
+    deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md) and a fixed summation order. The backward is
+    written out because autograd would scatter the gathers' gradients back (atomics again) where each row belongs
+    to exactly one slot: dy = dout[token_of_row] * weight of the row, a gather."""
+
+    @staticmethod
+    def forward(ctx, y_RD, topk_weight_TK, order, token_of_row, row_of_slot):
+        ctx.save_for_backward(y_RD, topk_weight_TK, order, token_of_row, row_of_slot)
+        weight_TK = topk_weight_TK.to(y_RD.dtype)
+        out_TD = (y_RD[row_of_slot[:, 0]] * weight_TK[:, :1]).float()
+        for k in range(1, row_of_slot.shape[1]):
+            out_TD = out_TD + (y_RD[row_of_slot[:, k]] * weight_TK[:, k : k + 1]).float()
+        return out_TD.to(y_RD.dtype)
+
+    @staticmethod
+    def backward(ctx, dout_TD):
+        y_RD, topk_weight_TK, order, token_of_row, row_of_slot = ctx.saved_tensors
+        dout_TD = dout_TD.to(y_RD.dtype)
+        dy = dweight = None
+        if ctx.needs_input_grad[0]:
+            dy = dout_TD[token_of_row] * topk_weight_TK.reshape(-1)[order, None].to(y_RD.dtype)
+        if ctx.needs_input_grad[1]:
+            slots = range(row_of_slot.shape[1])
+            dweight = torch.stack([(dout_TD * y_RD[row_of_slot[:, k]]).sum(-1) for k in slots], 1)
+            dweight = dweight.to(topk_weight_TK.dtype)
+        return dy, dweight, None, None, None
+
+
+def _combine(y_RD, routing, topk_weight_TK) -> torch.Tensor:
+    """Weighted sum of each token's expert rows (_Combine); routing as _sort_by_expert returns it."""
+    return _Combine.apply(y_RD, topk_weight_TK, *routing)
 
 
 def experts_grouped_mm(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
     """Sort rows by expert, then two grouped GEMMs (torch grouped_mm): no host sync, no loop over experts."""
-    x_RD, order, token_of_row, counts_E = _sort_by_expert(x_TD, topk_idx_TK, experts.num_experts)
+    x_RD, routing, counts_E = _sort_by_expert(x_TD, topk_idx_TK, experts.num_experts)
     offsets = counts_E.cumsum(0).to(torch.int32)
     # grouped_mm has no autocast rule: under autocast x comes in the autocast dtype (DSV3Experts.forward) and the
     # fp32 master weights are cast here, as autocast casts F.linear's (a no-op when the model is bf16 already).
@@ -415,19 +446,19 @@ def experts_grouped_mm(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) 
     gate_up_RF = _grouped_mm(x_RD, w_gate_up.transpose(1, 2), offs=offsets)
     gate, up = gate_up_RF.chunk(2, dim=-1)
     y_RD = _grouped_mm(experts.act_fn(gate) * up, w_down.transpose(1, 2), offs=offsets)
-    return _combine(y_RD, order, token_of_row, topk_weight_TK, x_TD)
+    return _combine(y_RD, routing, topk_weight_TK)
 
 
 def experts_sorted(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
     """Sort rows by expert and run one GEMM pair per expert that received rows (torch without grouped_mm)."""
-    x_RD, order, token_of_row, counts_E = _sort_by_expert(x_TD, topk_idx_TK, experts.num_experts)
+    x_RD, routing, counts_E = _sort_by_expert(x_TD, topk_idx_TK, experts.num_experts)
     pieces = []
     for e, rows in enumerate(x_RD.split(counts_E.tolist())):
         if rows.shape[0]:
             gate, up = F.linear(rows, experts.gate_up_proj[e]).chunk(2, dim=-1)
             pieces.append(F.linear(experts.act_fn(gate) * up, experts.down_proj[e]))
     y_RD = torch.cat(pieces) if pieces else x_RD
-    return _combine(y_RD, order, token_of_row, topk_weight_TK, x_TD)
+    return _combine(y_RD, routing, topk_weight_TK)
 
 
 def experts_fp8(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:

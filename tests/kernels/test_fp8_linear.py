@@ -147,12 +147,11 @@ def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # 
     h2, wt2, gu2, dn2 = _clone(h, wt, gu, dn)
     y = fp8_experts_forward(h, idx, wt, gu, dn)
 
-    order_S, token_S, offs_E = FL._sort_by_expert(idx, gu2.shape[0])
+    _, token_S, row_TK, offs_E = FL._sort_by_expert(idx, gu2.shape[0])
     h_SF = FL.FP8GroupedLinearFunction.apply(h2[token_S], gu2, offs_E)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     y_SD = FL.FP8GroupedLinearFunction.apply(F.silu(gate_SI) * up_SI, dn2, offs_E)
-    weighted_SD = y_SD * wt2.reshape(-1)[order_S, None].to(y_SD.dtype)
-    y2 = torch.zeros_like(h2, dtype=torch.float32).index_add_(0, token_S, weighted_SD.float()).to(h2.dtype)
+    y2 = FL._combine(y_SD, wt2, row_TK)
 
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
     y.backward(g)
@@ -215,7 +214,7 @@ def test_fp8_experts_route_without_bincount(monkeypatch):
         raise AssertionError("torch.bincount syncs with the host on CUDA")
 
     monkeypatch.setattr(torch, "bincount", no_bincount)
-    assert torch.equal(fp8_linear._sort_by_expert(idx, gu.shape[0])[2], expected)
+    assert torch.equal(fp8_linear._sort_by_expert(idx, gu.shape[0])[3], expected)
     fp8_experts_forward(h, idx, wt, gu, dn).sum().backward()
     assert gu.grad is not None and h.grad is not None
 

@@ -4,7 +4,7 @@ import torch
 from modeling_deepseek_v3 import DSV3Config, DSV3ForCausalLM
 from modeling_deepseek_v3.modeling_dsv3 import DSV3MoE, _grouped_mm, sequence_balance_loss
 
-# fp32: the paths differ only in summation order (grouped vs per-expert GEMMs, index_add order).
+# fp32: the paths differ only in summation order (grouped vs per-expert GEMMs, the top-k sum by index_add or by slot).
 FP32_ATOL = 1e-5
 
 
