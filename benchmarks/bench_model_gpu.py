@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -53,7 +54,9 @@ def build(kind: str, compile_mode: str | None = None):
     return model
 
 
-def train_step_rate(model, B=8, S=2048, steps=10, profile=False) -> dict:
+def train_step_rate(model, B=8, S=2048, steps=10, profile: str | None = None) -> dict:
+    """profile: a row name: print where one more step's time goes (and, with $OUT set, every kernel of it into
+    $OUT/profile_<row>.txt; the printed tables stop at 25 rows)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, SHAPE["vocab_size"], (B, S), device="cuda")
@@ -87,6 +90,9 @@ def train_step_rate(model, B=8, S=2048, steps=10, profile=False) -> dict:
             torch.cuda.synchronize()
         for sort in ("self_cpu_time_total", "self_cuda_time_total"):
             print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
+        if os.environ.get("OUT"):
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=-1, max_name_column_width=90)
+            Path(os.environ["OUT"], f"profile_{profile}.txt").write_text(table)
     return dict(
         last_loss=last_loss,
         tokens_per_s=B * S / dt,
@@ -131,7 +137,7 @@ def main() -> None:
         model = build(kind, args.compile_mode)
         r = {
             "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
-            "train": train_step_rate(model, profile=args.profile),
+            "train": train_step_rate(model, profile=kind if args.profile else None),
         }
         print(kind, "train", json.dumps(r["train"]), flush=True)
         for batch, context in () if args.train_only or kind not in ("builtin", "ours") else ((1, 512), (16, 4096)):

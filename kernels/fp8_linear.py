@@ -148,35 +148,37 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 
     `rows_S`, if given, makes the grouped input x[rows_S] (x [T, K]; the routed experts' first projection reads
     each token once per expert it goes to): the quantisers gather the rows as they read them, so the [S, K] copy
-    is never written in x's dtype, and dx sums each row's gradient back into its token as autograd's backward of
-    x[rows_S] does.
+    is never written in x's dtype. dx then sums each token's rows (_sum_slots over `slots_TK`, the row of each
+    (token, slot), which the gather needs along with rows_S) where autograd's backward of x[rows_S] would scatter
+    them with atomics.
     """
 
     @staticmethod
     def forward(
         ctx, x: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False,
         quantized_weight: tuple | None = None, grad_enabled: bool = True, rows_S: torch.Tensor | None = None,
+        slots_TK: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
+        assert (rows_S is None) == (slots_TK is None), "a gathered input needs both rows_S and slots_TK"
         x = x.contiguous()
         y_SN, saved = _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S)
-        ctx.save_for_backward(*saved, rows_S)
-        ctx.x_shape = x.shape
+        ctx.save_for_backward(*saved, slots_TK)
         return y_SN
 
     @staticmethod
     def backward(ctx, dy_SN: torch.Tensor):
-        *saved, rows_S = ctx.saved_tensors
+        *saved, slots_TK = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw)
         dx, dw = _grouped_backward(ctx, saved, *dy)
-        if dx is not None and rows_S is not None:
-            dx = dx.new_zeros(ctx.x_shape).index_put_((rows_S,), dx, accumulate=True)
-        return dx, dw, None, None, None, None, None
+        if dx is not None and slots_TK is not None:
+            dx = _sum_slots(dx, slots_TK)
+        return dx, dw, None, None, None, None, None, None
 
 
 class FP8GroupedLinearCombineFunction(torch.autograd.Function):
     """The routed experts' last projection and their top-k combine in one:
-    out[t] = sum over k of weight_TK[t, k] * x[s] W[e(s)]^T with s = row_TK[t, k], summed in fp32 (_combine; the
+    out[t] = sum over k of weight_TK[t, k] * x[s] W[e(s)]^T with s = row_TK[t, k], summed in fp32 (_sum_slots; the
     routing tensors as _sort_by_expert returns them).
     Apart, autograd would hand the backward dy_S = dout[token_S] * weight_S written out in full ([S, N], each
     token's gradient repeated per expert); here the quantisers read it straight from dout (quant.quantize_act's rows
@@ -191,7 +193,7 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
         y_SN, saved = _grouped_forward(ctx, x_SK.contiguous(), weight_ENK, offs_E, pow2, None, grad_enabled)
         weight_S = weight_TK.reshape(-1)[order_S]  # the weight of each row, in row order
         ctx.save_for_backward(*saved, token_S, row_TK, weight_S, y_SN)  # y for the routing weights' gradient
-        return _combine(y_SN, weight_TK, row_TK)
+        return _sum_slots(y_SN, row_TK, weight_TK)
 
     @staticmethod
     def backward(ctx, dout_TN: torch.Tensor):
@@ -329,16 +331,17 @@ def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
     return order_S, token_S, row_S.view(topk_idx_TK.shape), offs_E
 
 
-def _combine(y_SD, weight_TK, row_TK) -> torch.Tensor:
-    """Each token's sum of its expert rows (row_TK) times their routing weights. The rows are weighted in their own
-    dtype (the model's experts get weights in the model dtype) and summed in fp32 in slot order, as the model's
-    torch experts combine (modeling_dsv3._combine). Gathered per slot, not scattered with index_add: no atomics
-    (index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md) and a
-    fixed summation order."""
-    weight_TK = weight_TK.to(y_SD.dtype)
-    out_TD = (y_SD[row_TK[:, 0]] * weight_TK[:, :1]).float()
-    for k in range(1, row_TK.shape[1]):
-        out_TD = out_TD + (y_SD[row_TK[:, k]] * weight_TK[:, k : k + 1]).float()
+def _sum_slots(y_SD, row_TK, weight_TK=None) -> torch.Tensor:
+    """out[t] = sum over slots k of (weight_TK[t, k] *) y_SD[row_TK[t, k]]: products in y's dtype (the model's
+    experts get weights in the model dtype), summed in fp32 in slot order, rounded once to y's dtype; the top-k
+    combine and the gradient of the routed rows' gather. Gathered per slot, not scattered with index_add / index_put:
+    no atomics (index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md)
+    and a fixed summation order. The model's twin: modeling_dsv3._sum_slots."""
+    out_TD = None
+    for k in range(row_TK.shape[1]):
+        term = y_SD[row_TK[:, k]]
+        term = (term if weight_TK is None else term * weight_TK[:, k : k + 1].to(y_SD.dtype)).float()
+        out_TD = term if out_TD is None else out_TD + term
     return out_TD.to(y_SD.dtype)
 
 
@@ -354,14 +357,14 @@ def fp8_experts_forward(
     """Routed-experts output sum_k w_tk * down_e(act(gate_e(x_t)) * up_e(x_t)) in FP8, differentiable.
 
     Weights use transformers' fused layout: gate_up_proj [E, 2*I, D] (gate rows first, then up),
-    down_proj [E, D, I]. The top-k weighted sum is accumulated in fp32 (_combine). Neither the routed input rows
+    down_proj [E, D, I]. The top-k weighted sum is accumulated in fp32 (_sum_slots). Neither the routed input rows
     nor their output gradient are written out in bf16 (the quantisers gather them: FP8GroupedLinearFunction's
     rows_S, FP8GroupedLinearCombineFunction).
     """
     E = gate_up_proj_EFD.shape[0]
     order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
     grad = torch.is_grad_enabled()
-    h_SF = FP8GroupedLinearFunction.apply(hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, None, grad, token_S)
+    h_SF = FP8GroupedLinearFunction.apply(hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, None, grad, token_S, row_TK)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_SI = act(gate_SI) * up_SI
     return FP8GroupedLinearCombineFunction.apply(
@@ -388,7 +391,7 @@ def fp8_experts_inference(
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_q, a_s = quantize_act((act(gate_SI) * up_SI).contiguous(), False)
     y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
-    return _combine(y_SD, topk_weight_TK, row_TK)
+    return _sum_slots(y_SD, row_TK, topk_weight_TK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,4 +473,4 @@ def experts_forward_ref(
     h_SF = linear(x_SD, gate_up_proj_EFD)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     y_SD = linear(act(gate_SI) * up_SI, down_proj_EDI)
-    return _combine(y_SD, topk_weight_TK, row_TK)
+    return _sum_slots(y_SD, row_TK, topk_weight_TK)

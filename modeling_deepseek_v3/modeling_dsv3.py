@@ -388,34 +388,56 @@ def count_per_expert(idx: torch.Tensor, num_experts: int, weight: torch.Tensor |
 
 
 def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
-    """Rows of x repeated per chosen expert and sorted by expert id; the routing of those rows (_Routing); rows per
-    expert."""
+    """Rows of x repeated per chosen expert and sorted by expert id (_Gather); their routing (order, token of each
+    row, row of each (token, slot)); rows per expert."""
     flat_idx = topk_idx_TK.reshape(-1)
     order = flat_idx.argsort(stable=True)  # [T*K] positions in the flattened (token, slot) grid
     token_of_row = order // topk_idx_TK.shape[1]
     row_of_slot = torch.empty_like(order)
     row_of_slot[order] = torch.arange(order.shape[0], device=order.device)
+    row_of_slot = row_of_slot.view(topk_idx_TK.shape)
     counts_E = count_per_expert(flat_idx, num_experts)
-    return x_TD[token_of_row], (order, token_of_row, row_of_slot.view(topk_idx_TK.shape)), counts_E
+    return _Gather.apply(x_TD, token_of_row, row_of_slot), (order, token_of_row, row_of_slot), counts_E
+
+
+def _sum_slots(y_RD, row_of_slot, weight_TK=None):
+    """out[t] = sum over slots k of (weight[t, k] *) y[row_of_slot[t, k]]: products in y's dtype, summed in fp32 in
+    slot order, rounded once to y's dtype. Gathered per slot rather than scattered with index_add / index_put: no
+    atomics (index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md)
+    and a fixed summation order."""
+    out_TD = None
+    for k in range(row_of_slot.shape[1]):
+        term = y_RD[row_of_slot[:, k]]
+        term = (term if weight_TK is None else term * weight_TK[:, k : k + 1].to(y_RD.dtype)).float()
+        out_TD = term if out_TD is None else out_TD + term
+    return out_TD.to(y_RD.dtype)
+
+
+class _Gather(torch.autograd.Function):
+    """x[token_of_row]: each token's row once per expert it goes to. Backward: each token's rows summed (_sum_slots),
+    where autograd would scatter-add them (index_put with atomics, in x's dtype)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, token_of_row, row_of_slot):
+        ctx.save_for_backward(row_of_slot)
+        return x_TD[token_of_row]
+
+    @staticmethod
+    def backward(ctx, dx_RD):
+        (row_of_slot,) = ctx.saved_tensors
+        return _sum_slots(dx_RD, row_of_slot), None, None
 
 
 class _Combine(torch.autograd.Function):
-    """out[t] = sum over slots k of weight[t, k] * y[row_of_slot[t, k]]: each token's expert rows, weighted in the
-    model dtype (autograd then keeps y at that width) and summed in fp32 in slot order.
-
-    Gathered per slot rather than scattered with index_add: no atomics (index_add's fp32 atomics took 228 us a
-    deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md) and a fixed summation order. The backward is
-    written out because autograd would scatter the gathers' gradients back (atomics again) where each row belongs
-    to exactly one slot: dy = dout[token_of_row] * weight of the row, a gather."""
+    """out[t] = sum over slots k of weight[t, k] * y[row_of_slot[t, k]] (_sum_slots): each token's expert rows,
+    weighted in the model dtype (autograd then keeps y at that width) and summed in fp32. The backward is written
+    out because autograd would scatter the slot gathers' gradients back (atomics again) where each row belongs to
+    exactly one slot: dy = dout[token_of_row] * the row's weight, a gather."""
 
     @staticmethod
     def forward(ctx, y_RD, topk_weight_TK, order, token_of_row, row_of_slot):
         ctx.save_for_backward(y_RD, topk_weight_TK, order, token_of_row, row_of_slot)
-        weight_TK = topk_weight_TK.to(y_RD.dtype)
-        out_TD = (y_RD[row_of_slot[:, 0]] * weight_TK[:, :1]).float()
-        for k in range(1, row_of_slot.shape[1]):
-            out_TD = out_TD + (y_RD[row_of_slot[:, k]] * weight_TK[:, k : k + 1]).float()
-        return out_TD.to(y_RD.dtype)
+        return _sum_slots(y_RD, row_of_slot, topk_weight_TK)
 
     @staticmethod
     def backward(ctx, dout_TD):
