@@ -56,7 +56,7 @@ def build(kind: str, compile_mode: str | None = None):
 
 def train_step_rate(model, B=8, S=2048, steps=10, profile: str | None = None) -> dict:
     """profile: a row name: print where one more step's time goes (and, with $OUT set, every kernel of it into
-    $OUT/profile_<row>.txt; the printed tables stop at 25 rows)."""
+    $OUT/profile_<row>.txt, "+" as "_"; the printed tables stop at 25 rows)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, SHAPE["vocab_size"], (B, S), device="cuda")
@@ -92,7 +92,7 @@ def train_step_rate(model, B=8, S=2048, steps=10, profile: str | None = None) ->
             print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
         if os.environ.get("OUT"):
             table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=-1, max_name_column_width=90)
-            Path(os.environ["OUT"], f"profile_{profile}.txt").write_text(table)
+            Path(os.environ["OUT"], f"profile_{profile.replace('+', '_')}.txt").write_text(table)  # `run` drops "+"
     return dict(
         last_loss=last_loss,
         tokens_per_s=B * S / dt,

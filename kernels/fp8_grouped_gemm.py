@@ -138,13 +138,15 @@ if tt.HAS_TRITON:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < row_end) & (offs_n[None, :] < N))
 
     @triton.jit
-    def _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, lo, hi):
+    def _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, lo, hi, MASK: tl.constexpr = True):
         """One 128-token step of the grouped wgrad (both kernels): the scaled product of the dy^T and x^T tiles at
         scale tile kb, counting only tokens lo <= t < hi (one expert's): the others are zeroed in the A tile (in
-        registers), which zeroes their products whatever B holds there."""
-        tok = kb * 128 + tl.arange(0, 128)
+        registers), which zeroes their products whatever B holds there. MASK=False: every token of the tile is
+        the expert's, and A goes from shared memory to the tensor cores untouched (no register round trip)."""
         a = a_desc.load([off_m, kb * 128])
-        a = tl.where(((tok >= lo) & (tok < hi))[None, :], a, tl.zeros_like(a))
+        if MASK:
+            tok = kb * 128 + tl.arange(0, 128)
+            a = tl.where(((tok >= lo) & (tok < hi))[None, :], a, tl.zeros_like(a))
         b = b_desc.load([off_n, kb * 128])
         a_s = tl.load(as_ptrs + kb)
         b_s = tl.load(bs_ptrs + kb)
@@ -177,9 +179,15 @@ if tt.HAS_TRITON:
             as_ptrs = as_ptr + ((off_m + tl.arange(0, BLOCK_M)) % N) * sb
             bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % K) * sb
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kb in range(start // 128, tl.cdiv(end, 128)):
-                acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end)
-            # An expert with no tokens runs no step and stores zeros: its weight gradient is zero.
+            # The scale tiles wholly inside the expert's tokens need no mask; the partial ones at its two ends
+            # (at most two steps, one where both ends share a tile) do.
+            for kb in range(tl.cdiv(start, 128), end // 128):
+                acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end, False)
+            if start % 128 != 0:
+                acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, start // 128, start, end)
+            if (end % 128 != 0) & ((end // 128 != start // 128) | (start % 128 == 0)):
+                acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, end // 128, start, end)
+            # An expert with no tokens runs no step (or only masked ones) and stores zeros.
             offs_m = off_m + tl.arange(0, BLOCK_M)
             offs_n = off_n + tl.arange(0, BLOCK_N)
             c_ptrs = c_ptr + e.to(tl.int64) * N * K + offs_m[:, None] * K + offs_n[None, :]
