@@ -37,6 +37,13 @@ GROUPED_TMA_CONFIG_SHORT_K = (64, 128, 4, 3)
 # Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops).
 # On an H200 at V3 size (2026-11-30): 186 / 196 TFLOPS for gate_up / down, against 73 for the pointer kernel.
 GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True)
+# The persistent wgrad masks other experts' tokens out of a 128-token step in registers, which takes A off the
+# tensor cores' shared-memory path. With MASK_ENDS_ONLY only the partial steps at an expert's two ends are masked
+# and the whole ones run unmasked, at the cost of the FLATTEN pipelining across work items (three loops instead of
+# one). Taken from this many routed rows an expert on average (S >= E * this); on an H200 (2026-11-30, session 7):
+# deepseek-v3-small's train step (1536 rows an expert) 88.9 -> 86.2 ms with it, the V3 MoE layer (256 rows an
+# expert) 7.6 ms slower with it; the threshold between from benchmarks/bench_grouped_wgrad.py (RESULTS.md).
+MASK_ENDS_ONLY_MIN_TOKENS = 1024
 # Streaming grouped wgrad (variant="stream"): (BLOCK_M, BLOCK_N, num_warps, num_stages), the dense wgrad's best Triton
 # shape. Timed on an H200 (benchmarks/RESULTS.md): 207 / 206 TFLOPS at V3 size against the persistent kernel's 188 /
 # 194, a whole V3 MoE layer 75.4 vs 77.0 ms (one run each), the deepseek-v3-small train step no faster (1.90x vs
@@ -157,6 +164,7 @@ if tt.HAS_TRITON:
         a_desc, b_desc, c_ptr, as_ptr, bs_ptr, offs_ptr,
         S, N, K, E,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr,
+        MASK_ENDS_ONLY: tl.constexpr = False,
     ):  # fmt: skip
         # a_desc over dyT_NS (block [BLOCK_M, 128]), b_desc over xT_KS (block [BLOCK_N, 128]), both
         # K-major along tokens; as_NSb, bs_KSb; c = dW_ENK. Persistent: NUM_PROGS programs walk the
@@ -179,14 +187,18 @@ if tt.HAS_TRITON:
             as_ptrs = as_ptr + ((off_m + tl.arange(0, BLOCK_M)) % N) * sb
             bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % K) * sb
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            # The scale tiles wholly inside the expert's tokens need no mask; the partial ones at its two ends
-            # (at most two steps, one where both ends share a tile) do.
-            for kb in range(tl.cdiv(start, 128), end // 128):
-                acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end, False)
-            if start % 128 != 0:
-                acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, start // 128, start, end)
-            if (end % 128 != 0) & ((end // 128 != start // 128) | (start % 128 == 0)):
-                acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, end // 128, start, end)
+            if MASK_ENDS_ONLY:
+                # The scale tiles wholly inside the expert's tokens need no mask; the partial ones at its two ends
+                # (at most two steps, one where both ends share a tile) do.
+                for kb in range(tl.cdiv(start, 128), end // 128):
+                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end, False)
+                if start % 128 != 0:
+                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, start // 128, start, end)
+                if (end % 128 != 0) & ((end // 128 != start // 128) | (start % 128 == 0)):
+                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, end // 128, start, end)
+            else:  # one loop, every step masked: what FLATTEN can pipeline across work items
+                for kb in range(start // 128, tl.cdiv(end, 128)):
+                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end)
             # An expert with no tokens runs no step (or only masked ones) and stores zeros.
             offs_m = off_m + tl.arange(0, BLOCK_M)
             offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -406,11 +418,13 @@ def fp8_grouped_gemm_wgrad(
     use_tma: bool | None = None,
     config: tuple | None = None,
     variant: str = "persistent",
+    mask_ends_only: bool | None = None,
 ) -> torch.Tensor:
     """dW[E, N, K]: per expert, dy^T x over its tokens, both in the 128x1 tiling along tokens.
 
     variant="stream" runs `_grouped_wgrad_stream_kernel` (TMA operands only; not the default, see
-    GROUPED_WGRAD_STREAM_CONFIG) instead of the persistent per-expert-tile kernel."""
+    GROUPED_WGRAD_STREAM_CONFIG) instead of the persistent per-expert-tile kernel. mask_ends_only: the persistent
+    kernel's loop (MASK_ENDS_ONLY_MIN_TOKENS; None = that rule)."""
     tt.require_fp8("fp8_grouped_gemm_wgrad")
     if variant not in ("persistent", "stream"):
         raise ValueError(f"variant must be 'persistent' or 'stream', got {variant!r}")
@@ -451,9 +465,12 @@ def fp8_grouped_gemm_wgrad(
         progs = min(num_sms() * occ, E * triton.cdiv(N, bm) * triton.cdiv(K, bn))
         a_desc = TensorDescriptor(dyT_NS, [N, S], [S, 1], [bm, 128])
         b_desc = TensorDescriptor(xT_KS, [K, S], [S, 1], [bn, 128])
+        if mask_ends_only is None:
+            mask_ends_only = S >= E * MASK_ENDS_ONLY_MIN_TOKENS
         _grouped_wgrad_tma_kernel[(progs,)](
             a_desc, b_desc, c, dyT_scale_NSb, xT_scale_KSb, offs_E, S, N, K, E,
-            BLOCK_M=bm, BLOCK_N=bn, NUM_PROGS=progs, FLATTEN=flatten, num_warps=warps, num_stages=stages,
+            BLOCK_M=bm, BLOCK_N=bn, NUM_PROGS=progs, FLATTEN=flatten, MASK_ENDS_ONLY=mask_ends_only,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return c
 

@@ -162,17 +162,17 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         assert (rows_S is None) == (slots_TK is None), "a gathered input needs both rows_S and slots_TK"
         x = x.contiguous()
         y_SN, saved = _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S)
-        ctx.save_for_backward(*saved, slots_TK)
+        ctx.save_for_backward(*saved, rows_S, slots_TK)
         return y_SN
 
     @staticmethod
     def backward(ctx, dy_SN: torch.Tensor):
-        *saved, slots_TK = ctx.saved_tensors
+        *saved, rows_S, slots_TK = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dy = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw)
         dx, dw = _grouped_backward(ctx, saved, *dy)
         if dx is not None and slots_TK is not None:
-            dx = _sum_slots(dx, slots_TK)
+            dx = _sum_slots(dx, (None, rows_S, slots_TK))
         return dx, dw, None, None, None, None, None, None
 
 
@@ -193,7 +193,7 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
         y_SN, saved = _grouped_forward(ctx, x_SK.contiguous(), weight_ENK, offs_E, pow2, None, grad_enabled)
         weight_S = weight_TK.reshape(-1)[order_S]  # the weight of each row, in row order
         ctx.save_for_backward(*saved, token_S, row_TK, weight_S, y_SN)  # y for the routing weights' gradient
-        return _sum_slots(y_SN, row_TK, weight_TK)
+        return _sum_slots(y_SN, (order_S, token_S, row_TK), weight_TK)
 
     @staticmethod
     def backward(ctx, dout_TN: torch.Tensor):
@@ -331,12 +331,19 @@ def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
     return order_S, token_S, row_S.view(topk_idx_TK.shape), offs_E
 
 
-def _sum_slots(y_SD, row_TK, weight_TK=None) -> torch.Tensor:
+def _sum_slots(y_SD, routing, weight_TK=None) -> torch.Tensor:
     """out[t] = sum over slots k of (weight_TK[t, k] *) y_SD[row_TK[t, k]]: products in y's dtype (the model's
-    experts get weights in the model dtype), summed in fp32 in slot order, rounded once to y's dtype; the top-k
-    combine and the gradient of the routed rows' gather. Gathered per slot, not scattered with index_add / index_put:
-    no atomics (index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md)
-    and a fixed summation order. The model's twin: modeling_dsv3._sum_slots."""
+    experts get weights in the model dtype), summed in fp32, rounded once to y's dtype; the top-k combine and the
+    gradient of the routed rows' gather. routing: (order_S, token_S, row_TK) as _sort_by_expert returns them
+    (order_S only for weights). Under torch.compile by gathering each slot's row (one fused kernel: no atomics, a
+    fixed order; index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200,
+    benchmarks/RESULTS.md); in eager mode by one index_add, as each slot's gather would be written out in full
+    there. The model's twin: modeling_dsv3._sum_slots."""
+    order_S, token_S, row_TK = routing
+    if not torch.compiler.is_compiling():
+        rows_SD = y_SD if weight_TK is None else y_SD * weight_TK.reshape(-1)[order_S, None].to(y_SD.dtype)
+        out_TD = y_SD.new_zeros(row_TK.shape[0], y_SD.shape[1], dtype=torch.float32)
+        return out_TD.index_add_(0, token_S, rows_SD.float()).to(y_SD.dtype)
     out_TD = None
     for k in range(row_TK.shape[1]):
         term = y_SD[row_TK[:, k]]
@@ -385,13 +392,13 @@ def fp8_experts_inference(
 ) -> torch.Tensor:
     """Routed experts over checkpoint-quantised weights (e4m3 + weight_scale_inv per 128x128 block, stacked per
     expert): the activations are quantised 1x128 on the fly, the weights are never dequantised."""
-    _, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, gate_up_q_EFD.shape[0])
+    order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, gate_up_q_EFD.shape[0])
     x_q, x_s = quantize_act(hidden_TD.contiguous(), False, token_S)  # [S, D] rows grouped by expert
     h_SF = fp8_grouped_gemm(x_q, x_s, gate_up_q_EFD, gate_up_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_q, a_s = quantize_act((act(gate_SI) * up_SI).contiguous(), False)
     y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
-    return _sum_slots(y_SD, row_TK, topk_weight_TK)
+    return _sum_slots(y_SD, (order_S, token_S, row_TK), topk_weight_TK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +470,7 @@ def experts_forward_ref(
 ) -> torch.Tensor:
     """Reference of fp8_experts_forward; with fp8=False, the plain high-precision experts."""
     E = gate_up_proj_EFD.shape[0]
-    _, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
+    order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
     x_SD = hidden_TD[token_S]
     if fp8:
         linear = lambda x, w: FP8GroupedLinearRefFunction.apply(x, w, offs_E, pow2_scales)
@@ -473,4 +480,4 @@ def experts_forward_ref(
     h_SF = linear(x_SD, gate_up_proj_EFD)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     y_SD = linear(act(gate_SI) * up_SI, down_proj_EDI)
-    return _sum_slots(y_SD, row_TK, topk_weight_TK)
+    return _sum_slots(y_SD, (order_S, token_S, row_TK), topk_weight_TK)

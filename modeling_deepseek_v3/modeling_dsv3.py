@@ -400,11 +400,17 @@ def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
     return _Gather.apply(x_TD, token_of_row, row_of_slot), (order, token_of_row, row_of_slot), counts_E
 
 
-def _sum_slots(y_RD, row_of_slot, weight_TK=None):
-    """out[t] = sum over slots k of (weight[t, k] *) y[row_of_slot[t, k]]: products in y's dtype, summed in fp32 in
-    slot order, rounded once to y's dtype. Gathered per slot rather than scattered with index_add / index_put: no
-    atomics (index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md)
-    and a fixed summation order."""
+def _sum_slots(y_RD, routing, weight_TK=None):
+    """out[t] = sum over slots k of (weight[t, k] *) y[row_of_slot[t, k]]: products in y's dtype, summed in fp32,
+    rounded once to y's dtype; routing as _sort_by_expert returns it. Under torch.compile by gathering each slot's
+    row (inductor fuses the loop into one kernel: no atomics, a fixed order; index_add's fp32 atomics took 228 us a
+    deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md); in eager mode by one index_add, as each
+    slot's gather would be written out in full there."""
+    order, token_of_row, row_of_slot = routing
+    if not torch.compiler.is_compiling():
+        rows_RD = y_RD if weight_TK is None else y_RD * weight_TK.reshape(-1)[order, None].to(y_RD.dtype)
+        out_TD = y_RD.new_zeros(row_of_slot.shape[0], y_RD.shape[1], dtype=torch.float32)
+        return out_TD.index_add_(0, token_of_row, rows_RD.float()).to(y_RD.dtype)
     out_TD = None
     for k in range(row_of_slot.shape[1]):
         term = y_RD[row_of_slot[:, k]]
@@ -415,17 +421,17 @@ def _sum_slots(y_RD, row_of_slot, weight_TK=None):
 
 class _Gather(torch.autograd.Function):
     """x[token_of_row]: each token's row once per expert it goes to. Backward: each token's rows summed (_sum_slots),
-    where autograd would scatter-add them (index_put with atomics, in x's dtype)."""
+    where autograd would scatter-add them in x's dtype (index_put; atomics on a GPU)."""
 
     @staticmethod
     def forward(ctx, x_TD, token_of_row, row_of_slot):
-        ctx.save_for_backward(row_of_slot)
+        ctx.save_for_backward(token_of_row, row_of_slot)
         return x_TD[token_of_row]
 
     @staticmethod
     def backward(ctx, dx_RD):
-        (row_of_slot,) = ctx.saved_tensors
-        return _sum_slots(dx_RD, row_of_slot), None, None
+        token_of_row, row_of_slot = ctx.saved_tensors
+        return _sum_slots(dx_RD, (None, token_of_row, row_of_slot)), None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -437,7 +443,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_RD, topk_weight_TK, order, token_of_row, row_of_slot):
         ctx.save_for_backward(y_RD, topk_weight_TK, order, token_of_row, row_of_slot)
-        return _sum_slots(y_RD, row_of_slot, topk_weight_TK)
+        return _sum_slots(y_RD, (order, token_of_row, row_of_slot), topk_weight_TK)
 
     @staticmethod
     def backward(ctx, dout_TD):

@@ -73,14 +73,16 @@ def test_grouped_tma_path_ragged_n(tol, rel):
 
 
 @pytest.mark.parametrize("counts", [[100, 400, 0, 140], [128, 256, 1, 255], [640]])
-def test_persistent_wgrad_masks_only_the_partial_tiles(counts, tol, rel):
-    """The persistent TMA wgrad takes the 128-token scale tiles wholly inside an expert's tokens unmasked (A straight
-    from shared memory) and masks only the partial tiles at its ends: experts with whole interior tiles, both ends
-    ragged, tile-aligned ends, a one-token expert, an empty one between tiles, and a single expert."""
+@pytest.mark.parametrize("mask_ends_only", [True, False])
+def test_persistent_wgrad_masks_only_the_partial_tiles(counts, mask_ends_only, tol, rel):
+    """The persistent TMA wgrad's two loops: with mask_ends_only, the 128-token scale tiles wholly inside an expert's
+    tokens unmasked (A straight from shared memory) and only the partial tiles at its ends masked; without, every
+    step masked. Experts with whole interior tiles, both ends ragged, tile-aligned ends, a one-token expert, an empty
+    one between tiles, and a single expert."""
     offs, x, _, dy = _case(counts, 80, 144, seed=sum(counts))
     dyTq, dyTs = quantize_act_t_ref(dy)
     xTq, xTs = quantize_act_t_ref(x)
-    dw = fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, use_tma=True)
+    dw = fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, use_tma=True, mask_ends_only=mask_ends_only)
     assert rel(dw, fp8_grouped_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs, offs)) < tol[torch.float32]
     for e, c in enumerate(counts):
         if c == 0:

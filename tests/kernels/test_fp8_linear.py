@@ -147,17 +147,17 @@ def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # 
     h2, wt2, gu2, dn2 = _clone(h, wt, gu, dn)
     y = fp8_experts_forward(h, idx, wt, gu, dn)
 
-    _, token_S, row_TK, offs_E = FL._sort_by_expert(idx, gu2.shape[0])
+    order_S, token_S, row_TK, offs_E = FL._sort_by_expert(idx, gu2.shape[0])
     x_SD = h2.detach()[token_S].requires_grad_()  # written out; its gradient summed per token below
     h_SF = FL.FP8GroupedLinearFunction.apply(x_SD, gu2, offs_E)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     y_SD = FL.FP8GroupedLinearFunction.apply(F.silu(gate_SI) * up_SI, dn2, offs_E)
-    y2 = FL._sum_slots(y_SD, row_TK, wt2)  # autograd differentiates the combine
+    y2 = FL._sum_slots(y_SD, (order_S, token_S, row_TK), wt2)  # autograd differentiates the combine
 
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
     y.backward(g)
     y2.backward(g)
-    h2.grad = FL._sum_slots(x_SD.grad, row_TK)
+    h2.grad = FL._sum_slots(x_SD.grad, (order_S, token_S, row_TK))
     return [("y", y, y2)] + [(n, a.grad, b.grad) for n, a, b in (("h", h, h2), ("wt", wt, wt2), ("gu", gu, gu2),
                                                                 ("dn", dn, dn2))]  # fmt: skip
 

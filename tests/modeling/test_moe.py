@@ -232,3 +232,28 @@ def test_trainer_normalisation_scales_mtp_and_balance_losses(tiny_config):
     two = model(ids, labels=ids, num_items_in_batch=2 * n)
     for part in ("lm_loss", "mtp_loss", "aux_loss"):
         assert torch.isclose(getattr(two, part), getattr(one, part) / 2, rtol=1e-5), part
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_top_k_sum_gathers_by_slot_under_compile_and_index_adds_in_eager(monkeypatch, weighted):
+    """_sum_slots (the top-k combine and the gather's gradient) takes each slot's row under torch.compile (one fused
+    kernel, no atomics) and one index_add in eager mode: both branches agree (fp32, to summation order), gradients
+    through _Combine and _Gather included."""
+    from modeling_deepseek_v3 import modeling_dsv3 as M
+
+    T, K, E, D = 37, 3, 8, 24
+    idx = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    x = torch.randn(T, D)
+    w = torch.rand(T, K) if weighted else None
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        x_ = x.clone().requires_grad_()
+        w_ = None if w is None else w.clone().requires_grad_()
+        x_RD, routing, _ = M._sort_by_expert(x_, idx, E)
+        y_RD = x_RD * torch.arange(1, x_RD.shape[0] + 1)[:, None]  # rows told apart
+        out = M._sum_slots(y_RD, routing, w_) if w_ is None else M._combine(y_RD, routing, w_)
+        out.backward(torch.randn(T, D, generator=torch.Generator().manual_seed(1)))
+        results.append([out, x_.grad] + ([] if w_ is None else [w_.grad]))
+    for a, b in zip(*results, strict=True):
+        assert a.abs().sum() > 0 and (a - b).abs().max() <= 1e-5 * a.abs().max()

@@ -1,0 +1,63 @@
+"""The persistent grouped FP8 wgrad's two loops (fp8_grouped_gemm.MASK_ENDS_ONLY_MIN_TOKENS) against routed rows an
+expert: every 128-token step masked in registers (one loop, FLATTEN-pipelined across work items) vs only the
+partial steps at an expert's ends (whole steps feed A from shared memory). deepseek-v3-small's expert shapes
+(gate_up dW [64, 1024, 1024], down [64, 1024, 512]) and V3's (256 experts, [4096, 7168] and [7168, 2048]), random
+balanced-ish routing; both loops checked against each other. One JSON line a case, then a table.
+
+    PYTHONPATH=. python benchmarks/bench_grouped_wgrad.py      # writes $OUT/bench_grouped_wgrad.json when OUT is set
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+
+import torch
+from triton.testing import do_bench
+
+from modeling_deepseek_v3 import kernels as K_
+
+GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
+CASES = [  # (name, experts, N, K, rows an expert on average)
+    *[("small gate_up", 64, 1024, 1024, r) for r in (256, 512, 768, 1024, 1536, 3072)],
+    *[("small down", 64, 1024, 512, r) for r in (256, 1024, 1536)],
+    *[("V3 gate_up", 256, 4096, 7168, r) for r in (256, 512, 1024)],
+    *[("V3 down", 256, 7168, 2048, r) for r in (256, 1024)],
+]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    rows = []
+    for name, E, N, K, per_expert in CASES:
+        S = E * per_expert
+        counts = torch.distributions.Dirichlet(torch.full((E,), 20.0)).sample() * S  # uneven, none empty
+        counts = counts.round().long().clamp(min=1)
+        counts[-1] += S - counts.sum()
+        offs = counts.cumsum(0).to(torch.int32).cuda()
+        dyTq, dyTs = K_.quantize_act_t(torch.randn(S, N, device="cuda", dtype=torch.bfloat16))
+        xTq, xTs = K_.quantize_act_t(torch.randn(S, K, device="cuda", dtype=torch.bfloat16))
+        operands = (dyTq, dyTs, xTq, xTs, offs, torch.bfloat16)
+        run = {m: functools.partial(K_.fp8_grouped_gemm_wgrad, *operands, mask_ends_only=m) for m in (False, True)}
+        a, b = run[False](), run[True]()
+        us = {m: do_bench(f, warmup=10, rep=50, return_mode="median") * 1e3 for m, f in run.items()}
+        flop = 2 * S * N * K
+        r = dict(case=name, E=E, N=N, K=K, rows_per_expert=per_expert, us_all_masked=us[False],
+                 us_ends_only=us[True], speedup=us[False] / us[True], tflops_ends_only=flop / us[True] / 1e6,
+                 rel_diff=((a.float() - b.float()).norm() / a.float().norm()).item())  # fmt: skip
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        del dyTq, xTq, operands, run, a, b
+    print("\ncase | rows/expert | all masked us | ends only us | speed-up | rel diff")
+    for r in rows:
+        print(f"{r['case']} | {r['rows_per_expert']} | {r['us_all_masked']:.1f} | {r['us_ends_only']:.1f} | "
+              f"{r['speedup']:.2f} | {r['rel_diff']:.1e}")  # fmt: skip
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_grouped_wgrad.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
