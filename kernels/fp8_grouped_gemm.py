@@ -40,10 +40,10 @@ GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True)
 # The persistent wgrad masks other experts' tokens out of a 128-token step in registers, which takes A off the
 # tensor cores' shared-memory path. With MASK_ENDS_ONLY only the partial steps at an expert's two ends are masked
 # and the whole ones run unmasked, at the cost of the FLATTEN pipelining across work items (three loops instead of
-# one). Taken from this many routed rows an expert on average (S >= E * this); on an H200 (2026-11-30, session 7):
-# deepseek-v3-small's train step (1536 rows an expert) 88.9 -> 86.2 ms with it, the V3 MoE layer (256 rows an
-# expert) 7.6 ms slower with it; the threshold between from benchmarks/bench_grouped_wgrad.py (RESULTS.md).
-MASK_ENDS_ONLY_MIN_TOKENS = 1024
+# one). Taken from this many routed rows an expert on average (S >= E * this). benchmarks/bench_grouped_wgrad.py on
+# an H200 (2026-11-30, session 7), ends-only vs all-masked: 0.76-0.84x at 256 rows an expert, 0.92 / 1.01 at 512,
+# 1.05 at 768, 1.10-1.18 at 1024-1536 (deepseek-v3-small at B=8, S=2048), 1.33 at 3072.
+MASK_ENDS_ONLY_MIN_TOKENS = 768
 # Streaming grouped wgrad (variant="stream"): (BLOCK_M, BLOCK_N, num_warps, num_stages), the dense wgrad's best Triton
 # shape. Timed on an H200 (benchmarks/RESULTS.md): 207 / 206 TFLOPS at V3 size against the persistent kernel's 188 /
 # 194, a whole V3 MoE layer 75.4 vs 77.0 ms (one run each), the deepseek-v3-small train step no faster (1.90x vs
