@@ -148,9 +148,9 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
 
     `rows_S`, if given, makes the grouped input x[rows_S] (x [T, K]; the routed experts' first projection reads
     each token once per expert it goes to): the quantisers gather the rows as they read them, so the [S, K] copy
-    is never written in x's dtype. dx then sums each token's rows (_sum_slots over `slots_TK`, the row of each
-    (token, slot), which the gather needs along with rows_S) where autograd's backward of x[rows_S] would scatter
-    them with atomics.
+    is never written in x's dtype. dx sums each token's rows back in fp32 (_sum_slots, which needs `slots_TK`, the
+    row of each (token, slot), along with rows_S), where autograd's backward of x[rows_S] would scatter-add them in
+    x's dtype.
     """
 
     @staticmethod

@@ -420,8 +420,8 @@ def _sum_slots(y_RD, routing, weight_TK=None):
 
 
 class _Gather(torch.autograd.Function):
-    """x[token_of_row]: each token's row once per expert it goes to. Backward: each token's rows summed (_sum_slots),
-    where autograd would scatter-add them in x's dtype (index_put; atomics on a GPU)."""
+    """x[token_of_row]: each token's row once per expert it goes to. Backward: each token's rows summed in fp32
+    (_sum_slots), where autograd would scatter-add them in x's dtype (index_put with accumulate)."""
 
     @staticmethod
     def forward(ctx, x_TD, token_of_row, row_of_slot):
