@@ -4,6 +4,7 @@ expert, width 2048), 8192 tokens, bf16: transformers' built-in DeepseekV3MoE (gr
 shared expert GEMMs only (the anchor's convention: 2 * T * 3 * D * F * (top-k + shared)).
 
     PYTHONPATH=. python benchmarks/bench_moe_layer.py      # writes $OUT/bench_moe_layer.json when OUT is set
+    PYTHONPATH=. python benchmarks/bench_moe_layer.py --compile   # each layer under torch.compile
 """
 
 # ruff: noqa: B023, F821  (lambdas are timed inside their own loop iteration; names are deleted only after)
@@ -51,7 +52,9 @@ def layer(kind: str) -> torch.nn.Module:
     return moe
 
 
-def main() -> None:
+def main(compile_layer: bool = False) -> None:
+    """compile_layer: every variant (the built-in too) under torch.compile's default mode, as training runs them
+    (compile_layers); the streaming-wgrad row is then left out (it swaps a kernel in after tracing)."""
     torch.manual_seed(0)
     results = {}
     x = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
@@ -62,6 +65,8 @@ def main() -> None:
             state = moe.state_dict()  # same weights for every variant
         else:
             moe.load_state_dict(state)
+        if compile_layer:
+            moe = torch.compile(moe)
 
         def run(moe=moe, kind=kind):
             return moe(x)[0] if kind != "builtin" else moe(x)  # ours also returns router stats
@@ -80,7 +85,7 @@ def main() -> None:
         fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
         results[kind] = dict(fwd_ms=fwd, fwd_tflops=FLOP_FWD / fwd / 1e9, fwdbwd_ms=fb,
                              fwdbwd_tflops=3 * FLOP_FWD / fb / 1e9, rel_err_vs_builtin=err)  # fmt: skip
-        if kind == "fp8":  # the same layer with the streaming grouped wgrad (not dispatched), swapped in here only
+        if kind == "fp8" and not compile_layer:  # the layer with the streaming grouped wgrad, swapped in here only
             GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
             FL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_linear")
             persistent = FL.fp8_grouped_gemm_wgrad
@@ -97,7 +102,8 @@ def main() -> None:
         results[kind]["fwdbwd_speedup_vs_builtin"] = results["builtin"]["fwdbwd_ms"] / results[kind]["fwdbwd_ms"]
     print("speedups", json.dumps({k: results[k]["fwdbwd_speedup_vs_builtin"] for k in ("grouped_mm", "fp8")}))
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "bench_moe_layer.json"), "w") as f:
+        name = "bench_moe_layer_compiled.json" if compile_layer else "bench_moe_layer.json"
+        with open(os.path.join(os.environ["OUT"], name), "w") as f:
             json.dump(results, f, indent=1)
 
 
@@ -187,4 +193,4 @@ if __name__ == "__main__":
     if "--kernels" in sys.argv:
         kernels_table()
     else:
-        main()
+        main(compile_layer="--compile" in sys.argv)
