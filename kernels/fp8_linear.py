@@ -57,9 +57,7 @@ def _quantize_input(x_MK: torch.Tensor, pow2: bool, need_t: bool, rows: torch.Te
     return (*quantize_act(x_MK, pow2, rows), None, None)
 
 
-def _quantize_grad(
-    dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool, rows=None, row_scale=None
-):  # fmt: skip
+def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool, rows=None, row_scale=None):
     """dy (or dy[rows] * row_scale, see quant.quantize_act) in the tilings that dgrad (1x128) and wgrad (128x1)
     read."""
     if need_dx and need_dw:

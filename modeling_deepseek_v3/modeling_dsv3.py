@@ -779,9 +779,8 @@ class DSV3PreTrainedModel(PreTrainedModel):
         upcast of the logits into the log-softmax instead of materialising fp32 [tokens, vocab] logits (8.5 GB at
         vocab 129,280 and 16K tokens). On an H200 the compiled bf16 train step of benchmarks/bench_model_gpu.py
         (vocab 32000) peaked at 22.8 GiB after this change against 26.7 GiB the session before (the router's
-        top-k changed in between too).
-        Never under CUDA graphs (`mode` is
-        dropped for it): its input, the logits, is a new tensor each call, which a graph would first copy."""
+        top-k changed in between too). Never under CUDA graphs (`mode` is dropped for it): its input, the logits, is a
+        new tensor each call, which a graph would first copy."""
         for module in self.modules():
             if isinstance(module, (DSV3DecoderLayer, DSV3MTPLayer)):
                 module.compile(**compile_kwargs)
