@@ -5,6 +5,7 @@ shared expert GEMMs only (the anchor's convention: 2 * T * 3 * D * F * (top-k + 
 
     PYTHONPATH=. python benchmarks/bench_moe_layer.py      # writes $OUT/bench_moe_layer.json when OUT is set
     PYTHONPATH=. python benchmarks/bench_moe_layer.py --compile   # each layer under torch.compile
+    PYTHONPATH=. python benchmarks/bench_moe_layer.py --profile   # + every kernel of one fwd+bwd, $OUT/moe_profile_*.txt
 """
 
 # ruff: noqa: B023, F821  (lambdas are timed inside their own loop iteration; names are deleted only after)
@@ -52,9 +53,11 @@ def layer(kind: str) -> torch.nn.Module:
     return moe
 
 
-def main(compile_layer: bool = False) -> None:
+def main(compile_layer: bool = False, profile: bool = False) -> None:
     """compile_layer: every variant (the built-in too) under torch.compile's default mode, as training runs them
-    (compile_layers); the streaming-wgrad row is then left out (it swaps a kernel in after tracing)."""
+    (compile_layers); the streaming-wgrad row is then left out (it swaps a kernel in after tracing).
+    profile: one more forward+backward of each variant under torch.profiler, after the timed ones: the top kernels
+    printed, all of them in $OUT/moe_profile_<variant>.txt."""
     torch.manual_seed(0)
     results = {}
     x = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
@@ -85,6 +88,17 @@ def main(compile_layer: bool = False) -> None:
         fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
         results[kind] = dict(fwd_ms=fwd, fwd_tflops=FLOP_FWD / fwd / 1e9, fwdbwd_ms=fb,
                              fwdbwd_tflops=3 * FLOP_FWD / fb / 1e9, rel_err_vs_builtin=err)  # fmt: skip
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fwd_bwd()
+                torch.cuda.synchronize()
+            averages = prof.key_averages()
+            print(averages.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70), flush=True)
+            if os.environ.get("OUT"):
+                table = averages.table(sort_by="self_cuda_time_total", row_limit=-1, max_name_column_width=110)
+                suffix = "_compiled" if compile_layer else ""
+                with open(os.path.join(os.environ["OUT"], f"moe_profile_{kind}{suffix}.txt"), "w") as f:
+                    f.write(table)
         if kind == "fp8" and not compile_layer:  # the layer with the streaming grouped wgrad, swapped in here only
             GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
             FL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_linear")
@@ -193,4 +207,4 @@ if __name__ == "__main__":
     if "--kernels" in sys.argv:
         kernels_table()
     else:
-        main(compile_layer="--compile" in sys.argv)
+        main(compile_layer="--compile" in sys.argv, profile="--profile" in sys.argv)
