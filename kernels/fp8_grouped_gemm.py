@@ -164,7 +164,7 @@ if tt.HAS_TRITON:
         a_desc, b_desc, c_ptr, as_ptr, bs_ptr, offs_ptr,
         S, N, K, E,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr,
-        MASK_ENDS_ONLY: tl.constexpr = False,
+        MASK_ENDS_ONLY: tl.constexpr = False, ALIGNED: tl.constexpr = False,
     ):  # fmt: skip
         # a_desc over dyT_NS (block [BLOCK_M, 128]), b_desc over xT_KS (block [BLOCK_N, 128]), both
         # K-major along tokens; as_NSb, bs_KSb; c = dW_ENK. Persistent: NUM_PROGS programs walk the
@@ -187,7 +187,10 @@ if tt.HAS_TRITON:
             as_ptrs = as_ptr + ((off_m + tl.arange(0, BLOCK_M)) % N) * sb
             bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % K) * sb
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            if MASK_ENDS_ONLY:
+            if ALIGNED:  # every expert's tokens start and end on a scale tile: whole steps, one unmasked loop
+                for kb in range(start // 128, end // 128):
+                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end, False)
+            elif MASK_ENDS_ONLY:
                 # The scale tiles wholly inside the expert's tokens need no mask; the partial ones at its two ends
                 # (at most two steps, one where both ends share a tile) do.
                 for kb in range(tl.cdiv(start, 128), end // 128):
@@ -419,12 +422,15 @@ def fp8_grouped_gemm_wgrad(
     config: tuple | None = None,
     variant: str = "persistent",
     mask_ends_only: bool | None = None,
+    tokens_aligned: bool = False,
 ) -> torch.Tensor:
     """dW[E, N, K]: per expert, dy^T x over its tokens, both in the 128x1 tiling along tokens.
 
     variant="stream" runs `_grouped_wgrad_stream_kernel` (TMA operands only; not the default, see
     GROUPED_WGRAD_STREAM_CONFIG) instead of the persistent per-expert-tile kernel. mask_ends_only: the persistent
-    kernel's loop (MASK_ENDS_ONLY_MIN_TOKENS; None = that rule)."""
+    kernel's loop (MASK_ENDS_ONLY_MIN_TOKENS; None = that rule). tokens_aligned: the caller promises that every
+    offs_E is a multiple of 128 (each expert's tokens padded to whole scale tiles), so the persistent TMA kernel
+    runs whole steps only, unmasked, in one loop. Not checked here (that would sync with the device)."""
     tt.require_fp8("fp8_grouped_gemm_wgrad")
     if variant not in ("persistent", "stream"):
         raise ValueError(f"variant must be 'persistent' or 'stream', got {variant!r}")
@@ -470,7 +476,7 @@ def fp8_grouped_gemm_wgrad(
         _grouped_wgrad_tma_kernel[(progs,)](
             a_desc, b_desc, c, dyT_scale_NSb, xT_scale_KSb, offs_E, S, N, K, E,
             BLOCK_M=bm, BLOCK_N=bn, NUM_PROGS=progs, FLATTEN=flatten, MASK_ENDS_ONLY=mask_ends_only,
-            num_warps=warps, num_stages=stages,
+            ALIGNED=tokens_aligned, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return c
 

@@ -89,6 +89,20 @@ def test_persistent_wgrad_masks_only_the_partial_tiles(counts, mask_ends_only, t
             assert torch.equal(dw[e], torch.zeros(80, 144)), "an expert with no tokens has a zero gradient"
 
 
+@pytest.mark.parametrize("counts", [[128, 0, 384, 256], [256]])
+def test_persistent_wgrad_tokens_aligned(counts, tol, rel):
+    """tokens_aligned (every expert's tokens padded to whole 128-token scale tiles): one unmasked loop, against the
+    reference; an empty expert between tiles still gets a zero gradient."""
+    offs, x, _, dy = _case(counts, 80, 144, seed=7 + sum(counts))
+    dyTq, dyTs = quantize_act_t_ref(dy)
+    xTq, xTs = quantize_act_t_ref(x)
+    dw = fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, use_tma=True, tokens_aligned=True)
+    assert rel(dw, fp8_grouped_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs, offs)) < tol[torch.float32]
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert torch.equal(dw[e], torch.zeros(80, 144)), "an expert with no tokens has a zero gradient"
+
+
 @pytest.mark.parametrize("counts", COUNTS)
 def test_grouped_wgrad(counts, tol, rel):
     N, K = 200, 300
