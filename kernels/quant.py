@@ -104,9 +104,13 @@ if tt.HAS_TRITON:
     def _load_rows(x_ptr, rows_ptr, mult_ptr, offs_m, offs_k, M, K, GATHER: tl.constexpr, MULT: tl.constexpr):
         """Rows offs_m of X = x[rows] * mult[:, None] as fp32 (see _quant_launch); masked lanes are 0."""
         mask_m = offs_m < M
-        mask = mask_m[:, None] & (offs_k[None, :] < K)  # ragged last tile
-        src_m = tl.load(rows_ptr + offs_m, mask=mask_m, other=0) if GATHER else offs_m
-        x = tl.load(x_ptr + src_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=mask, other=0.0)
+        mask = mask_m[:, None] & (offs_k[None, :] < K)  # ragged last tile: what the caller stores
+        load_mask = mask
+        src_m = offs_m
+        if GATHER:  # a row index of -1 is a padding row: zeros (stored like any other row)
+            src_m = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)
+            load_mask = mask & (src_m >= 0)[:, None]
+        x = tl.load(x_ptr + src_m[:, None].to(tl.int64) * K + offs_k[None, :], mask=load_mask, other=0.0)
         x = x.to(tl.float32)
         if MULT:  # the product rounded to x's dtype, as torch's `x * mult` stores it
             mult = tl.load(mult_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
@@ -244,9 +248,13 @@ if HAS_GLUON:
         offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, LD))
         offs_k = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, LD))
         mask_m = offs_m < M
-        mask = mask_m[:, None] & (offs_k[None, :] < K)
-        src_m = gl.load(rows_ptr + offs_m, mask=mask_m, other=0) if GATHER else offs_m
-        x = gl.load(x_ptr + src_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=mask, other=0.0).to(gl.float32)
+        load_mask = mask_m[:, None] & (offs_k[None, :] < K)
+        src_m = offs_m
+        if GATHER:  # as _load_rows: -1 is a padding row of zeros
+            src_m = gl.load(rows_ptr + offs_m, mask=mask_m, other=0)
+            load_mask = load_mask & (src_m >= 0)[:, None]
+        x = gl.load(x_ptr + src_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=load_mask, other=0.0)
+        x = x.to(gl.float32)
         if MULT:  # as _load_rows
             mult = gl.load(mult_ptr + offs_m, mask=mask_m, other=0.0).to(gl.float32)
             x = _round_to(x * mult[:, None], x_ptr.dtype.element_ty)
@@ -404,7 +412,9 @@ def quantize_act(
 
     fast_div (here and below): the division on a GPU, None = FAST_DIV (benchmarks check both give the same bits).
     rows / row_scale (here and below): quantise `(x_MK[rows] * row_scale[:, None]).to(x_MK.dtype)` instead, without
-    materialising it (M = len(rows)); indices are not range-checked (that would read them back to the host)."""
+    materialising it (M = len(rows)); a row index of -1 gives a row of zeros (the padding that lines experts up
+    with the 128-token tiles, fp8_linear.pad_experts_to_tiles). Indices are not range-checked (that would read them
+    back to the host)."""
     y, s, _, _ = _quant_launch(x_MK, True, False, pow2, fast_div=fast_div, rows=rows, row_scale=row_scale)
     return y, s
 

@@ -95,19 +95,21 @@ def test_quantize_act_both_is_both(shape, pow2):
 
 
 def _gathered(x, rows, row_scale):
-    """X as the quantisers' rows/row_scale define it, materialised the way the model would: x[rows] * scale."""
-    X = x if rows is None else x[rows]
+    """X as the quantisers' rows/row_scale define it, materialised the way the model would: x[rows] * scale, a
+    row of zeros where rows holds -1 (padding)."""
+    X = x if rows is None else torch.where((rows >= 0)[:, None], x[rows.clamp(min=0)], 0.0).to(x.dtype)
     return X if row_scale is None else X * row_scale[:, None]
 
 
 @pytest.mark.parametrize("T, M, K", [(37, 300, 200), (5, 129, 128), (130, 7, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("how", ["rows", "rows+scale", "scale"])
+@pytest.mark.parametrize("how", ["rows", "rows+scale", "scale", "rows+pad", "rows+scale+pad"])
 def test_quantize_act_gathers_rows(T, M, K, dtype, how):
     """rows / row_scale (the routed experts' input x[token] and output gradient dout[token] * weight): both tilings
     equal, bit for bit, the references on X materialised by torch, the bf16 product rounded like torch's. The
     rows repeat and skip tokens, M is ragged, and scaled rows get bf16 products near rounding ties (random
-    weights in (0, 1))."""
+    weights in (0, 1)); "pad": about a third of the rows are -1, padding rows of zeros (a whole 128-row tile of
+    them where M allows)."""
     from modeling_deepseek_v3.kernels.quant import quantize_act_both
 
     x = _inputs((T, K), dtype, seed=T + M)
@@ -115,6 +117,9 @@ def test_quantize_act_gathers_rows(T, M, K, dtype, how):
     rows = torch.randint(0, T, (M,), generator=g) if "rows" in how else None
     if rows is not None and how == "rows+scale":
         rows = rows.int()  # both index dtypes
+    if "pad" in how:
+        rows[torch.rand(M, generator=g) < 0.3] = -1
+        rows[128:256] = -1
     n = M if rows is not None else T
     row_scale = torch.rand(n, generator=g).to(dtype) if "scale" in how else None
     X = _gathered(x, rows, row_scale)
@@ -258,6 +263,12 @@ a = ptx(Q._quant_act_gluon_kernel,
         {"x_ptr": "*bf16", "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32", "M": "i32", "K": "i32", "POW2": "constexpr",
          **{k: "constexpr" for k in layout}},
         {"POW2": pow2, **layout}, warps_m * warps_k)
+# gathered, scaled rows with padding (-1) rows, as the routed experts' wgrad operands are quantised
+ag = ptx(Q._quant_act_gluon_kernel,
+         {"x_ptr": "*bf16", "rows_ptr": "*i64", "mult_ptr": "*bf16", "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32",
+          "M": "i32", "K": "i32", "POW2": "constexpr", "GATHER": "constexpr", "MULT": "constexpr",
+          **{k: "constexpr" for k in layout}},
+         {"POW2": pow2, "GATHER": True, "MULT": True, **layout}, warps_m * warps_k)
 spt_n, spt_kw, tpw_n, warps_n, warps_kw = Q.QUANT_WEIGHT_T_GLUON
 w = ptx(Q._quant_weight_t_gluon_kernel,
         {"w_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "yt_ptr": "*fp8e4nv", "N": "i32", "K": "i32",
@@ -265,7 +276,7 @@ w = ptx(Q._quant_weight_t_gluon_kernel,
          "WARPS_N": "constexpr", "WARPS_K": "constexpr"},
         {"POW2": pow2, "SPT_N": spt_n, "SPT_K": spt_kw, "TPW_N": tpw_n, "WARPS_N": warps_n, "WARPS_K": warps_kw},
         warps_n * warps_kw)
-for p, spt in ((a, spt_m), (w, spt_n)):
+for p, spt in ((a, spt_m), (ag, spt_m), (w, spt_n)):
     assert "st.shared.b8" not in p and "st.shared.u8" not in p, "a byte-wise transpose through shared memory"
     assert "st.global.b8" not in p and "st.global.u8" not in p, "a byte-wise global store"
     wide = {16: "st.global.v4.b32", 8: "st.global.v2.b32", 4: "st.global.b32"}[spt]
@@ -314,8 +325,9 @@ for shape in [(1024, 7168), (777, 1000), (130, 200)]:
         pairs = [(qt, rt), (st, rst), (q, rq), (s, rs), (qT, rq.t().contiguous())]
         # the routed experts' gathered, scaled rows (quant.quantize_act's rows / row_scale), both tilings
         rows = torch.randint(0, shape[0], (3 * shape[0] + 5,), device="cuda")
+        rows[::3] = -1  # padding rows: zeros
         scale = torch.rand(rows.shape[0], device="cuda").to(torch.bfloat16)
-        X = (x[rows] * scale[:, None]).cpu()
+        X = (torch.where((rows >= 0)[:, None], x[rows.clamp(min=0)], 0.0) * scale[:, None]).cpu()
         pairs += list(zip(Q.quantize_act_both(x, pow2, None, rows, scale),
                           (*Q.quantize_act_ref(X, pow2), *Q.quantize_act_t_ref(X, pow2))))
         bad += [(shape, pow2, i) for i, (a, b) in enumerate(pairs)
