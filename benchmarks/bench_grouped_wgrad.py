@@ -64,9 +64,9 @@ def main() -> None:
             json.dump(rows, f, indent=1)
 
 
-ALIGNED_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten)
-    (64, 128, 4, 3, 2, True), (64, 128, 4, 4, 2, True), (128, 128, 8, 3, 1, True), (128, 128, 4, 3, 1, True),
-    (128, 256, 8, 3, 1, True), (64, 256, 4, 3, 1, True),
+ALIGNED_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten, TMA store)
+    (64, 128, 4, 3, 2, True, False), (64, 128, 4, 3, 2, True, True), (64, 128, 4, 4, 2, True, True),
+    (128, 128, 8, 3, 1, True, True), (128, 256, 8, 3, 1, True, True), (64, 128, 4, 3, 3, True, True),
 ]  # fmt: skip
 
 
@@ -98,7 +98,7 @@ def aligned() -> None:
         r["tflops_dispatched"] = flop / r["us_dispatched"] / 1e6
         for config in ALIGNED_CONFIGS:
             f = functools.partial(K_.fp8_grouped_gemm_wgrad, *pad, config=config, tokens_aligned=True)
-            tag = "x".join(map(str, config[:4])) + f"p{config[4]}"
+            tag = "x".join(map(str, config[:4])) + f"p{config[4]}" + ("tma" if config[6] else "")
             r[f"rel_diff_{tag}"] = ((f().float() - reference).norm() / reference.norm()).item()
             r[f"us_{tag}"] = do_bench(f, warmup=10, rep=50) * 1e3
             r[f"tflops_{tag}"] = flop / r[f"us_{tag}"] / 1e6

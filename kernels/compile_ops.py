@@ -154,9 +154,9 @@ def fp8_grouped_gemm_dgrad(
     return _fp8_grouped_gemm_dgrad(dy_SN, dy_scale, None, w_scale, offs_E, out_dtype, w_EKN=w_EKN)
 
 
-@_opaque("fp8_grouped_gemm_wgrad", lambda dyT, dyTs, xT, xTs, offs, dt: dyT.new_empty(offs.shape[0], dyT.shape[0], xT.shape[0], dtype=dt))  # fmt: skip
+@_opaque("fp8_grouped_gemm_wgrad", lambda dyT, dyTs, xT, xTs, offs, dt, aligned=False: dyT.new_empty(offs.shape[0], dyT.shape[0], xT.shape[0], dtype=dt))  # fmt: skip
 def fp8_grouped_gemm_wgrad(
     dyT_NS: torch.Tensor, dyT_scale: torch.Tensor, xT_KS: torch.Tensor, xT_scale: torch.Tensor, offs_E: torch.Tensor,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, tokens_aligned: bool = False,
 ) -> torch.Tensor:  # fmt: skip
-    return _fp8_grouped_gemm_wgrad(dyT_NS, dyT_scale, xT_KS, xT_scale, offs_E, out_dtype)
+    return _fp8_grouped_gemm_wgrad(dyT_NS, dyT_scale, xT_KS, xT_scale, offs_E, out_dtype, tokens_aligned=tokens_aligned)

@@ -34,7 +34,7 @@ if tt.HAS_TRITON:
 # 3 stages 656 / 732; 128x128 / 8 warps 630 / 601; the pointer kernel 520 / 469.
 GROUPED_TMA_CONFIG = (64, 128, 4, 4)
 GROUPED_TMA_CONFIG_SHORT_K = (64, 128, 4, 3)
-# Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops).
+# Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops[, TMA store]).
 # On an H200 at V3 size (2026-11-30): 186 / 196 TFLOPS for gate_up / down, against 73 for the pointer kernel.
 GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True)
 # The persistent wgrad masks other experts' tokens out of a 128-token step in registers, which takes A off the
@@ -164,7 +164,8 @@ if tt.HAS_TRITON:
         a_desc, b_desc, c_ptr, as_ptr, bs_ptr, offs_ptr,
         S, N, K, E,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr,
-        MASK_ENDS_ONLY: tl.constexpr = False, ALIGNED: tl.constexpr = False,
+        MASK_ENDS_ONLY: tl.constexpr = False, ALIGNED: tl.constexpr = False, c_desc=None,
+        TMA_STORE: tl.constexpr = False,
     ):  # fmt: skip
         # a_desc over dyT_NS (block [BLOCK_M, 128]), b_desc over xT_KS (block [BLOCK_N, 128]), both
         # K-major along tokens; as_NSb, bs_KSb; c = dW_ENK. Persistent: NUM_PROGS programs walk the
@@ -203,10 +204,13 @@ if tt.HAS_TRITON:
                 for kb in range(start // 128, tl.cdiv(end, 128)):
                     acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end)
             # An expert with no tokens runs no step (or only masked ones) and stores zeros.
-            offs_m = off_m + tl.arange(0, BLOCK_M)
-            offs_n = off_n + tl.arange(0, BLOCK_N)
-            c_ptrs = c_ptr + e.to(tl.int64) * N * K + offs_m[:, None] * K + offs_n[None, :]
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_n[None, :] < K))
+            if TMA_STORE:  # c_desc over dW [E, N, K], block [1, BLOCK_M, BLOCK_N]: clipped at N and K by the TMA
+                c_desc.store([e, off_m, off_n], acc.to(c_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
+            else:
+                offs_m = off_m + tl.arange(0, BLOCK_M)
+                offs_n = off_n + tl.arange(0, BLOCK_N)
+                c_ptrs = c_ptr + e.to(tl.int64) * N * K + offs_m[:, None] * K + offs_n[None, :]
+                tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_n[None, :] < K))
 
     @triton.jit
     def _grouped_wgrad_stream_kernel(
@@ -463,9 +467,11 @@ def fp8_grouped_gemm_wgrad(
         )  # fmt: skip
         return c
     if use_tma:
-        bm, bn, warps, stages, occ, flatten = config or (
+        bm, bn, warps, stages, occ, flatten, *tma_store = config or (
             GROUPED_WGRAD_TMA_CONFIG if not tt.interpreting() else (32, 64, 4, 1, 1, False)
         )
+        tma_store = bool(tma_store and tma_store[0])
+        c_desc = TensorDescriptor(c, [E, N, K], [N * K, K, 1], [1, bm, bn]) if tma_store else None
         from .fp8_gemm import num_sms
 
         progs = min(num_sms() * occ, E * triton.cdiv(N, bm) * triton.cdiv(K, bn))
@@ -476,7 +482,7 @@ def fp8_grouped_gemm_wgrad(
         _grouped_wgrad_tma_kernel[(progs,)](
             a_desc, b_desc, c, dyT_scale_NSb, xT_scale_KSb, offs_E, S, N, K, E,
             BLOCK_M=bm, BLOCK_N=bn, NUM_PROGS=progs, FLATTEN=flatten, MASK_ENDS_ONLY=mask_ends_only,
-            ALIGNED=tokens_aligned, num_warps=warps, num_stages=stages,
+            ALIGNED=tokens_aligned, c_desc=c_desc, TMA_STORE=tma_store, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return c
 

@@ -7,6 +7,11 @@ tensors: the input in the 128x1 tiling that the weight-gradient GEMM reads (writ
 pass that reads x for the 1x128 tiles), and the quantised weight. Backward quantises dy once into
 both tilings (1x128 for dgrad, 128x1 for wgrad).
 
+Routed experts (fp8_experts_forward): the wgrad's 128x1 tiles along tokens are laid out per expert, each expert's
+rows padded with zeros to whole tiles (pad_experts_to_tiles), as DeepSeek's grouped GEMMs align experts: no tile
+mixes two experts' tokens, and the grouped wgrad runs whole unmasked steps (1.4x faster at V3 size, padding included,
+benchmarks/RESULTS.md).
+
 Inference: `FP8InferenceLinear` holds the official checkpoint's e4m3 `weight` and fp32
 `weight_scale_inv` [ceil(N/128), ceil(K/128)] and never makes a bf16 copy.
 
@@ -50,16 +55,20 @@ from .quant import (
 # autograd.Functions
 
 
-def _quantize_input(x_MK: torch.Tensor, pow2: bool, need_t: bool, rows: torch.Tensor | None = None):
-    """x (or x[rows], gathered by the quantisers) in the 1x128 tiling, and (if need_t) in the 128x1 tiling too."""
-    if need_t:
-        return quantize_act_both(x_MK, pow2, rows)
-    return (*quantize_act(x_MK, pow2, rows), None, None)
+def _quantize_input(x_MK: torch.Tensor, pow2: bool, need_t: bool, rows=None, padded_rows=None):
+    """x (or x[rows], gathered by the quantisers) in the 1x128 tiling, and (if need_t) in the 128x1 tiling too;
+    padded_rows: the 128x1 tiling's rows instead (experts padded to whole tiles, pad_experts_to_tiles)."""
+    return _quantize_grad(x_MK, pow2, True, need_t, rows, None, padded_rows)
 
 
-def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool, rows=None, row_scale=None):
+def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool, rows=None, row_scale=None,
+                   padded_rows=None, padded_row_scale=None):  # fmt: skip
     """dy (or dy[rows] * row_scale, see quant.quantize_act) in the tilings that dgrad (1x128) and wgrad (128x1)
-    read."""
+    read; padded_rows / padded_row_scale: the 128x1 tiling's rows instead (as _quantize_input)."""
+    if padded_rows is not None:
+        dy_q = quantize_act(dy_MN, pow2, rows, row_scale) if need_dx else (None, None)
+        dyT_q = quantize_act_t(dy_MN, pow2, padded_rows, padded_row_scale) if need_dw else (None, None)
+        return (*dy_q, *dyT_q)
     if need_dx and need_dw:
         return quantize_act_both(dy_MN, pow2, rows, row_scale)
     if need_dx:
@@ -114,26 +123,54 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S=None):
-    """The FP8 grouped GEMM of both grouped Functions: y_SN; saves on ctx what _grouped_backward needs."""
+def pad_experts_to_tiles(offs_E: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed rows laid out for the grouped wgrad with every expert padded to whole 128-token scale tiles, built
+    on the device (no sync): (row_P, offs_P). row_P [P] (int64): the routed row (an index into the S rows, sorted by
+    expert) at each padded position, -1 for padding (a row of zeros to the quantisers); offs_P [E] (int32): the
+    padded cumulative counts, multiples of 128. P is the static bound S + min(E, S) * 127 rounded up to a tile, so
+    positions from offs_P[-1] on are padding too; the wgrad never reads them."""
+    E = offs_E.numel()
+    ends = offs_E.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    counts = ends - starts
+    padded = (counts + BLOCK - 1) // BLOCK * BLOCK
+    padded_ends = padded.cumsum(0)
+    P = (S + min(E, S) * (BLOCK - 1) + BLOCK - 1) // BLOCK * BLOCK
+    pos = torch.arange(P, device=offs_E.device)
+    e = torch.searchsorted(padded_ends, pos, right=True).clamp(max=E - 1)  # skips experts padded to nothing
+    rank = pos - (padded_ends - padded)[e]
+    row_P = torch.where((rank < counts[e]) & (pos < padded_ends[-1:]), starts[e] + rank, -1)
+    return row_P, padded_ends.to(torch.int32)
+
+
+def _rows_at(row_P: torch.Tensor, index_S: torch.Tensor) -> torch.Tensor:
+    """index_S[row] at each padded position (row_P of pad_experts_to_tiles), -1 kept for padding."""
+    return torch.where(row_P >= 0, index_S[row_P.clamp(min=0)], -1)
+
+
+def _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S=None, padded=None):
+    """The FP8 grouped GEMM of both grouped Functions: y_SN; saves on ctx what _grouped_backward needs.
+    padded: (x's row at each padded position, offs_P), the wgrad's layout (pad_experts_to_tiles), or None for the
+    rows as they are."""
     need_dx, need_dw = _needs_grads(ctx, grad_enabled)
-    x_q, x_s, xT_q, xT_s = _quantize_input(x, pow2, need_dw, rows_S)
+    x_rows_P, offs_W = padded if padded is not None else (None, offs_E)
+    x_q, x_s, xT_q, xT_s = _quantize_input(x, pow2, need_dw, rows_S, x_rows_P)
     if quantized_weight is None:
         quantized_weight = _quantize_master_weight(weight_ENK, pow2, need_dx)
     w_q, w_s, wT_q = quantized_weight
     y_SN = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offs_E, out_dtype=x.dtype)
-    ctx.pow2, ctx.x_dtype, ctx.w_dtype = pow2, x.dtype, weight_ENK.dtype
-    return y_SN, (xT_q, xT_s, wT_q, w_s, offs_E)
+    ctx.pow2, ctx.x_dtype, ctx.w_dtype, ctx.tokens_aligned = pow2, x.dtype, weight_ENK.dtype, padded is not None
+    return y_SN, (xT_q, xT_s, wT_q, w_s, offs_E, offs_W)
 
 
 def _grouped_backward(ctx, saved, dy_q, dy_s, dyT_q, dyT_s):
     """(dx_SK, dW) of _grouped_forward from dy in both tilings (None where not needed)."""
-    xT_q, xT_s, wT_q, w_s, offs_E = saved
+    xT_q, xT_s, wT_q, w_s, offs_E, offs_W = saved
     dx = dw = None
     if ctx.needs_input_grad[0]:
         dx = fp8_grouped_gemm_dgrad(dy_q, dy_s, wT_q, w_s, offs_E, ctx.x_dtype)
     if ctx.needs_input_grad[1]:
-        dw = fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs_E, out_dtype=ctx.w_dtype)
+        dw = fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs_W, ctx.w_dtype, ctx.tokens_aligned)
     return dx, dw
 
 
@@ -149,29 +186,36 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     is never written in x's dtype. dx sums each token's rows back in fp32 (_sum_slots, which needs `slots_TK`, the
     row of each (token, slot), along with rows_S), where autograd's backward of x[rows_S] would scatter-add them in
     x's dtype.
+
+    `padded`, if given, is (row_P, offs_P) of pad_experts_to_tiles: the wgrad's operands are quantised in that
+    layout (each expert's rows padded to whole 128-token tiles) and its GEMM runs whole steps only. Without it the
+    128x1 tiles run over all S rows, a tile at an expert boundary shared by two experts.
     """
 
     @staticmethod
     def forward(
         ctx, x: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False,
         quantized_weight: tuple | None = None, grad_enabled: bool = True, rows_S: torch.Tensor | None = None,
-        slots_TK: torch.Tensor | None = None,
+        slots_TK: torch.Tensor | None = None, padded: tuple | None = None,
     ) -> torch.Tensor:  # fmt: skip
         assert (rows_S is None) == (slots_TK is None), "a gathered input needs both rows_S and slots_TK"
         x = x.contiguous()
-        y_SN, saved = _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S)
-        ctx.save_for_backward(*saved, rows_S, slots_TK)
+        row_P, offs_P = padded if padded is not None else (None, None)
+        x_padded = None if row_P is None else (row_P if rows_S is None else _rows_at(row_P, rows_S), offs_P)
+        y_SN, saved = _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S,
+                                       x_padded)  # fmt: skip
+        ctx.save_for_backward(*saved, rows_S, slots_TK, row_P)
         return y_SN
 
     @staticmethod
     def backward(ctx, dy_SN: torch.Tensor):
-        *saved, rows_S, slots_TK = ctx.saved_tensors
+        *saved, rows_S, slots_TK, row_P = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dy = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw)
+        dy = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw, padded_rows=row_P)
         dx, dw = _grouped_backward(ctx, saved, *dy)
         if dx is not None and slots_TK is not None:
             dx = _sum_slots(dx, (None, rows_S, slots_TK))
-        return dx, dw, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 class FP8GroupedLinearCombineFunction(torch.autograd.Function):
@@ -180,30 +224,36 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
     routing tensors as _sort_by_expert returns them).
     Apart, autograd would hand the backward dy_S = dout[token_S] * weight_S written out in full ([S, N], each
     token's gradient repeated per expert); here the quantisers read it straight from dout (quant.quantize_act's rows
-    and row_scale), with the same bf16 product. weight_TK: the routing weights, in x's dtype."""
+    and row_scale), with the same bf16 product. weight_TK: the routing weights, in x's dtype. padded: as
+    FP8GroupedLinearFunction's."""
 
     @staticmethod
     def forward(
         ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, order_S: torch.Tensor,
         token_S: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Tensor, pow2: bool = False,
-        grad_enabled: bool = True,
+        grad_enabled: bool = True, padded: tuple | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        y_SN, saved = _grouped_forward(ctx, x_SK.contiguous(), weight_ENK, offs_E, pow2, None, grad_enabled)
+        y_SN, saved = _grouped_forward(ctx, x_SK.contiguous(), weight_ENK, offs_E, pow2, None, grad_enabled,
+                                       padded=padded)  # fmt: skip
         weight_S = weight_TK.reshape(-1)[order_S]  # the weight of each row, in row order
-        ctx.save_for_backward(*saved, token_S, row_TK, weight_S, y_SN)  # y for the routing weights' gradient
+        row_P = padded[0] if padded is not None else None
+        ctx.save_for_backward(*saved, token_S, row_TK, weight_S, y_SN, row_P)  # y for the routing weights' gradient
         return _sum_slots(y_SN, (order_S, token_S, row_TK), weight_TK)
 
     @staticmethod
     def backward(ctx, dout_TN: torch.Tensor):
-        *saved, token_S, row_TK, weight_S, y_SN = ctx.saved_tensors
+        *saved, token_S, row_TK, weight_S, y_SN, row_P = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dout_TN = dout_TN.contiguous()
-        dy = _quantize_grad(dout_TN, ctx.pow2, need_dx, need_dw, token_S, weight_S)
+        padded_rows = padded_scale = None
+        if row_P is not None:  # the wgrad's rows dout[token] * weight, in the padded layout
+            padded_rows, padded_scale = _rows_at(row_P, token_S), weight_S[row_P.clamp(min=0)]
+        dy = _quantize_grad(dout_TN, ctx.pow2, need_dx, need_dw, token_S, weight_S, padded_rows, padded_scale)
         dx, dw = _grouped_backward(ctx, saved, *dy)
         dweight = None
         if ctx.needs_input_grad[6]:  # as autograd differentiates y[row] * weight (the products in y's dtype)
             dweight = torch.stack([(dout_TN * y_SN[row_TK[:, k]]).sum(-1) for k in range(row_TK.shape[1])], 1)
-        return dx, dw, None, None, None, None, dweight, None, None
+        return dx, dw, None, None, None, None, dweight, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,11 +419,23 @@ def fp8_experts_forward(
     E = gate_up_proj_EFD.shape[0]
     order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
     grad = torch.is_grad_enabled()
-    h_SF = FP8GroupedLinearFunction.apply(hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, None, grad, token_S, row_TK)
+    padded = pad_experts_to_tiles(offs_E, token_S.shape[0]) if grad else None  # the wgrad's layout
+    h_SF = FP8GroupedLinearFunction.apply(
+        hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, None, grad, token_S, row_TK, padded
+    )
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_SI = act(gate_SI) * up_SI
     return FP8GroupedLinearCombineFunction.apply(
-        a_SI, down_proj_EDI, offs_E, order_S, token_S, row_TK, topk_weight_TK.to(h_SF.dtype), pow2_scales, grad
+        a_SI,
+        down_proj_EDI,
+        offs_E,
+        order_S,
+        token_S,
+        row_TK,
+        topk_weight_TK.to(h_SF.dtype),
+        pow2_scales,
+        grad,
+        padded,
     )
 
 
@@ -428,32 +490,43 @@ class FP8LinearRefFunction(torch.autograd.Function):
 class FP8GroupedLinearRefFunction(torch.autograd.Function):
     """Reference of FP8GroupedLinearFunction: a loop over experts of the dense reference recipe.
 
-    The 128x1 tiles of the wgrad operands are global over all S rows, as in the kernel.
+    The 128x1 tiles of the wgrad operands run over all S rows (FP8GroupedLinearFunction without `padded`) or, with
+    expert_tiles, over each expert's rows alone (with `padded`: zero padding to whole tiles leaves every tile's
+    maximum, and so its scale and codes, as they are).
     """
 
     @staticmethod
-    def forward(ctx, x_SK, weight_ENK, offs_E, pow2: bool = False):
+    def forward(ctx, x_SK, weight_ENK, offs_E, pow2: bool = False, expert_tiles: bool = False):
         w = dequantize_weight_ref(*quantize_weight_ref(weight_ENK, pow2), torch.float32)  # [E, N, K]
         x = dequantize_act_ref(*quantize_act_ref(x_SK, pow2))
         ranges = list(zip([0] + offs_E.tolist()[:-1], offs_E.tolist(), strict=True))
         y = x.new_zeros(x.shape[0], w.shape[1])
         for e, (s, t) in enumerate(ranges):
             y[s:t] = x[s:t] @ w[e].t()
-        ctx.save_for_backward(dequantize_act_ref(*quantize_act_t_ref(x_SK, pow2)), w)
         ctx.ranges, ctx.pow2, ctx.x_dtype, ctx.w_dtype = ranges, pow2, x_SK.dtype, weight_ENK.dtype
+        ctx.expert_tiles = expert_tiles
+        ctx.save_for_backward(FP8GroupedLinearRefFunction._tiled_t(ctx, x_SK), w)
         return y.to(x_SK.dtype)
+
+    @staticmethod
+    def _tiled_t(ctx, x_SK):
+        """x in the 128x1 tiling along tokens, dequantised: [K, S]."""
+        if not ctx.expert_tiles:
+            return dequantize_act_ref(*quantize_act_t_ref(x_SK, ctx.pow2))
+        parts = [dequantize_act_ref(*quantize_act_t_ref(x_SK[s:t], ctx.pow2)) for s, t in ctx.ranges]
+        return torch.cat(parts, dim=1)
 
     @staticmethod
     def backward(ctx, dy_SN):
         xT_KS, w = ctx.saved_tensors
         dy = dequantize_act_ref(*quantize_act_ref(dy_SN, ctx.pow2))
-        dyT = dequantize_act_ref(*quantize_act_t_ref(dy_SN, ctx.pow2))
+        dyT = FP8GroupedLinearRefFunction._tiled_t(ctx, dy_SN)
         dx = dy.new_zeros(dy.shape[0], w.shape[2])
         dw = torch.zeros_like(w)
         for e, (s, t) in enumerate(ctx.ranges):
             dx[s:t] = dy[s:t] @ w[e]
             dw[e] = dyT[:, s:t] @ xT_KS[:, s:t].t()
-        return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None
+        return dx.to(ctx.x_dtype), dw.to(ctx.w_dtype), None, None, None
 
 
 def experts_forward_ref(
@@ -466,12 +539,13 @@ def experts_forward_ref(
     pow2_scales: bool = False,
     fp8: bool = True,
 ) -> torch.Tensor:
-    """Reference of fp8_experts_forward; with fp8=False, the plain high-precision experts."""
+    """Reference of fp8_experts_forward (the wgrad's tiles per expert, as its padded layout makes them); with
+    fp8=False, the plain high-precision experts."""
     E = gate_up_proj_EFD.shape[0]
     order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
     x_SD = hidden_TD[token_S]
     if fp8:
-        linear = lambda x, w: FP8GroupedLinearRefFunction.apply(x, w, offs_E, pow2_scales)
+        linear = lambda x, w: FP8GroupedLinearRefFunction.apply(x, w, offs_E, pow2_scales, True)
     else:
         counts = torch.diff(offs_E, prepend=offs_E.new_zeros(1)).tolist()
         linear = lambda x, w: torch.cat([xe @ we.t() for xe, we in zip(x.split(counts), w, strict=True)])

@@ -148,10 +148,12 @@ def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # 
     y = fp8_experts_forward(h, idx, wt, gu, dn)
 
     order_S, token_S, row_TK, offs_E = FL._sort_by_expert(idx, gu2.shape[0])
+    padded = FL.pad_experts_to_tiles(offs_E, token_S.shape[0])  # the wgrad's layout, as fp8_experts_forward's
     x_SD = h2.detach()[token_S].requires_grad_()  # written out; its gradient summed per token below
-    h_SF = FL.FP8GroupedLinearFunction.apply(x_SD, gu2, offs_E)
+    h_SF = FL.FP8GroupedLinearFunction.apply(x_SD, gu2, offs_E, False, None, True, None, None, padded)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
-    y_SD = FL.FP8GroupedLinearFunction.apply(F.silu(gate_SI) * up_SI, dn2, offs_E)
+    y_SD = FL.FP8GroupedLinearFunction.apply(F.silu(gate_SI) * up_SI, dn2, offs_E, False, None, True, None, None,
+                                             padded)  # fmt: skip
     y2 = FL._sum_slots(y_SD, (order_S, token_S, row_TK), wt2)  # autograd differentiates the combine
 
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
@@ -160,6 +162,48 @@ def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # 
     h2.grad = FL._sum_slots(x_SD.grad, (order_S, token_S, row_TK))
     return [("y", y, y2)] + [(n, a.grad, b.grad) for n, a, b in (("h", h, h2), ("wt", wt, wt2), ("gu", gu, gu2),
                                                                 ("dn", dn, dn2))]  # fmt: skip
+
+
+@pytest.mark.parametrize("counts", [[0, 1, 128, 129, 0, 300], [256], [5, 0, 0]])
+def test_pad_experts_to_tiles(counts):
+    """The wgrad's padded layout: each expert's rows in order from a multiple of 128, then -1 to the next tile; an
+    empty expert takes no position; everything from offs_P[-1] to the static bound is padding."""
+    from modeling_deepseek_v3.kernels import fp8_linear as FL
+
+    offs_E = torch.tensor(counts).cumsum(0).to(torch.int32)
+    S, E = sum(counts), len(counts)
+    row_P, offs_P = FL.pad_experts_to_tiles(offs_E, S)
+    padded = [-(-c // 128) * 128 for c in counts]
+    assert offs_P.dtype == torch.int32 and offs_P.tolist() == torch.tensor(padded).cumsum(0).tolist()
+    assert row_P.shape[0] == -(-(S + min(E, S) * 127) // 128) * 128
+    expected, start = [], 0
+    for c, p in zip(counts, padded, strict=True):
+        expected += list(range(start, start + c)) + [-1] * (p - c)
+        start += c
+    expected += [-1] * (row_P.shape[0] - len(expected))
+    assert row_P.tolist() == expected
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fp8_grouped_linear_padded_wgrad_matches_reference(padded, tol, rel):
+    """FP8GroupedLinearFunction with and without the padded wgrad layout against the reference tiled the same way
+    (expert_tiles); the two tilings' weight gradients differ (so the check can tell them apart), by rounding only."""
+    from modeling_deepseek_v3.kernels import fp8_linear as FL
+
+    g = torch.Generator().manual_seed(11)
+    counts = [70, 0, 200, 130]
+    offs_E = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 256, generator=g).requires_grad_()
+    w = (torch.randn(4, 192, 256, generator=g) * 0.05).requires_grad_()
+    dy = torch.randn(sum(counts), 192, generator=g)
+    layout = FL.pad_experts_to_tiles(offs_E, sum(counts)) if padded else None
+    FL.FP8GroupedLinearFunction.apply(x, w, offs_E, False, None, True, None, None, layout).backward(dy)
+    x2, w2 = (t.detach().clone().requires_grad_() for t in (x, w))
+    FL.FP8GroupedLinearRefFunction.apply(x2, w2, offs_E, False, padded).backward(dy)
+    assert rel(w.grad, w2.grad) < tol[torch.float32] and rel(x.grad, x2.grad) < tol[torch.float32]
+    x3, w3 = (t.detach().clone().requires_grad_() for t in (x, w))
+    FL.FP8GroupedLinearRefFunction.apply(x3, w3, offs_E, False, not padded).backward(dy)
+    assert 1e-4 < rel(w.grad, w3.grad) < 0.1, "the other tiling gives another (close) weight gradient"
 
 
 def test_fp8_experts_gathered_rows_equal_the_rows_written_out():
