@@ -89,6 +89,8 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
         results[kind] = dict(fwd_ms=fwd, fwd_tflops=FLOP_FWD / fwd / 1e9, fwdbwd_ms=fb,
                              fwdbwd_tflops=3 * FLOP_FWD / fb / 1e9, rel_err_vs_builtin=err)  # fmt: skip
         if profile:
+            for t in (xg, *moe.parameters()):  # as do_bench's grad_to_none: no gradient accumulation in the profile
+                t.grad = None
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 fwd_bwd()
                 torch.cuda.synchronize()

@@ -36,7 +36,11 @@ GROUPED_TMA_CONFIG = (64, 128, 4, 4)
 GROUPED_TMA_CONFIG_SHORT_K = (64, 128, 4, 3)
 # Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops[, TMA store]).
 # On an H200 at V3 size (2026-11-30): 186 / 196 TFLOPS for gate_up / down, against 73 for the pointer kernel.
-GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True)
+# Experts padded to whole tiles (tokens_aligned, session 8, `bench_grouped_wgrad.py --aligned`): 275 / 272 at 256
+# rows an expert; the TMA store took V3 gate_up at 1024 rows an expert from 420 to 497 and left the other cases
+# within about 1% (but deepseek-v3-small's down at 256 rows: 174 -> 159, one reading); 8 warps with 128x128 or
+# 128x256 tiles, or 3 programs an SM, were slower everywhere.
+GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True, True)
 # The persistent wgrad masks other experts' tokens out of a 128-token step in registers, which takes A off the
 # tensor cores' shared-memory path. With MASK_ENDS_ONLY only the partial steps at an expert's two ends are masked
 # and the whole ones run unmasked, at the cost of the FLATTEN pipelining across work items (three loops instead of
