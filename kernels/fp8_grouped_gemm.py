@@ -8,9 +8,12 @@ produce nothing in forward/dgrad and a zero weight gradient.
   dgrad    dx[S, K]    = dy[rows_e] . W[e]         (W[e] transposed to N-major, same blocks)
   wgrad    dW[e][N, K] = dy[rows_e]^T . x[rows_e]  both in the 128x1 tiling along tokens
 
-The wgrad's 128-token scale tiles are global (quant.quantize_act_t of all S rows), so a tile may
-straddle two experts: its scale then covers both, which is valid (the scale multiplies back) and
-only coarser. The K-loop steps stay aligned to those global tiles and mask the other experts' tokens.
+The wgrad's 128-token scale tiles are those of its operands' token axis. The routed experts
+(fp8_linear.fp8_experts_forward) pad each expert's tokens with zeros to whole tiles
+(fp8_linear.pad_experts_to_tiles, `tokens_aligned=True`): every step is one expert's, unmasked.
+Unpadded operands (quant.quantize_act_t of all S rows) are valid too: a tile may then straddle two
+experts, its scale covering both (valid, the scale multiplies back, only coarser), and the K-loop
+masks the other experts' tokens.
 
 Shape legend: S routed (token, expert) rows, E experts, N output features, K input features.
 """

@@ -414,7 +414,8 @@ def fp8_experts_forward(
     Weights use transformers' fused layout: gate_up_proj [E, 2*I, D] (gate rows first, then up),
     down_proj [E, D, I]. The top-k weighted sum is accumulated in fp32 (_sum_slots). Neither the routed input rows
     nor their output gradient are written out in bf16 (the quantisers gather them: FP8GroupedLinearFunction's
-    rows_S, FP8GroupedLinearCombineFunction).
+    rows_S, FP8GroupedLinearCombineFunction). With gradients on, the weight gradients' operands are quantised per
+    expert, padded to whole 128-token tiles (pad_experts_to_tiles).
     """
     E = gate_up_proj_EFD.shape[0]
     order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)

@@ -36,3 +36,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture
 def rel():
     return rel_err
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpretable_triton_stdlib():
+    """triton.language's own @jit helpers (tl.cdiv, ...) made interpretable once per session, as every public kernel
+    entry point does through require_fp8: tests that call a private launcher first (e.g. _grouped_launch) would
+    otherwise fail when run alone, triton having been imported (by transformers) before TRITON_INTERPRET was set."""
+    from modeling_deepseek_v3.kernels import _triton
+
+    if _triton.HAS_TRITON:
+        _triton._interpret_triton_stdlib()
