@@ -6,6 +6,7 @@ balanced-ish routing; both loops checked against each other. One JSON line a cas
 
     PYTHONPATH=. python benchmarks/bench_grouped_wgrad.py      # writes $OUT/bench_grouped_wgrad.json when OUT is set
     PYTHONPATH=. python benchmarks/bench_grouped_wgrad.py --aligned   # experts padded to whole 128-token tiles
+    BENCH_CASES="V3 gate_up" ncu ... python benchmarks/bench_grouped_wgrad.py --aligned --profile-once
 
 --aligned: each expert's tokens padded with zero columns to a multiple of 128 (tokens_aligned=True: one unmasked
 loop, no step shared by two experts) in several tile configurations, against the dispatched kernel on the unpadded
@@ -70,10 +71,19 @@ ALIGNED_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM
 ]  # fmt: skip
 
 
-def aligned() -> None:
+def aligned(profile_once: bool = False) -> None:
+    """BENCH_CONFIGS (a JSON list of config lists) replaces ALIGNED_CONFIGS, BENCH_CASES (a substring, e.g. "V3
+    gate_up") narrows the cases. profile_once: the first case and first configuration, run three times outside
+    do_bench, for a profiler (ncu) to catch."""
+    configs = (
+        [tuple(c) for c in json.loads(os.environ["BENCH_CONFIGS"])]
+        if "BENCH_CONFIGS" in os.environ
+        else ALIGNED_CONFIGS
+    )
     torch.manual_seed(0)
     rows = []
-    for name, E, N, K, per_expert in [c for c in CASES if c[4] in (256, 1024)]:
+    cases = [c for c in CASES if c[4] in (256, 1024) and os.environ.get("BENCH_CASES", "") in c[0]]
+    for name, E, N, K, per_expert in cases:
         S = E * per_expert
         counts = torch.distributions.Dirichlet(torch.full((E,), 20.0)).sample() * S
         counts = counts.round().long().clamp(min=1)
@@ -91,12 +101,17 @@ def aligned() -> None:
         plain = (*K_.quantize_act_t(dy), *K_.quantize_act_t(x), offs, torch.bfloat16)
         pad = (*K_.quantize_act_t(dy_pad), *K_.quantize_act_t(x_pad), offs_pad, torch.bfloat16)
         del dy, x, dy_pad, x_pad
+        if profile_once:
+            for _ in range(3):
+                K_.fp8_grouped_gemm_wgrad(*pad, config=configs[0], tokens_aligned=True)
+            torch.cuda.synchronize()
+            return
         reference = K_.fp8_grouped_gemm_wgrad(*plain).float()
         flop = 2 * S * N * K
         r = dict(case=name, E=E, N=N, K=K, rows_per_expert=per_expert, padded_rows=int(padded.sum()),
                  us_dispatched=do_bench(functools.partial(K_.fp8_grouped_gemm_wgrad, *plain), warmup=10, rep=50) * 1e3)  # fmt: skip
         r["tflops_dispatched"] = flop / r["us_dispatched"] / 1e6
-        for config in ALIGNED_CONFIGS:
+        for config in configs:
             f = functools.partial(K_.fp8_grouped_gemm_wgrad, *pad, config=config, tokens_aligned=True)
             tag = "x".join(map(str, config[:4])) + f"p{config[4]}" + ("tma" if config[6] else "")
             r[f"rel_diff_{tag}"] = ((f().float() - reference).norm() / reference.norm()).item()
@@ -114,4 +129,4 @@ def aligned() -> None:
 if __name__ == "__main__":
     import sys
 
-    aligned() if "--aligned" in sys.argv else main()
+    aligned("--profile-once" in sys.argv) if "--aligned" in sys.argv else main()

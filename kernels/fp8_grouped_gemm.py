@@ -172,7 +172,7 @@ if tt.HAS_TRITON:
         S, N, K, E,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr,
         MASK_ENDS_ONLY: tl.constexpr = False, ALIGNED: tl.constexpr = False, c_desc=None,
-        TMA_STORE: tl.constexpr = False,
+        TMA_STORE: tl.constexpr = False, SCALES_T: tl.constexpr = False,
     ):  # fmt: skip
         # a_desc over dyT_NS (block [BLOCK_M, 128]), b_desc over xT_KS (block [BLOCK_N, 128]), both
         # K-major along tokens; as_NSb, bs_KSb; c = dW_ENK. Persistent: NUM_PROGS programs walk the
@@ -185,19 +185,40 @@ if tt.HAS_TRITON:
         num_n = tl.cdiv(K, BLOCK_N)
         tiles = num_m * num_n
         sb = tl.cdiv(S, 128)
+        # Each item's token range is loaded one item ahead (a global load at an item's start would leave its
+        # latency exposed: nothing else is in flight there).
+        e_first = tl.program_id(0) // tiles
+        start = tl.load(offs_ptr + e_first - 1, mask=e_first > 0, other=0)
+        end = tl.load(offs_ptr + e_first)
         for item in tl.range(tl.program_id(0), E * tiles, NUM_PROGS, flatten=FLATTEN):
             e = item // tiles
             t = item % tiles
             off_m = (t // num_n) * BLOCK_M
             off_n = (t % num_n) * BLOCK_N
-            start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-            end = tl.load(offs_ptr + e)
+            e_next = tl.minimum((item + NUM_PROGS) // tiles, E - 1)
+            start_next = tl.load(offs_ptr + e_next - 1, mask=e_next > 0, other=0)
+            end_next = tl.load(offs_ptr + e_next)
             as_ptrs = as_ptr + ((off_m + tl.arange(0, BLOCK_M)) % N) * sb
             bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % K) * sb
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if ALIGNED:  # every expert's tokens start and end on a scale tile: whole steps, one unmasked loop
-                for kb in range(start // 128, end // 128):
-                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end, False)
+                # The step's scales are loaded one step ahead, for the same reason; SCALES_T: read from [Sb, N]
+                # and [Sb, K], where a step's scale vectors are contiguous.
+                if SCALES_T:
+                    as_ptrs = as_ptr + (off_m + tl.arange(0, BLOCK_M)) % N
+                    bs_ptrs = bs_ptr + (off_n + tl.arange(0, BLOCK_N)) % K
+                step_a = N if SCALES_T else 1
+                step_b = K if SCALES_T else 1
+                kb_end = end // 128
+                a_s = tl.load(as_ptrs + (start // 128) * step_a, mask=start < end, other=0.0)
+                b_s = tl.load(bs_ptrs + (start // 128) * step_b, mask=start < end, other=0.0)
+                for kb in range(start // 128, kb_end):
+                    a_s_next = tl.load(as_ptrs + (kb + 1) * step_a, mask=kb + 1 < kb_end, other=0.0)
+                    b_s_next = tl.load(bs_ptrs + (kb + 1) * step_b, mask=kb + 1 < kb_end, other=0.0)
+                    a = a_desc.load([off_m, kb * 128])
+                    b = b_desc.load([off_n, kb * 128])
+                    acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
+                    a_s, b_s = a_s_next, b_s_next
             elif MASK_ENDS_ONLY:
                 # The scale tiles wholly inside the expert's tokens need no mask; the partial ones at its two ends
                 # (at most two steps, one where both ends share a tile) do.
@@ -218,6 +239,7 @@ if tt.HAS_TRITON:
                 offs_n = off_n + tl.arange(0, BLOCK_N)
                 c_ptrs = c_ptr + e.to(tl.int64) * N * K + offs_m[:, None] * K + offs_n[None, :]
                 tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_n[None, :] < K))
+            start, end = start_next, end_next
 
     @triton.jit
     def _grouped_wgrad_stream_kernel(
@@ -474,11 +496,15 @@ def fp8_grouped_gemm_wgrad(
         )  # fmt: skip
         return c
     if use_tma:
-        bm, bn, warps, stages, occ, flatten, *tma_store = config or (
+        bm, bn, warps, stages, occ, flatten, *extra = config or (
             GROUPED_WGRAD_TMA_CONFIG if not tt.interpreting() else (32, 64, 4, 1, 1, False)
         )
-        tma_store = bool(tma_store and tma_store[0])
+        tma_store, scales_t, maxnreg = (list(extra) + [False, False, None][len(extra) :])[:3]
         c_desc = TensorDescriptor(c, [E, N, K], [N * K, K, 1], [1, bm, bn]) if tma_store else None
+        scales_t = bool(scales_t and tokens_aligned)
+        if scales_t:  # [Sb, N] / [Sb, K] (small: a few MB at V3 size)
+            dyT_scale_NSb, xT_scale_KSb = dyT_scale_NSb.t().contiguous(), xT_scale_KSb.t().contiguous()
+        launch = dict(maxnreg=maxnreg) if maxnreg else {}
         from .fp8_gemm import num_sms
 
         progs = min(num_sms() * occ, E * triton.cdiv(N, bm) * triton.cdiv(K, bn))
@@ -489,7 +515,8 @@ def fp8_grouped_gemm_wgrad(
         _grouped_wgrad_tma_kernel[(progs,)](
             a_desc, b_desc, c, dyT_scale_NSb, xT_scale_KSb, offs_E, S, N, K, E,
             BLOCK_M=bm, BLOCK_N=bn, NUM_PROGS=progs, FLATTEN=flatten, MASK_ENDS_ONLY=mask_ends_only,
-            ALIGNED=tokens_aligned, c_desc=c_desc, TMA_STORE=tma_store, num_warps=warps, num_stages=stages,
+            ALIGNED=tokens_aligned, c_desc=c_desc, TMA_STORE=tma_store, SCALES_T=scales_t, num_warps=warps,
+            num_stages=stages, **launch,
         )  # fmt: skip
         return c
 
