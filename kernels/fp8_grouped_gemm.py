@@ -37,13 +37,16 @@ if tt.HAS_TRITON:
 # 3 stages 656 / 732; 128x128 / 8 warps 630 / 601; the pointer kernel 520 / 469.
 GROUPED_TMA_CONFIG = (64, 128, 4, 4)
 GROUPED_TMA_CONFIG_SHORT_K = (64, 128, 4, 3)
-# Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops[, TMA store]).
+# Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops[, TMA store[,
+# scales read transposed[, maxnreg]]]).
 # On an H200 at V3 size (2026-11-30): 186 / 196 TFLOPS for gate_up / down, against 73 for the pointer kernel.
 # Experts padded to whole tiles (tokens_aligned, session 8, `bench_grouped_wgrad.py --aligned`): 275 / 272 at 256
 # rows an expert; the TMA store took V3 gate_up at 1024 rows an expert from 420 to 497 and left the other cases
 # within about 1% (but deepseek-v3-small's down at 256 rows: 174 -> 159, one reading); 8 warps with 128x128 or
-# 128x256 tiles, or 3 programs an SM, were slower everywhere.
-GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True, True)
+# 128x256 tiles, or 3 programs an SM, were slower everywhere. Then each step's scales loaded one step ahead and read
+# transposed (the last flag, aligned loop only): V3 gate_up / down at 256 rows 14.0 -> 10.2 / 7.1 -> 5.6 ms, at 1024
+# rows 35.0 -> 28.0 / 15.6 -> 12.9 ms (597 TFLOPS).
+GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True, True, True)
 # The persistent wgrad masks other experts' tokens out of a 128-token step in registers, which takes A off the
 # tensor cores' shared-memory path. With MASK_ENDS_ONLY only the partial steps at an expert's two ends are masked
 # and the whole ones run unmasked, at the cost of the FLATTEN pipelining across work items (three loops instead of
