@@ -113,8 +113,7 @@ def aligned(profile_once: bool = False) -> None:
         r["tflops_dispatched"] = flop / r["us_dispatched"] / 1e6
         for config in configs:
             f = functools.partial(K_.fp8_grouped_gemm_wgrad, *pad, config=config, tokens_aligned=True)
-            extra = dict(zip(("tma", "sT", "maxnreg"), config[6:], strict=False))
-            tag = "x".join(map(str, config[:4])) + f"p{config[4]}" + "".join(f"_{k}{v}" for k, v in extra.items() if v)
+            tag = "x".join(map(str, config[:4])) + f"p{config[4]}" + ("tma" if config[6:] and config[6] else "")
             r[f"rel_diff_{tag}"] = ((f().float() - reference).norm() / reference.norm()).item()
             r[f"us_{tag}"] = do_bench(f, warmup=10, rep=50) * 1e3
             r[f"tflops_{tag}"] = flop / r[f"us_{tag}"] / 1e6

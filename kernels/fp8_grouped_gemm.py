@@ -37,16 +37,16 @@ if tt.HAS_TRITON:
 # 3 stages 656 / 732; 128x128 / 8 warps 630 / 601; the pointer kernel 520 / 469.
 GROUPED_TMA_CONFIG = (64, 128, 4, 4)
 GROUPED_TMA_CONFIG_SHORT_K = (64, 128, 4, 3)
-# Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops[, TMA store[,
-# scales read transposed[, maxnreg]]]).
+# Grouped wgrad TMA kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM, flatten loops[, TMA store]).
 # On an H200 at V3 size (2026-11-30): 186 / 196 TFLOPS for gate_up / down, against 73 for the pointer kernel.
 # Experts padded to whole tiles (tokens_aligned, session 8, `bench_grouped_wgrad.py --aligned`): 275 / 272 at 256
 # rows an expert; the TMA store took V3 gate_up at 1024 rows an expert from 420 to 497 and left the other cases
 # within about 1% (but deepseek-v3-small's down at 256 rows: 174 -> 159, one reading); 8 warps with 128x128 or
-# 128x256 tiles, or 3 programs an SM, were slower everywhere. Then each step's scales loaded one step ahead and read
-# transposed (the last flag, aligned loop only): V3 gate_up / down at 256 rows 14.0 -> 10.2 / 7.1 -> 5.6 ms, at 1024
-# rows 35.0 -> 28.0 / 15.6 -> 12.9 ms (597 TFLOPS).
-GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True, True, True)
+# 128x256 tiles, or 3 programs an SM, were slower everywhere. Then the aligned loop's scales loaded one step ahead
+# and read transposed: V3 gate_up / down at 256 rows 14.0 -> 10.2 / 7.1 -> 5.6 ms, at 1024 rows 35.0 -> 28.0 /
+# 15.6 -> 12.9 ms (597 TFLOPS); the transposed read is 4-26% of that (RESULTS.md). Capping registers to fit 3
+# programs an SM (maxnreg 168) was slower.
+GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True, True)
 # The persistent wgrad masks other experts' tokens out of a 128-token step in registers, which takes A off the
 # tensor cores' shared-memory path. With MASK_ENDS_ONLY only the partial steps at an expert's two ends are masked
 # and the whole ones run unmasked, at the cost of the FLATTEN pipelining across work items (three loops instead of
@@ -175,7 +175,7 @@ if tt.HAS_TRITON:
         S, N, K, E,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr,
         MASK_ENDS_ONLY: tl.constexpr = False, ALIGNED: tl.constexpr = False, c_desc=None,
-        TMA_STORE: tl.constexpr = False, SCALES_T: tl.constexpr = False,
+        TMA_STORE: tl.constexpr = False,
     ):  # fmt: skip
         # a_desc over dyT_NS (block [BLOCK_M, 128]), b_desc over xT_KS (block [BLOCK_N, 128]), both
         # K-major along tokens; as_NSb, bs_KSb; c = dW_ENK. Persistent: NUM_PROGS programs walk the
@@ -205,19 +205,16 @@ if tt.HAS_TRITON:
             bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % K) * sb
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if ALIGNED:  # every expert's tokens start and end on a scale tile: whole steps, one unmasked loop
-                # The step's scales are loaded one step ahead, for the same reason; SCALES_T: read from [Sb, N]
-                # and [Sb, K], where a step's scale vectors are contiguous.
-                if SCALES_T:
-                    as_ptrs = as_ptr + (off_m + tl.arange(0, BLOCK_M)) % N
-                    bs_ptrs = bs_ptr + (off_n + tl.arange(0, BLOCK_N)) % K
-                step_a = N if SCALES_T else 1
-                step_b = K if SCALES_T else 1
+                # The scales come transposed here, [Sb, N] and [Sb, K], so that a step's scale vectors are
+                # contiguous, and are loaded one step ahead, for the same reason as the token range.
+                as_ptrs = as_ptr + (off_m + tl.arange(0, BLOCK_M)) % N
+                bs_ptrs = bs_ptr + (off_n + tl.arange(0, BLOCK_N)) % K
                 kb_end = end // 128
-                a_s = tl.load(as_ptrs + (start // 128) * step_a, mask=start < end, other=0.0)
-                b_s = tl.load(bs_ptrs + (start // 128) * step_b, mask=start < end, other=0.0)
+                a_s = tl.load(as_ptrs + (start // 128) * N, mask=start < end, other=0.0)
+                b_s = tl.load(bs_ptrs + (start // 128) * K, mask=start < end, other=0.0)
                 for kb in range(start // 128, kb_end):
-                    a_s_next = tl.load(as_ptrs + (kb + 1) * step_a, mask=kb + 1 < kb_end, other=0.0)
-                    b_s_next = tl.load(bs_ptrs + (kb + 1) * step_b, mask=kb + 1 < kb_end, other=0.0)
+                    a_s_next = tl.load(as_ptrs + (kb + 1) * N, mask=kb + 1 < kb_end, other=0.0)
+                    b_s_next = tl.load(bs_ptrs + (kb + 1) * K, mask=kb + 1 < kb_end, other=0.0)
                     a = a_desc.load([off_m, kb * 128])
                     b = b_desc.load([off_n, kb * 128])
                     acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
@@ -502,12 +499,10 @@ def fp8_grouped_gemm_wgrad(
         bm, bn, warps, stages, occ, flatten, *extra = config or (
             GROUPED_WGRAD_TMA_CONFIG if not tt.interpreting() else (32, 64, 4, 1, 1, False)
         )
-        tma_store, scales_t, maxnreg = (list(extra) + [False, False, None][len(extra) :])[:3]
+        tma_store = bool(extra and extra[0])
         c_desc = TensorDescriptor(c, [E, N, K], [N * K, K, 1], [1, bm, bn]) if tma_store else None
-        scales_t = bool(scales_t and tokens_aligned)
-        if scales_t:  # [Sb, N] / [Sb, K] (small: a few MB at V3 size)
+        if tokens_aligned:  # the aligned loop reads the scales as [Sb, N] / [Sb, K] (a few MB at V3 size)
             dyT_scale_NSb, xT_scale_KSb = dyT_scale_NSb.t().contiguous(), xT_scale_KSb.t().contiguous()
-        launch = dict(maxnreg=maxnreg) if maxnreg else {}
         from .fp8_gemm import num_sms
 
         progs = min(num_sms() * occ, E * triton.cdiv(N, bm) * triton.cdiv(K, bn))
@@ -518,8 +513,7 @@ def fp8_grouped_gemm_wgrad(
         _grouped_wgrad_tma_kernel[(progs,)](
             a_desc, b_desc, c, dyT_scale_NSb, xT_scale_KSb, offs_E, S, N, K, E,
             BLOCK_M=bm, BLOCK_N=bn, NUM_PROGS=progs, FLATTEN=flatten, MASK_ENDS_ONLY=mask_ends_only,
-            ALIGNED=tokens_aligned, c_desc=c_desc, TMA_STORE=tma_store, SCALES_T=scales_t, num_warps=warps,
-            num_stages=stages, **launch,
+            ALIGNED=tokens_aligned, c_desc=c_desc, TMA_STORE=tma_store, num_warps=warps, num_stages=stages,
         )  # fmt: skip
         return c
 
