@@ -43,8 +43,8 @@ GROUPED_TMA_CONFIG_SHORT_K = (64, 128, 4, 3)
 # rows an expert; the TMA store took V3 gate_up at 1024 rows an expert from 420 to 497 and left the other cases
 # within about 1% (but deepseek-v3-small's down at 256 rows: 174 -> 159, one reading); 8 warps with 128x128 or
 # 128x256 tiles, or 3 programs an SM, were slower everywhere. Then the aligned loop's scales loaded one step ahead
-# and read transposed: V3 gate_up / down at 256 rows 14.0 -> 10.2 / 7.1 -> 5.6 ms, at 1024 rows 35.0 -> 28.0 /
-# 15.6 -> 12.9 ms (597 TFLOPS); the transposed read is 4-26% of that (RESULTS.md). Capping registers to fit 3
+# and read transposed: V3 gate_up / down at 256 rows 14.0 -> 10.2 / 7.1 -> 5.6 ms, at 1024 rows 35.0 -> 28.3 /
+# 15.6 -> 13.0 ms (593 TFLOPS); the transposed read is 4-26% of that (RESULTS.md). Capping registers to fit 3
 # programs an SM (maxnreg 168) was slower.
 GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True, True)
 # The persistent wgrad masks other experts' tokens out of a 128-token step in registers, which takes A off the
