@@ -154,7 +154,7 @@ def fp8_grouped_gemm_dgrad(
     return _fp8_grouped_gemm_dgrad(dy_SN, dy_scale, None, w_scale, offs_E, out_dtype, w_EKN=w_EKN)
 
 
-@_opaque("fp8_grouped_gemm_wgrad", lambda dyT, dyTs, xT, xTs, offs, dt, aligned=False: dyT.new_empty(offs.shape[0], dyT.shape[0], xT.shape[0], dtype=dt))  # fmt: skip
+@_opaque("fp8_grouped_gemm_wgrad", lambda dyT, dyTs, xT, xTs, offs, dt, tokens_aligned=False: dyT.new_empty(offs.shape[0], dyT.shape[0], xT.shape[0], dtype=dt))  # fmt: skip
 def fp8_grouped_gemm_wgrad(
     dyT_NS: torch.Tensor, dyT_scale: torch.Tensor, xT_KS: torch.Tensor, xT_scale: torch.Tensor, offs_E: torch.Tensor,
     out_dtype: torch.dtype, tokens_aligned: bool = False,

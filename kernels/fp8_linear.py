@@ -426,17 +426,9 @@ def fp8_experts_forward(
     )
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_SI = act(gate_SI) * up_SI
+    weight_TK = topk_weight_TK.to(h_SF.dtype)
     return FP8GroupedLinearCombineFunction.apply(
-        a_SI,
-        down_proj_EDI,
-        offs_E,
-        order_S,
-        token_S,
-        row_TK,
-        topk_weight_TK.to(h_SF.dtype),
-        pow2_scales,
-        grad,
-        padded,
+        a_SI, down_proj_EDI, offs_E, order_S, token_S, row_TK, weight_TK, pow2_scales, grad, padded
     )
 
 
