@@ -127,15 +127,16 @@ def pad_experts_to_tiles(offs_E: torch.Tensor, S: int) -> tuple[torch.Tensor, to
     """The routed rows laid out for the grouped wgrad with every expert padded to whole 128-token scale tiles, built
     on the device (no sync): (row_P, offs_P). row_P [P] (int64): the routed row (an index into the S rows, sorted by
     expert) at each padded position, -1 for padding (a row of zeros to the quantisers); offs_P [E] (int32): the
-    padded cumulative counts, multiples of 128. P is the static bound S + min(E, S) * 127 rounded up to a tile, so
-    positions from offs_P[-1] on are padding too; the wgrad never reads them."""
+    padded cumulative counts, multiples of 128. P is a static bound, the largest multiple of 128 not above
+    S + min(E, S) * 127 (each expert with tokens adds at most 127 rows of padding, and the padded total is a
+    multiple of 128), so positions from offs_P[-1] on are padding too; the wgrad never reads them."""
     E = offs_E.numel()
     ends = offs_E.long()
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     counts = ends - starts
     padded = (counts + BLOCK - 1) // BLOCK * BLOCK
     padded_ends = padded.cumsum(0)
-    P = (S + min(E, S) * (BLOCK - 1) + BLOCK - 1) // BLOCK * BLOCK
+    P = (S + min(E, S) * (BLOCK - 1)) // BLOCK * BLOCK
     pos = torch.arange(P, device=offs_E.device)
     e = torch.searchsorted(padded_ends, pos, right=True).clamp(max=E - 1)  # skips experts padded to nothing
     rank = pos - (padded_ends - padded)[e]
