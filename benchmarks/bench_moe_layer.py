@@ -111,6 +111,17 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
             finally:
                 FL.fp8_grouped_gemm_wgrad = persistent
             results[kind]["fwdbwd_ms_stream_wgrad"] = fb
+            # The eager top-k sum by kernels/topk_sum.py (off by default) instead of index_add into fp32.
+            TS = importlib.import_module("modeling_deepseek_v3.kernels.topk_sum")
+            TS.SUM_SLOTS_KERNEL = True
+            try:
+                with torch.no_grad():
+                    y = run().float()
+                fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
+            finally:
+                TS.SUM_SLOTS_KERNEL = False
+            results[kind]["fwdbwd_ms_topk_sum_kernel"] = fb
+            results[kind]["rel_err_vs_builtin_topk_sum_kernel"] = ((y - reference).norm() / reference.norm()).item()
         print(kind, json.dumps(results[kind]), flush=True)
         moe = None
         torch.cuda.empty_cache()

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import topk_sum
+
 # The kernels through compile_ops: plain calls in eager mode, opaque custom ops under torch.compile.
 from .compile_ops import (
     fp8_gemm,
@@ -387,9 +389,12 @@ def _sum_slots(y_SD, routing, weight_TK=None) -> torch.Tensor:
     (order_S only for weights). Under torch.compile by gathering each slot's row (one fused kernel: no atomics, a
     fixed order; index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200,
     benchmarks/RESULTS.md); in eager mode by one index_add, as each slot's gather would be written out in full
-    there. The model's twin: modeling_dsv3._sum_slots."""
+    there, or (topk_sum.SUM_SLOTS_KERNEL) by topk_sum's kernel, which computes what the compiled path does. The
+    model's twin: modeling_dsv3._sum_slots."""
     order_S, token_S, row_TK = routing
     if not torch.compiler.is_compiling():
+        if topk_sum.SUM_SLOTS_KERNEL:
+            return topk_sum.sum_slots(y_SD, row_TK, weight_TK)
         rows_SD = y_SD if weight_TK is None else y_SD * weight_TK.reshape(-1)[order_S, None].to(y_SD.dtype)
         out_TD = y_SD.new_zeros(row_TK.shape[0], y_SD.shape[1], dtype=torch.float32)
         return out_TD.index_add_(0, token_S, rows_SD.float()).to(y_SD.dtype)

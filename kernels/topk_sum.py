@@ -1,0 +1,72 @@
+"""The routed experts' top-k sum as one Triton kernel, for eager mode.
+
+    out[t] = sum over slots k of (weight_TK[t, k] *) y_SD[row_TK[t, k]]
+
+with each weighted product rounded to y's dtype, the sum in fp32 in slot order, and one rounding to y's dtype at
+the end: what fp8_linear._sum_slots computes under torch.compile (per-slot gathers that inductor fuses), bit for
+bit. In eager mode _sum_slots takes one `index_add_` into fp32 instead, which needs the [S, D] rows written out in
+fp32 first and sums them by atomics in no fixed order (about 9 ms of a V3-size MoE layer's forward+backward on an
+H200, benchmarks/RESULTS.md); this kernel reads each routed row once, in bf16, and writes each token's sum once.
+
+Shape legend: T tokens, Kt slots (experts) a token, S = T * Kt routed rows, D features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _triton as tt
+
+triton, tl = tt.triton, tt.tl
+
+# Off until timed on a GPU against the eager index_add it would replace (benchmarks/bench_moe_layer.py, the FP8
+# row's "fwdbwd_ms_topk_sum_kernel"); fp8_linear._sum_slots reads it at call time.
+SUM_SLOTS_KERNEL = False
+
+if tt.HAS_TRITON:
+    from .quant import _round_to
+
+    @triton.jit
+    def _sum_slots_kernel(
+        y_ptr, row_ptr, w_ptr, out_ptr, D,
+        KT: tl.constexpr, BLOCK_D: tl.constexpr, WEIGHTED: tl.constexpr,
+    ):  # fmt: skip
+        # One program: BLOCK_D features of one token's sum over its KT slots.
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask = offs < D
+        DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(KT):
+            row = tl.load(row_ptr + t * KT + k).to(tl.int64)
+            term = tl.load(y_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
+            if WEIGHTED:  # the weight in y's dtype, the product rounded to it: torch's `y[row] * w.to(y.dtype)`
+                w = _round_to(tl.load(w_ptr + t * KT + k).to(tl.float32), DTYPE)
+                term = _round_to(term * w, DTYPE)
+            if k == 0:
+                acc = term  # not 0 + term, which would turn a -0.0 into +0.0
+            else:
+                acc = acc + term
+        tl.store(out_ptr + t * D + offs, _round_to(acc, DTYPE).to(DTYPE), mask=mask)
+
+
+def sum_slots(y_SD: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Tensor | None = None) -> torch.Tensor:
+    """out [T, D] in y's dtype (see the module docstring). row_TK: int32/int64 [T, Kt], rows of y_SD; weight_TK:
+    [T, Kt] or None (unweighted: the gradient of a gather)."""
+    tt.require_fp8("sum_slots")  # Triton and a GPU the FP8 experts run on, or the interpreter
+    assert y_SD.dim() == 2 and row_TK.dim() == 2, "y_SD [S, D] and row_TK [T, Kt]"
+    assert weight_TK is None or weight_TK.shape == row_TK.shape, "weight_TK must match row_TK"
+    y_SD, row_TK = y_SD.contiguous(), row_TK.contiguous()
+    (T, KT), D = row_TK.shape, y_SD.shape[1]
+    out = torch.empty(T, D, dtype=y_SD.dtype, device=y_SD.device)
+    if T == 0 or D == 0:
+        return out
+    if KT == 0:
+        return out.zero_()
+    block_d = min(1024, triton.next_power_of_2(D))
+    weighted = weight_TK is not None
+    _sum_slots_kernel[(T, triton.cdiv(D, block_d))](
+        y_SD, row_TK, weight_TK.contiguous() if weighted else row_TK, out, D,
+        KT=KT, BLOCK_D=block_d, WEIGHTED=weighted, num_warps=4,
+    )  # fmt: skip
+    return out

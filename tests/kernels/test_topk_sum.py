@@ -1,0 +1,102 @@
+"""kernels/topk_sum.py: the routed experts' top-k sum as one kernel (eager mode, off by default), against the per-slot
+order that fp8_linear._sum_slots computes under torch.compile."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from modeling_deepseek_v3.kernels import topk_sum
+
+
+def _slot_order(y_SD, row_TK, weight_TK=None):
+    """fp8_linear._sum_slots's compiled branch, in eager torch: products in y's dtype, fp32 sum in slot order."""
+    out = None
+    for k in range(row_TK.shape[1]):
+        term = y_SD[row_TK[:, k]]
+        term = (term if weight_TK is None else term * weight_TK[:, k : k + 1].to(y_SD.dtype)).float()
+        out = term if out is None else out + term
+    return out.to(y_SD.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weighted", [True, False])
+@pytest.mark.parametrize("T, KT, S, D", [(13, 3, 40, 300), (5, 8, 12, 1100), (1, 1, 1, 7)])
+def test_topk_sum_equals_the_slot_order_bit_for_bit(T, KT, S, D, dtype, weighted):
+    """Rows repeat across tokens and slots, D is ragged against the 1024-wide block, weights are random in (0, 1) so
+    that bf16 products land near rounding ties, and a tenth of y is exactly zero (negative zeros included)."""
+    g = torch.Generator().manual_seed(T * 100 + KT * 10 + D)
+    y = torch.randn(S, D, generator=g) * torch.logspace(-2, 2, D)
+    y[torch.rand(S, D, generator=g) < 0.1] = 0.0
+    y[0, : D // 2] = -0.0
+    y = y.to(dtype)
+    rows = torch.randint(0, S, (T, KT), generator=g)
+    weight = torch.rand(T, KT, generator=g).to(dtype) if weighted else None
+    out = topk_sum.sum_slots(y, rows, weight)
+    ref = _slot_order(y, rows, weight)
+    assert out.dtype == dtype and out.shape == (T, D)
+    assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))  # fmt: skip
+
+
+def test_fp8_experts_with_the_topk_sum_kernel(monkeypatch, rel):
+    """fp8_experts_forward in eager mode with SUM_SLOTS_KERNEL on (its combine and its gather's gradient through the
+    kernel) against the same with index_add: equal up to the fp32 sum's order, output and every gradient."""
+    from modeling_deepseek_v3.kernels import fp8_experts_forward
+
+    gen = torch.Generator().manual_seed(5)
+    T, Kt, E, D, I = 21, 3, 6, 256, 128  # noqa: E741  (I: expert intermediate size, as in the paper)
+    idx = torch.stack([torch.randperm(E, generator=gen)[:Kt] for _ in range(T)])
+    h, wt = torch.randn(T, D, generator=gen), torch.rand(T, Kt, generator=gen)
+    gu, dn = torch.randn(E, 2 * I, D, generator=gen) * 0.05, torch.randn(E, D, I, generator=gen) * 0.05
+    h, wt, gu, dn = (t.to(torch.bfloat16).requires_grad_() for t in (h, wt, gu, dn))
+    h2, wt2, gu2, dn2 = (t.detach().clone().requires_grad_() for t in (h, wt, gu, dn))
+    g = torch.randn(T, D, generator=gen).to(torch.bfloat16)
+    y = fp8_experts_forward(h, idx, wt, gu, dn)
+    y.backward(g)
+    monkeypatch.setattr(topk_sum, "SUM_SLOTS_KERNEL", True)
+    calls = []
+    real = topk_sum.sum_slots
+    monkeypatch.setattr(topk_sum, "sum_slots", lambda *a: calls.append(1) or real(*a))
+    y2 = fp8_experts_forward(h2, idx, wt2, gu2, dn2)
+    y2.backward(g)
+    assert len(calls) == 2, "the combine and the gather's gradient"
+    # Bound: one bf16 ulp (2^-8 relative) on an element whose fp32 sum rounds the other way in the other order (on
+    # the CPU index_add happens to add in slot order too; measured: identical).
+    assert rel(y2, y) < 4e-3
+    for a, b in ((h, h2), (wt, wt2), (gu, gu2), (dn, dn2)):
+        assert a.grad.abs().sum() > 0 and rel(b.grad, a.grad) < 4e-3
+
+
+_COMPILE = """
+import importlib, subprocess, tempfile
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+M = importlib.import_module("modeling_deepseek_v3.kernels.topk_sum")
+k = M._sum_slots_kernel
+for dtype, weighted in (("bf16", True), ("bf16", False), ("fp32", True)):
+    sig = dict(y_ptr="*" + dtype, row_ptr="*i64", w_ptr="*" + dtype, out_ptr="*" + dtype, D="i32", KT="constexpr",
+               BLOCK_D="constexpr", WEIGHTED="constexpr")
+    src = ASTSource(fn=k, signature=sig, constexprs=dict(KT=8, BLOCK_D=1024, WEIGHTED=weighted))
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4)).asm["ptx"]
+    with tempfile.TemporaryDirectory() as d:
+        open(f"{d}/k.ptx", "w").write(ptx)
+        v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                           capture_output=True, text=True).stderr
+    assert "0 bytes spill stores, 0 bytes spill loads" in v, (dtype, weighted, v)
+print("ok")
+"""
+
+
+def test_topk_sum_compiles_for_sm90():
+    """The kernel has run only in the interpreter here: it must build for sm_90 (bf16 and fp32, weighted or not)
+    without spills (a subprocess without TRITON_INTERPRET, as in test_fp8_grouped_gemm.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=300, env=env)
+    if "ptxas" in out.stderr and "No such file" in out.stderr:
+        pytest.skip("this Triton ships no ptxas")
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
