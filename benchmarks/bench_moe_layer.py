@@ -11,7 +11,6 @@ shared expert GEMMs only (the anchor's convention: 2 * T * 3 * D * F * (top-k + 
 # ruff: noqa: B023, F821  (lambdas are timed inside their own loop iteration; names are deleted only after)
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import os
@@ -55,7 +54,7 @@ def layer(kind: str) -> torch.nn.Module:
 
 def main(compile_layer: bool = False, profile: bool = False) -> None:
     """compile_layer: every variant (the built-in too) under torch.compile's default mode, as training runs them
-    (compile_layers); the streaming-wgrad row is then left out (it swaps a kernel in after tracing).
+    (compile_layers); the top-k-sum-kernel row is then left out (its switch is read in eager mode only).
     profile: one more forward+backward of each variant under torch.profiler, after the timed ones: the top kernels
     printed, all of them in $OUT/moe_profile_<variant>.txt."""
     torch.manual_seed(0)
@@ -101,16 +100,7 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
                 suffix = "_compiled" if compile_layer else ""
                 with open(os.path.join(os.environ["OUT"], f"moe_profile_{kind}{suffix}.txt"), "w") as f:
                     f.write(table)
-        if kind == "fp8" and not compile_layer:  # the layer with the streaming grouped wgrad, swapped in here only
-            GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
-            FL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_linear")
-            persistent = FL.fp8_grouped_gemm_wgrad
-            FL.fp8_grouped_gemm_wgrad = functools.partial(GG.fp8_grouped_gemm_wgrad, variant="stream")
-            try:
-                fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
-            finally:
-                FL.fp8_grouped_gemm_wgrad = persistent
-            results[kind]["fwdbwd_ms_stream_wgrad"] = fb
+        if kind == "fp8" and not compile_layer:
             # The eager top-k sum by kernels/topk_sum.py (off by default) instead of index_add into fp32.
             TS = importlib.import_module("modeling_deepseek_v3.kernels.topk_sum")
             TS.SUM_SLOTS_KERNEL = True
@@ -136,9 +126,8 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
 
 def kernels_table() -> None:
     """The grouped FP8 GEMMs of this layer alone (8192 tokens x top-8 over 256 experts, random routing): the
-    TMA kernels vs the pointer kernels they replace, checked against each other first; the streaming wgrad
-    (variant="stream") against the persistent one; forward and dgrad also through the Gluon grouped kernel (on
-    Hopper only), checked against the fp32 reference."""
+    TMA kernels vs the pointer kernels they replace, checked against each other first; forward and dgrad also
+    through the Gluon grouped kernel (on Hopper only), checked against the fp32 reference."""
     import importlib
     import sys
 
@@ -178,11 +167,6 @@ def kernels_table() -> None:
             r[f"{tag}_rel_diff_new_vs_old"] = rel(f_new(), f_old())
             r[f"{tag}_tflops_new"] = fl / ms(f_new) / 1e9
             r[f"{tag}_tflops_old"] = fl / ms(f_old) / 1e9
-        # The streaming wgrad (variant="stream", not dispatched) against the persistent one above.
-        f_stream = lambda: K_.fp8_grouped_gemm_wgrad(dtq, dts, xtq, xts, offs, torch.bfloat16, variant="stream")
-        f_persistent = lambda: K_.fp8_grouped_gemm_wgrad(dtq, dts, xtq, xts, offs, torch.bfloat16, use_tma=True)
-        r["wgrad_rel_diff_stream_vs_persistent"] = rel(f_stream(), f_persistent())
-        r["wgrad_tflops_stream"] = fl / ms(f_stream) / 1e9
         # The Gluon grouped kernel (fp8_gemm_gluon.launch_gluon_grouped, what fp8_grouped_gemm dispatches to on
         # Hopper) at the same sizes, each configuration, errors of it and of the Triton TMA kernel vs the fp32
         # reference; only where Gluon runs.

@@ -54,11 +54,6 @@ GROUPED_WGRAD_TMA_CONFIG = (64, 128, 4, 3, 2, True, True)
 # an H200 (2026-11-30, session 7), ends-only vs all-masked: 0.76-0.84x at 256 rows an expert, 0.92 / 1.01 at 512,
 # 1.05 at 768, 1.10-1.18 at 1024-1536 (deepseek-v3-small at B=8, S=2048), 1.33 at 3072.
 MASK_ENDS_ONLY_MIN_TOKENS = 768
-# Streaming grouped wgrad (variant="stream"): (BLOCK_M, BLOCK_N, num_warps, num_stages), the dense wgrad's best Triton
-# shape. Timed on an H200 (benchmarks/RESULTS.md): 207 / 206 TFLOPS at V3 size against the persistent kernel's 188 /
-# 194, a whole V3 MoE layer 75.4 vs 77.0 ms (one run each), the deepseek-v3-small train step no faster (1.90x vs
-# 1.91x the built-in): not dispatched until a gain shows at training shapes.
-GROUPED_WGRAD_STREAM_CONFIG = (64, 128, 4, 4)
 
 
 def _grouped_configs() -> list:
@@ -241,48 +236,6 @@ if tt.HAS_TRITON:
                 tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_n[None, :] < K))
             start, end = start_next, end_next
 
-    @triton.jit
-    def _grouped_wgrad_stream_kernel(
-        a_desc, b_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, seg_ptr, nseg_ptr,
-        S, N, K, E, T,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):  # fmt: skip
-        # a_desc over dyT_NS (block [BLOCK_M, 128]), b_desc over xT_KS (block [BLOCK_N, 128]), as_NSb, bs_KSb;
-        # c = dW_ENK. One program owns one [BLOCK_M, BLOCK_N] tile position of every expert's dW and streams
-        # once through all routed tokens, segment by segment (_wgrad_segments: one expert's tokens inside one
-        # 128-token scale tile, in token order), storing an expert's tile after its last segment: one long
-        # loop a program, where the persistent kernel walks work items of two or three 128-token steps at V3
-        # size (flattened into one loop too); timings in GROUPED_WGRAD_STREAM_CONFIG's comment. Other experts'
-        # tokens in a segment's tile are zeroed in the A tile (their products vanish whatever B holds); TMA
-        # zero-fills tokens past S.
-        num_n = tl.cdiv(K, BLOCK_N)
-        off_m = (tl.program_id(0) // num_n) * BLOCK_M
-        off_n = (tl.program_id(0) % num_n) * BLOCK_N
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        sb = tl.cdiv(S, 128)
-        as_ptrs = as_ptr + (offs_m % N) * sb
-        bs_ptrs = bs_ptr + (offs_n % K) * sb
-        c_tile = offs_m[:, None].to(tl.int64) * K + offs_n[None, :]
-        NK = N.to(tl.int64) * K  # an expert's dW, in elements (past int32 at V3 size from the 2nd expert on)
-        c_mask = (offs_m[:, None] < N) & (offs_n[None, :] < K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for s in range(0, tl.load(nseg_ptr)):
-            kb = tl.load(seg_ptr + T + s)
-            lo = tl.load(seg_ptr + 2 * T + s)
-            hi = tl.load(seg_ptr + 3 * T + s)
-            acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, lo, hi)
-            if tl.load(seg_ptr + 4 * T + s) != 0:  # the expert's last segment: its tile is complete
-                e = tl.load(seg_ptr + s)
-                tl.store(c_ptr + e * NK + c_tile, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # An expert with no tokens has no segment: its weight gradient is zero.
-        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
-        for e in range(0, E):
-            start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
-            if tl.load(offs_ptr + e) == start:
-                tl.store(c_ptr + e * NK + c_tile, zero, mask=c_mask)
-
     @triton.autotune(configs=_wgrad_configs(), key=["N", "K"])
     @triton.jit
     def _grouped_wgrad_kernel(
@@ -332,25 +285,6 @@ def _tile_map(offs_E: torch.Tensor, S: int, block_m: int) -> tuple[torch.Tensor,
     e_safe = expert.clamp(max=E - 1)
     row0 = starts[e_safe] + (tile_ids - (cum[e_safe] - tiles[e_safe])) * block_m
     return torch.where(valid, e_safe, -1).int(), torch.where(valid, row0, 0).int()
-
-
-def _wgrad_segments(offs_E: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The streaming wgrad's walk, built on the device (no sync): one segment per (expert, 128-token scale tile it
-    touches), in token order. Returns int32 [5, ceil(S / 128) + E] rows (expert, tile, first token, end token, is
-    the expert's last segment) and the number of real segments [1]; the static tail past it is never read."""
-    E = offs_E.numel()
-    ends = offs_E.long()
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    first_tile, last_tile = starts // BLOCK, (ends - 1).clamp(min=0) // BLOCK
-    count = torch.where(ends > starts, last_tile - first_tile + 1, 0)  # segments an expert (0 without tokens)
-    cum = torch.cumsum(count, 0)
-    ids = torch.arange(triton.cdiv(S, BLOCK) + E, device=offs_E.device)
-    e = torch.searchsorted(cum, ids, right=True).clamp(max=E - 1)  # skips experts without segments
-    tile = first_tile[e] + ids - (cum[e] - count[e])
-    first = torch.maximum(starts[e], tile * BLOCK)
-    end = torch.minimum(ends[e], tile * BLOCK + BLOCK)
-    table = torch.stack([e, tile, first, end, (tile == last_tile[e]).long()]).to(torch.int32).contiguous()
-    return table, cum[-1:].to(torch.int32)
 
 
 def _check_offs(offs_E: torch.Tensor, E: int) -> None:
@@ -453,20 +387,15 @@ def fp8_grouped_gemm_wgrad(
     out_dtype: torch.dtype = torch.float32,
     use_tma: bool | None = None,
     config: tuple | None = None,
-    variant: str = "persistent",
     mask_ends_only: bool | None = None,
     tokens_aligned: bool = False,
 ) -> torch.Tensor:
     """dW[E, N, K]: per expert, dy^T x over its tokens, both in the 128x1 tiling along tokens.
 
-    variant="stream" runs `_grouped_wgrad_stream_kernel` (TMA operands only; not the default, see
-    GROUPED_WGRAD_STREAM_CONFIG) instead of the persistent per-expert-tile kernel. mask_ends_only: the persistent
-    kernel's loop (MASK_ENDS_ONLY_MIN_TOKENS; None = that rule). tokens_aligned: the caller promises that every
+    mask_ends_only: the persistent TMA kernel's loop (MASK_ENDS_ONLY_MIN_TOKENS; None = that rule). tokens_aligned: the caller promises that every
     offs_E is a multiple of 128 (each expert's tokens padded to whole scale tiles), so the persistent TMA kernel
     runs whole steps only, unmasked, in one loop. Not checked here (that would sync with the device)."""
     tt.require_fp8("fp8_grouped_gemm_wgrad")
-    if variant not in ("persistent", "stream"):
-        raise ValueError(f"variant must be 'persistent' or 'stream', got {variant!r}")
     _check_fp8(dyT_NS, dyT_scale_NSb, "dyT_NS")
     _check_fp8(xT_KS, xT_scale_KSb, "xT_KS")
     (N, S), K, E = dyT_NS.shape, xT_KS.shape[0], offs_E.numel()
@@ -481,20 +410,6 @@ def fp8_grouped_gemm_wgrad(
 
     if use_tma is None:
         use_tma = can_use_tma(dyT_NS, xT_KS)
-    if variant == "stream":
-        if not use_tma:
-            raise ValueError(
-                "variant='stream' needs TMA operands (16-byte aligned token rows, Hopper or the interpreter)"
-            )
-        bm, bn, warps, stages = config or (GROUPED_WGRAD_STREAM_CONFIG if not tt.interpreting() else (32, 64, 4, 1))
-        segments, num_segments = _wgrad_segments(offs_E, S)
-        a_desc = TensorDescriptor(dyT_NS, [N, S], [S, 1], [bm, 128])
-        b_desc = TensorDescriptor(xT_KS, [K, S], [S, 1], [bn, 128])
-        _grouped_wgrad_stream_kernel[(triton.cdiv(N, bm) * triton.cdiv(K, bn),)](
-            a_desc, b_desc, c, dyT_scale_NSb, xT_scale_KSb, offs_E, segments, num_segments, S, N, K, E,
-            segments.shape[1], BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
-        return c
     if use_tma:
         bm, bn, warps, stages, occ, flatten, *extra = config or (
             GROUPED_WGRAD_TMA_CONFIG if not tt.interpreting() else (32, 64, 4, 1, 1, False)

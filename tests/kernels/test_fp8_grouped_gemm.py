@@ -122,88 +122,24 @@ def test_grouped_wgrad(counts, tol, rel):
             assert torch.equal(dw[e], torch.zeros(N, K)), "an expert with no tokens has a zero gradient"
 
 
-def test_wgrad_segments_walk_each_expert_tile_once():
-    """The streaming wgrad's walk: one segment per (expert, 128-token tile it touches), in token order, with the
-    token range clipped to both, the expert's last one marked; experts without tokens get none."""
-    import importlib
-
-    GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
-    counts = [0, 5, 0, 250, 1, 0, 130, 0]
-    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-    table, num = GG._wgrad_segments(offs, sum(counts))
-    expected, start = [], 0
-    for e, c in enumerate(counts):
-        last = (start + c - 1) // 128
-        for t in range(start // 128, last + 1) if c else ():
-            expected.append([e, t, max(start, 128 * t), min(start + c, 128 * t + 128), int(t == last)])
-        start += c
-    assert num.item() == len(expected) and table.shape == (5, 4 + len(counts))
-    assert table[:, : len(expected)].t().tolist() == expected
-
-
 @pytest.mark.parametrize(
     "counts", [[3, 0, 130, 27], [0, 0, 160], [160], [1, 126, 1, 0, 32], [0, 129, 0, 0, 31, 0], [0, 0, 0, 0]]
 )
-def test_grouped_wgrad_stream(counts, tol, rel):
-    """variant="stream" (one pass over the tokens a tile position) against the reference: experts straddling
-    128-token tiles, several experts inside one tile, empty experts first, between and last, no tokens at all."""
+def test_persistent_wgrad_routings(counts, tol, rel):
+    """The persistent TMA wgrad against the reference: experts straddling 128-token tiles, several experts inside one
+    tile, empty experts first, between and last, and no tokens at all (its launcher must not build empty TMA
+    operands)."""
     N, K = 80, 144  # ragged against the interpreter's 32 x 64 tiles
     offs, x, w, dy = _case(counts, N, K, seed=sum(counts) + len(counts))
     dyTq, dyTs = quantize_act_t_ref(dy)
     xTq, xTs = quantize_act_t_ref(x)
-    dw = fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, variant="stream")
+    dw = fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, use_tma=True)
     ref = fp8_grouped_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs, offs)
     if sum(counts):
         assert rel(dw, ref) < tol[torch.float32]
     for e, c in enumerate(counts):
         if c == 0:
             assert torch.equal(dw[e], torch.zeros(N, K)), "an expert with no tokens has a zero gradient"
-    if not sum(counts):  # no routed tokens at all: the persistent kernel's launcher must not build empty TMA operands
-        assert torch.equal(fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs), torch.zeros(len(counts), N, K))
-    with pytest.raises(ValueError, match="variant"):
-        fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, variant="streaming")
-
-
-_STREAM_COMPILE = """
-import importlib, subprocess, sys, tempfile
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
-bm, bn, warps, stages = GG.GROUPED_WGRAD_STREAM_CONFIG
-k = GG._grouped_wgrad_stream_kernel
-for out in ("bf16", "fp32"):
-    sig = dict(a_desc=f"tensordesc<fp8e4nv[{bm}, 128]>", b_desc=f"tensordesc<fp8e4nv[{bn}, 128]>", c_ptr="*" + out,
-               as_ptr="*fp32", bs_ptr="*fp32", offs_ptr="*i32", seg_ptr="*i32", nseg_ptr="*i32", S="i32", N="i32",
-               K="i32", E="i32", T="i32", BLOCK_M="constexpr", BLOCK_N="constexpr")
-    attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("c_ptr", "as_ptr", "bs_ptr", "S", "N", "K")}
-    src = ASTSource(fn=k, signature=sig, constexprs={"BLOCK_M": bm, "BLOCK_N": bn}, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        open(f"{d}/k.ptx", "w").write(ptx)
-        v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
-                           capture_output=True, text=True).stderr
-    assert "0 bytes spill stores, 0 bytes spill loads" in v, (out, v)
-    assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx, out  # tensor cores fed by TMA
-print("ok")
-"""
-
-
-def test_grouped_wgrad_stream_compiles_for_sm90_without_spills():
-    """The streaming wgrad has only run in the interpreter here: compile it for sm_90 as the launcher would (its
-    configuration, bf16 and fp32 out) and check that ptxas fits it without spills and that it feeds wgmma by TMA.
-    A subprocess, since this process imported the kernels under TRITON_INTERPRET=1."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _STREAM_COMPILE], capture_output=True, text=True, timeout=300, env=env)
-    if "ptxas" in out.stderr and "No such file" in out.stderr:
-        pytest.skip("this Triton ships no ptxas")
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 _ALIGNED_COMPILE = """
@@ -252,7 +188,7 @@ def test_grouped_wgrad_aligned_compiles_for_sm90_without_spills():
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
-_STREAM_GPU_CHECK = """
+_WGRAD_GPU_CHECK = """
 import torch
 from modeling_deepseek_v3.kernels import (fp8_grouped_gemm_wgrad, fp8_grouped_gemm_wgrad_ref, quantize_act_t_ref)
 
@@ -266,11 +202,10 @@ for counts, N, K in [([0, 300, 5, 0, 1000, 127, 129, 0, 39], 1000, 1040), ([4096
     xTq, xTs = quantize_act_t_ref(torch.randn(S, K, device="cuda"))
     ref = fp8_grouped_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs, offs)
     for out_dtype, tol in ((torch.float32, 5e-4), (torch.bfloat16, 4e-3)):
-        for variant in ("stream", "persistent"):
-            dw = fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, out_dtype, variant=variant)
-            assert not dw.isnan().any() and rel(dw, ref) < tol, (counts, variant, out_dtype, rel(dw, ref))
-            for e, c in enumerate(counts):
-                assert c or not dw[e].any(), (counts, variant, e)
+        dw = fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, out_dtype)
+        assert not dw.isnan().any() and rel(dw, ref) < tol, (counts, out_dtype, rel(dw, ref))
+        for e, c in enumerate(counts):
+            assert c or not dw[e].any(), (counts, e)
 # Experts padded to whole 128-token tiles (the routed experts' layout): the persistent kernel's aligned loop at its
 # shipped configuration (scales read transposed, dW stored by TMA).
 for counts, N, K in [([0, 384, 128, 0, 1024, 256], 1000, 1040), ([4096], 256, 384)]:
@@ -292,17 +227,18 @@ print("ok")
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
     reason="needs a CUDA GPU with TMA (compute capability 9.0); the interpreter tests above cover the logic",
 )
-def test_grouped_wgrad_variants_on_the_gpu():
-    """Both grouped wgrad kernels compiled on the GPU against the reference (in a subprocess: this process imported
+def test_grouped_wgrad_on_the_gpu():
+    """The persistent grouped wgrad compiled on the GPU against the reference (in a subprocess: this process imported
     the kernels under TRITON_INTERPRET=1, which would interpret them): ragged N and K, empty experts, experts
-    straddling 128-token tiles, one expert only; fp32 and bf16 out (tolerances as tests/kernels/test_fp8_gemm_gluon.py:
-    the tensor cores' reduced-precision sum inside a 128-token step, and bf16 rounding)."""
+    straddling 128-token tiles, one expert only, and experts padded to whole tiles (the aligned loop); fp32 and bf16
+    out (tolerances as tests/kernels/test_fp8_gemm_gluon.py: the tensor cores' reduced-precision sum inside a
+    128-token step, and bf16 rounding)."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-c", _STREAM_GPU_CHECK], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-c", _WGRAD_GPU_CHECK], capture_output=True, text=True, timeout=300, env=env
     )
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
