@@ -398,6 +398,12 @@ def _sum_slots(y_SD, routing, weight_TK=None) -> torch.Tensor:
         rows_SD = y_SD if weight_TK is None else y_SD * weight_TK.reshape(-1)[order_S, None].to(y_SD.dtype)
         out_TD = y_SD.new_zeros(row_TK.shape[0], y_SD.shape[1], dtype=torch.float32)
         return out_TD.index_add_(0, token_S, rows_SD.float()).to(y_SD.dtype)
+    return _sum_slots_in_slot_order(y_SD, row_TK, weight_TK)
+
+
+def _sum_slots_in_slot_order(y_SD, row_TK, weight_TK=None) -> torch.Tensor:
+    """_sum_slots under torch.compile: each slot's rows gathered, the fp32 sum taken in slot order (inductor fuses
+    the loop into one kernel; topk_sum.sum_slots computes the same in eager mode)."""
     out_TD = None
     for k in range(row_TK.shape[1]):
         term = y_SD[row_TK[:, k]]

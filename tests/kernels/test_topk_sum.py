@@ -1,5 +1,5 @@
 """kernels/topk_sum.py: the routed experts' top-k sum as one kernel (eager mode, off by default), against the per-slot
-order that fp8_linear._sum_slots computes under torch.compile."""
+order that fp8_linear._sum_slots computes under torch.compile (_sum_slots_in_slot_order, the very code it runs)."""
 
 import os
 import subprocess
@@ -8,16 +8,7 @@ import sys
 import pytest
 import torch
 from modeling_deepseek_v3.kernels import topk_sum
-
-
-def _slot_order(y_SD, row_TK, weight_TK=None):
-    """fp8_linear._sum_slots's compiled branch, in eager torch: products in y's dtype, fp32 sum in slot order."""
-    out = None
-    for k in range(row_TK.shape[1]):
-        term = y_SD[row_TK[:, k]]
-        term = (term if weight_TK is None else term * weight_TK[:, k : k + 1].to(y_SD.dtype)).float()
-        out = term if out is None else out + term
-    return out.to(y_SD.dtype)
+from modeling_deepseek_v3.kernels.fp8_linear import _sum_slots_in_slot_order
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -34,7 +25,7 @@ def test_topk_sum_equals_the_slot_order_bit_for_bit(T, KT, S, D, dtype, weighted
     rows = torch.randint(0, S, (T, KT), generator=g)
     weight = torch.rand(T, KT, generator=g).to(dtype) if weighted else None
     out = topk_sum.sum_slots(y, rows, weight)
-    ref = _slot_order(y, rows, weight)
+    ref = _sum_slots_in_slot_order(y, rows, weight)
     assert out.dtype == dtype and out.shape == (T, D)
     assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))  # fmt: skip
