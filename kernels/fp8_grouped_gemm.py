@@ -196,8 +196,6 @@ if tt.HAS_TRITON:
             e_next = tl.minimum((item + NUM_PROGS) // tiles, E - 1)
             start_next = tl.load(offs_ptr + e_next - 1, mask=e_next > 0, other=0)
             end_next = tl.load(offs_ptr + e_next)
-            as_ptrs = as_ptr + ((off_m + tl.arange(0, BLOCK_M)) % N) * sb
-            bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % K) * sb
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if ALIGNED:  # every expert's tokens start and end on a scale tile: whole steps, one unmasked loop
                 # The scales come transposed here, [Sb, N] and [Sb, K], so that a step's scale vectors are
@@ -214,18 +212,24 @@ if tt.HAS_TRITON:
                     b = b_desc.load([off_n, kb * 128])
                     acc += (tl.dot(a, b.T) * a_s[:, None]) * b_s[None, :]
                     a_s, b_s = a_s_next, b_s_next
-            elif MASK_ENDS_ONLY:
-                # The scale tiles wholly inside the expert's tokens need no mask; the partial ones at its two ends
-                # (at most two steps, one where both ends share a tile) do.
-                for kb in range(tl.cdiv(start, 128), end // 128):
-                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end, False)
-                if start % 128 != 0:
-                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, start // 128, start, end)
-                if (end % 128 != 0) & ((end // 128 != start // 128) | (start % 128 == 0)):
-                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, end // 128, start, end)
-            else:  # one loop, every step masked: what FLATTEN can pipeline across work items
-                for kb in range(start // 128, tl.cdiv(end, 128)):
-                    acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end)
+            else:  # scales [N, Sb] and [K, Sb]; other experts' tokens in a step are masked (_wgrad_token_step)
+                as_ptrs = as_ptr + ((off_m + tl.arange(0, BLOCK_M)) % N) * sb
+                bs_ptrs = bs_ptr + ((off_n + tl.arange(0, BLOCK_N)) % K) * sb
+                if MASK_ENDS_ONLY:
+                    # The scale tiles wholly inside the expert's tokens need no mask; the partial ones at its two
+                    # ends (at most two steps, one where both ends share a tile) do.
+                    for kb in range(tl.cdiv(start, 128), end // 128):
+                        acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end,
+                                                 False)  # fmt: skip
+                    if start % 128 != 0:
+                        acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, start // 128, start,
+                                                 end)  # fmt: skip
+                    if (end % 128 != 0) & ((end // 128 != start // 128) | (start % 128 == 0)):
+                        acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, end // 128, start,
+                                                 end)  # fmt: skip
+                else:  # one loop, every step masked: what FLATTEN can pipeline across work items
+                    for kb in range(start // 128, tl.cdiv(end, 128)):
+                        acc += _wgrad_token_step(a_desc, b_desc, off_m, off_n, as_ptrs, bs_ptrs, kb, start, end)
             # An expert with no tokens runs no step (or only masked ones) and stores zeros.
             if TMA_STORE:  # c_desc over dW [E, N, K], block [1, BLOCK_M, BLOCK_N]: clipped at N and K by the TMA
                 c_desc.store([e, off_m, off_n], acc.to(c_desc.dtype).reshape(1, BLOCK_M, BLOCK_N))
