@@ -25,7 +25,7 @@ from triton.testing import do_bench
 
 from modeling_deepseek_v3 import kernels as K_
 
-GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
+FL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_linear")
 CASES = [  # (name, experts, N, K, rows an expert on average)
     *[("small gate_up", 64, 1024, 1024, r) for r in (256, 512, 768, 1024, 1536, 3072)],
     *[("small down", 64, 1024, 512, r) for r in (256, 1024, 1536)],
@@ -34,15 +34,20 @@ CASES = [  # (name, experts, N, K, rows an expert on average)
 ]
 
 
+def _routing(E: int, S: int) -> torch.Tensor:
+    """int32 end offsets [E] on the GPU of S routed rows spread unevenly over E experts, none empty."""
+    counts = torch.distributions.Dirichlet(torch.full((E,), 20.0)).sample() * S
+    counts = counts.round().long().clamp(min=1)
+    counts[-1] += S - counts.sum()
+    return counts.cumsum(0).to(torch.int32).cuda()
+
+
 def main() -> None:
     torch.manual_seed(0)
     rows = []
     for name, E, N, K, per_expert in CASES:
         S = E * per_expert
-        counts = torch.distributions.Dirichlet(torch.full((E,), 20.0)).sample() * S  # uneven, none empty
-        counts = counts.round().long().clamp(min=1)
-        counts[-1] += S - counts.sum()
-        offs = counts.cumsum(0).to(torch.int32).cuda()
+        offs = _routing(E, S)
         dyTq, dyTs = K_.quantize_act_t(torch.randn(S, N, device="cuda", dtype=torch.bfloat16))
         xTq, xTs = K_.quantize_act_t(torch.randn(S, K, device="cuda", dtype=torch.bfloat16))
         operands = (dyTq, dyTs, xTq, xTs, offs, torch.bfloat16)
@@ -85,22 +90,14 @@ def aligned(profile_once: bool = False) -> None:
     cases = [c for c in CASES if c[4] in (256, 1024) and os.environ.get("BENCH_CASES", "") in c[0]]
     for name, E, N, K, per_expert in cases:
         S = E * per_expert
-        counts = torch.distributions.Dirichlet(torch.full((E,), 20.0)).sample() * S
-        counts = counts.round().long().clamp(min=1)
-        counts[-1] += S - counts.sum()
-        padded = (counts + 127) // 128 * 128
-        offs, offs_pad = (c.cumsum(0).to(torch.int32).cuda() for c in (counts, padded))
-        # Padded position of every real token: its expert's padded start plus its rank inside the expert.
-        expert = torch.repeat_interleave(torch.arange(E), counts)
-        rank = torch.arange(S) - (counts.cumsum(0) - counts)[expert]
-        pos = ((padded.cumsum(0) - padded)[expert] + rank).cuda()
+        offs = _routing(E, S)
+        # The padded layout as the FP8 experts build and quantise it (the quantisers read -1 rows as zeros).
+        row_P, offs_pad = FL.pad_experts_to_tiles(offs, S)
         dy = torch.randn(S, N, device="cuda", dtype=torch.bfloat16)
         x = torch.randn(S, K, device="cuda", dtype=torch.bfloat16)
-        dy_pad = dy.new_zeros(int(padded.sum()), N).index_copy_(0, pos, dy)
-        x_pad = x.new_zeros(int(padded.sum()), K).index_copy_(0, pos, x)
         plain = (*K_.quantize_act_t(dy), *K_.quantize_act_t(x), offs, torch.bfloat16)
-        pad = (*K_.quantize_act_t(dy_pad), *K_.quantize_act_t(x_pad), offs_pad, torch.bfloat16)
-        del dy, x, dy_pad, x_pad
+        pad = (*K_.quantize_act_t(dy, rows=row_P), *K_.quantize_act_t(x, rows=row_P), offs_pad, torch.bfloat16)
+        del dy, x
         if profile_once:
             for _ in range(3):
                 K_.fp8_grouped_gemm_wgrad(*pad, config=configs[0], tokens_aligned=True)
@@ -108,7 +105,7 @@ def aligned(profile_once: bool = False) -> None:
             return
         reference = K_.fp8_grouped_gemm_wgrad(*plain).float()
         flop = 2 * S * N * K
-        r = dict(case=name, E=E, N=N, K=K, rows_per_expert=per_expert, padded_rows=int(padded.sum()),
+        r = dict(case=name, E=E, N=N, K=K, rows_per_expert=per_expert, padded_rows=int(offs_pad[-1]),
                  us_dispatched=do_bench(functools.partial(K_.fp8_grouped_gemm_wgrad, *plain), warmup=10, rep=50) * 1e3)  # fmt: skip
         r["tflops_dispatched"] = flop / r["us_dispatched"] / 1e6
         for config in configs:
