@@ -135,6 +135,32 @@ def test_fp8_experts_matches_reference(tol, rel):
     )
 
 
+def test_fp8_experts_with_the_topk_sum_kernel(monkeypatch, rel):
+    """fp8_experts_forward in eager mode with topk_sum.SUM_SLOTS_KERNEL on (its combine and its gather's gradient
+    through the kernel) against the same with index_add: equal up to the fp32 sum's order, output and every
+    gradient."""
+    from modeling_deepseek_v3.kernels import topk_sum
+
+    h, idx, wt, gu, dn = _experts_case(5, T=21, Kt=3, E=6, D=256, I=128)
+    h, wt, gu, dn = (t.detach().to(torch.bfloat16).requires_grad_() for t in (h, wt, gu, dn))
+    h2, wt2, gu2, dn2 = _clone(h, wt, gu, dn)
+    g = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    y = fp8_experts_forward(h, idx, wt, gu, dn)
+    y.backward(g)
+    monkeypatch.setattr(topk_sum, "SUM_SLOTS_KERNEL", True)
+    calls = []
+    real = topk_sum.sum_slots
+    monkeypatch.setattr(topk_sum, "sum_slots", lambda *a: calls.append(1) or real(*a))
+    y2 = fp8_experts_forward(h2, idx, wt2, gu2, dn2)
+    y2.backward(g)
+    assert len(calls) == 2, "the combine and the gather's gradient"
+    # Bound: one bf16 ulp (2^-8 relative) on an element whose fp32 sum rounds the other way in the other order (on
+    # the CPU index_add happens to add in slot order too; measured: identical).
+    assert rel(y2, y) < 4e-3
+    for a, b in ((h, h2), (wt, wt2), (gu, gu2), (dn, dn2)):
+        assert a.grad.abs().sum() > 0 and rel(b.grad, a.grad) < 4e-3
+
+
 def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # noqa: E741
     """fp8_experts_forward, and the same recipe with the routed rows and their gradient written out in bf16 and
     autograd doing the gather and the combine (as before the quantisers gathered them): [(name, ours, theirs)] for

@@ -1,5 +1,6 @@
 """kernels/topk_sum.py: the routed experts' top-k sum as one kernel (eager mode, off by default), against the per-slot
-order that fp8_linear._sum_slots computes under torch.compile (_sum_slots_in_slot_order, the very code it runs)."""
+order that fp8_linear._sum_slots computes under torch.compile (_sum_slots_in_slot_order, the very code it runs).
+Through the FP8 experts: test_fp8_linear.py::test_fp8_experts_with_the_topk_sum_kernel."""
 
 import os
 import subprocess
@@ -29,35 +30,6 @@ def test_topk_sum_equals_the_slot_order_bit_for_bit(T, KT, S, D, dtype, weighted
     assert out.dtype == dtype and out.shape == (T, D)
     assert torch.equal(out.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))  # fmt: skip
-
-
-def test_fp8_experts_with_the_topk_sum_kernel(monkeypatch, rel):
-    """fp8_experts_forward in eager mode with SUM_SLOTS_KERNEL on (its combine and its gather's gradient through the
-    kernel) against the same with index_add: equal up to the fp32 sum's order, output and every gradient."""
-    from modeling_deepseek_v3.kernels import fp8_experts_forward
-
-    gen = torch.Generator().manual_seed(5)
-    T, Kt, E, D, I = 21, 3, 6, 256, 128  # noqa: E741  (I: expert intermediate size, as in the paper)
-    idx = torch.stack([torch.randperm(E, generator=gen)[:Kt] for _ in range(T)])
-    h, wt = torch.randn(T, D, generator=gen), torch.rand(T, Kt, generator=gen)
-    gu, dn = torch.randn(E, 2 * I, D, generator=gen) * 0.05, torch.randn(E, D, I, generator=gen) * 0.05
-    h, wt, gu, dn = (t.to(torch.bfloat16).requires_grad_() for t in (h, wt, gu, dn))
-    h2, wt2, gu2, dn2 = (t.detach().clone().requires_grad_() for t in (h, wt, gu, dn))
-    g = torch.randn(T, D, generator=gen).to(torch.bfloat16)
-    y = fp8_experts_forward(h, idx, wt, gu, dn)
-    y.backward(g)
-    monkeypatch.setattr(topk_sum, "SUM_SLOTS_KERNEL", True)
-    calls = []
-    real = topk_sum.sum_slots
-    monkeypatch.setattr(topk_sum, "sum_slots", lambda *a: calls.append(1) or real(*a))
-    y2 = fp8_experts_forward(h2, idx, wt2, gu2, dn2)
-    y2.backward(g)
-    assert len(calls) == 2, "the combine and the gather's gradient"
-    # Bound: one bf16 ulp (2^-8 relative) on an element whose fp32 sum rounds the other way in the other order (on
-    # the CPU index_add happens to add in slot order too; measured: identical).
-    assert rel(y2, y) < 4e-3
-    for a, b in ((h, h2), (wt, wt2), (gu, gu2), (dn, dn2)):
-        assert a.grad.abs().sum() > 0 and rel(b.grad, a.grad) < 4e-3
 
 
 _COMPILE = """
