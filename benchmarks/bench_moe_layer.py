@@ -41,8 +41,10 @@ def layer(kind: str) -> torch.nn.Module:
                 cfg._experts_implementation = "grouped_mm"
                 moe = DeepseekV3MoE(cfg)
             else:
-                moe = DSV3MoE(DSV3Config(**shape, seq_aux_loss_alpha=0.0, moe_implementation=kind,
-                                         linear_implementation="fp8" if kind == "fp8" else "torch"))  # fmt: skip
+                fp8 = kind.startswith("fp8")
+                moe = DSV3MoE(DSV3Config(**shape, seq_aux_loss_alpha=0.0, moe_implementation="fp8" if fp8 else kind,
+                                         linear_implementation="fp8" if fp8 else "torch",
+                                         fp8_weight_cache=kind == "fp8_cached"))  # fmt: skip
     finally:
         torch.set_default_dtype(default_dtype)
     moe = moe.to("cuda", torch.bfloat16)
@@ -54,14 +56,17 @@ def layer(kind: str) -> torch.nn.Module:
 
 def main(compile_layer: bool = False, profile: bool = False) -> None:
     """compile_layer: every variant (the built-in too) under torch.compile's default mode, as training runs them
-    (compile_layers); the top-k-sum-kernel row is then left out (its switch is read in eager mode only).
+    (compile_layers); the index_add row is then left out (topk_sum's switch is read in eager mode only).
     profile: one more forward+backward of each variant under torch.profiler, after the timed ones: the top kernels
     printed, all of them in $OUT/moe_profile_<variant>.txt."""
     torch.manual_seed(0)
     results = {}
     x = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
     reference = None
-    for kind in ("builtin", "grouped_mm", "fp8"):
+    # fp8_cached: the FP8 layer with config.fp8_weight_cache, whose repeated calls reuse the quantised weights as
+    # gradient-accumulation micro-batches after the first do (eager only: under torch.compile it quantises each call).
+    kinds = ("builtin", "grouped_mm", "fp8") + (() if compile_layer else ("fp8_cached",))
+    for kind in kinds:
         moe = layer(kind)
         if reference is None:
             state = moe.state_dict()  # same weights for every variant
@@ -101,23 +106,23 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
                 with open(os.path.join(os.environ["OUT"], f"moe_profile_{kind}{suffix}.txt"), "w") as f:
                     f.write(table)
         if kind == "fp8" and not compile_layer:
-            # The eager top-k sum by kernels/topk_sum.py (off by default) instead of index_add into fp32.
+            # The eager top-k sum by index_add into fp32, as before kernels/topk_sum.py's kernel (the default).
             TS = importlib.import_module("modeling_deepseek_v3.kernels.topk_sum")
-            TS.SUM_SLOTS_KERNEL = True
+            TS.SUM_SLOTS_KERNEL = False
             try:
                 with torch.no_grad():
                     y = run().float()
                 fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
             finally:
-                TS.SUM_SLOTS_KERNEL = False
-            results[kind]["fwdbwd_ms_topk_sum_kernel"] = fb
-            results[kind]["rel_err_vs_builtin_topk_sum_kernel"] = ((y - reference).norm() / reference.norm()).item()
+                TS.SUM_SLOTS_KERNEL = True
+            results[kind]["fwdbwd_ms_index_add"] = fb
+            results[kind]["rel_err_vs_builtin_index_add"] = ((y - reference).norm() / reference.norm()).item()
         print(kind, json.dumps(results[kind]), flush=True)
         moe = None
         torch.cuda.empty_cache()
-    for kind in ("grouped_mm", "fp8"):
+    for kind in kinds[1:]:
         results[kind]["fwdbwd_speedup_vs_builtin"] = results["builtin"]["fwdbwd_ms"] / results[kind]["fwdbwd_ms"]
-    print("speedups", json.dumps({k: results[k]["fwdbwd_speedup_vs_builtin"] for k in ("grouped_mm", "fp8")}))
+    print("speedups", json.dumps({k: results[k]["fwdbwd_speedup_vs_builtin"] for k in kinds[1:]}))
     if os.environ.get("OUT"):
         name = "bench_moe_layer_compiled.json" if compile_layer else "bench_moe_layer.json"
         with open(os.path.join(os.environ["OUT"], name), "w") as f:

@@ -1,10 +1,12 @@
 """FP8 wgrad with and without split-K at deepseek-v3-small's training shapes (issue 3/4), one process, one GPU.
 
 dW[N, K] = dy^T x over M = 16384 tokens (B=8, S=2048) for every dense FP8 layer of deepseek-v3-small (the MLA
-projections, the shared experts, the dense MLP of layer 0), and two of the issue's V3 shapes at M = 4096 (enough
-tiles that split_k_for does not split). Each row: the unsplit kernel (split_k=1, the dispatch before split-K), the
+projections, the shared experts, the dense MLP of layer 0), and the issue's V3 shapes at M = 4096 (enough
+tiles that split_k_for does not split), one at 16384. Each row: the unsplit kernel (split_k=1, the dispatch before split-K), the
 split that split_k_for picks, and cuBLAS bf16 `dy^T @ x` as the anchor; the split's result against the unsplit
 one (same FP8 products, another fp32 summation order) and both against the dequantise-then-fp32-matmul reference.
+Where M is a multiple of 128, also the grouped wgrad's aligned loop (fp8_grouped_gemm, tokens_aligned) run as one
+expert of all M tokens, and its result against the dispatched one.
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py      # writes $OUT/wgrad_split.json if OUT is set
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py --sweep   # also every TMA_CONFIGS entry (split or
@@ -25,6 +27,7 @@ from triton.testing import do_bench
 
 G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm")  # the package exports a function of that name
 GL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
+GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
 
 # (M tokens, N out features, K in features)
 SHAPES = [
@@ -37,6 +40,10 @@ SHAPES = [
     (16384, 1024, 4096),  # layer 0's dense down
     (4096, 2112, 7168),  # V3 q_a + kv_a
     (4096, 7168, 2048),  # V3 o_proj-like
+    (4096, 24576, 1536),  # the issue's other V3 shapes
+    (4096, 7168, 16384),
+    (4096, 4096, 7168),
+    (16384, 7168, 2048),
 ]
 
 
@@ -92,6 +99,12 @@ def main() -> None:
             speedup=t_unsplit / t_chosen, vs_bf16=t_bf16 / t_chosen,
             rel_split_vs_unsplit=rel(chosen, unsplit), rel_split_vs_ref=rel(chosen, ref), rel_unsplit_vs_ref=rel(unsplit, ref),
         )  # fmt: skip
+        if M % 128 == 0:  # the grouped wgrad's aligned loop as one expert of all M tokens (whole 128-token steps)
+            offs = torch.tensor([M], dtype=torch.int32, device="cuda")
+            run = lambda: GG.fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs, tokens_aligned=True)
+            t_grouped = do_bench(run)
+            row.update(us_grouped_aligned=t_grouped * 1e3, tflops_grouped_aligned=tflops / t_grouped * 1e3,
+                       rel_grouped_aligned_vs_split=rel(run()[0], chosen))  # fmt: skip
         if do_sweep:
             row["sweep"] = sweep(dyT_q, dyT_s, xT_q, xT_s, M, N, K)
         rows.append(row)

@@ -22,11 +22,13 @@ Kt experts per token, S = T*Kt routed rows, M/N/K as in fp8_gemm.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import topk_sum
 
@@ -78,11 +80,71 @@ def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool
     return (None, None, *quantize_act_t(dy_MN, pow2, rows, row_scale)) if need_dw else (None,) * 4
 
 
-def _quantize_master_weight(weight: torch.Tensor, pow2: bool, need_t: bool):
-    """(w_fp8, weight_scale_inv, K-major w_fp8 copy for dgrad or None), in one pass over the weight."""
-    if need_t:
-        return quantize_weight_t(weight.contiguous(), pow2)
-    return (*quantize_weight(weight.contiguous(), pow2), None)
+def _quantize_master_weight(weight: torch.Tensor, pow2: bool, need_t: bool, cache=None, sources=None):
+    """(w_fp8, weight_scale_inv, K-major w_fp8 copy for dgrad or None), in one pass over the weight; through `cache`
+    (a QuantizedWeightCache) if given, `sources` being the weights that `weight` stacks (default: itself)."""
+    sources = sources or (weight,)
+    if cache is not None and (hit := cache.lookup(sources, pow2, need_t)) is not None:
+        return hit
+    quantized = quantize_weight_t(weight.contiguous(), pow2) if need_t else (
+        *quantize_weight(weight.contiguous(), pow2), None)  # fmt: skip
+    if cache is not None:
+        cache.store(sources, pow2, quantized)
+    return quantized
+
+
+class QuantizedWeightCache:
+    """Keeps a layer's quantised master weight from one call to the next while the weight is unchanged, as
+    Transformer Engine does across micro-batches: with gradient accumulation every micro-batch after the first, and
+    forward-only calls between optimizer steps (evaluation, a GRPO rollout's generation), skip the weight's
+    quantisation (in a V3-size MoE layer 11.8 ms of forward+backward on an H200, benchmarks/RESULTS.md).
+
+    An entry is reused only while the weight is the same tensor at the same address with the same in-place version,
+    and no optimizer has stepped since it was made: a global optimizer-step hook (torch.optim) counts steps, because
+    FSDP2 refills its gathered parameters in place while keeping their version counter. Writes that bypass both
+    (`param.data.copy_(...)` between steps) are not seen: call `clear()` after them. Eager mode only: under
+    torch.compile and during CUDA-graph capture the weight is quantised on every call (a cache hit would be baked into
+    the graph). The cost is memory: the e4m3 weight, its scales and (after a training call) the K-major copy stay
+    alive between calls, about two bytes per parameter. Off unless the config's `fp8_weight_cache` is set."""
+
+    _optimizer_steps = 0  # optimizer steps since import, counted by the hook below
+    _hook = None
+
+    def __init__(self) -> None:
+        self._entries: dict = {}
+        if QuantizedWeightCache._hook is None:
+            QuantizedWeightCache._hook = register_optimizer_step_post_hook(QuantizedWeightCache._count_step)
+
+    @staticmethod
+    def _count_step(optimizer, args, kwargs) -> None:
+        QuantizedWeightCache._optimizer_steps += 1
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    @staticmethod
+    def _usable(weight: torch.Tensor) -> bool:
+        return not (torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+    @staticmethod
+    def _stamp(sources: tuple[torch.Tensor, ...]) -> tuple:
+        return QuantizedWeightCache._optimizer_steps, tuple((w.data_ptr(), w._version) for w in sources)
+
+    def lookup(self, sources: tuple[torch.Tensor, ...], pow2: bool, need_t: bool):
+        """The quantised weight stored for these weights (stacked along rows), or None where it is stale, lacks the
+        K-major copy that need_t asks for, or this call may not use the cache."""
+        entry = self._entries.get((tuple(map(id, sources)), pow2))
+        if entry is None or not self._usable(sources[0]):
+            return None
+        refs, stamp, quantized = entry
+        alive = all(r() is w for r, w in zip(refs, sources, strict=True))  # ids can be reused by new tensors
+        fresh = alive and stamp == self._stamp(sources)
+        return quantized if fresh and (quantized[2] is not None or not need_t) else None
+
+    def store(self, sources: tuple[torch.Tensor, ...], pow2: bool, quantized: tuple) -> None:
+        if self._usable(sources[0]):
+            entry = (tuple(map(weakref.ref, sources)), self._stamp(sources), quantized)
+            self._entries[(tuple(map(id, sources)), pow2)] = entry
 
 
 def _needs_grads(ctx, grad_enabled: bool) -> tuple[bool, bool]:
@@ -93,17 +155,20 @@ def _needs_grads(ctx, grad_enabled: bool) -> tuple[bool, bool]:
 
 
 class FP8LinearFunction(torch.autograd.Function):
-    """y = x W^T with FP8 forward, dgrad and wgrad (no bias; add it outside in high precision)."""
+    """y = x W^T with FP8 forward, dgrad and wgrad (no bias; add it outside in high precision). weight_cache: a
+    QuantizedWeightCache that may hold the quantised weight, with weight_sources the parameters that weight_NK is
+    (or stacks)."""
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, weight_NK: torch.Tensor, pow2: bool = False, grad_enabled: bool = True
-    ) -> torch.Tensor:
+        ctx, x: torch.Tensor, weight_NK: torch.Tensor, pow2: bool = False, grad_enabled: bool = True,
+        weight_cache: QuantizedWeightCache | None = None, weight_sources: tuple | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         N, K = weight_NK.shape
         x_MK = x.reshape(-1, K).contiguous()  # [M, K], M = all leading dims
         need_dx, need_dw = _needs_grads(ctx, grad_enabled)
         x_q, x_s, xT_q, xT_s = _quantize_input(x_MK, pow2, need_dw)
-        w_q, w_s, wT_q = _quantize_master_weight(weight_NK, pow2, need_dx)
+        w_q, w_s, wT_q = _quantize_master_weight(weight_NK, pow2, need_dx, weight_cache, weight_sources)
         y_MN = fp8_gemm(x_q, x_s, w_q, w_s, out_dtype=x.dtype)
         # Only FP8 is saved: the 128x1 tiling of x (what wgrad reads; the 1x128 copy is dead now)
         # and the K-major quantised weight (dgrad reads it; no second quantisation of W).
@@ -122,7 +187,7 @@ class FP8LinearFunction(torch.autograd.Function):
             dx = fp8_gemm_dgrad(dy_q, dy_s, wT_q, w_s, ctx.x_dtype).view(ctx.x_shape)
         if need_dw:
             dw = fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, out_dtype=ctx.w_dtype)
-        return dx, dw, None, None
+        return dx, dw, None, None, None, None
 
 
 def pad_experts_to_tiles(offs_E: torch.Tensor, S: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,16 +216,14 @@ def _rows_at(row_P: torch.Tensor, index_S: torch.Tensor) -> torch.Tensor:
     return torch.where(row_P >= 0, index_S[row_P.clamp(min=0)], -1)
 
 
-def _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S=None, padded=None):
+def _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, weight_cache, grad_enabled, rows_S=None, padded=None):
     """The FP8 grouped GEMM of both grouped Functions: y_SN; saves on ctx what _grouped_backward needs.
     padded: (x's row at each padded position, offs_P), the wgrad's layout (pad_experts_to_tiles), or None for the
     rows as they are."""
     need_dx, need_dw = _needs_grads(ctx, grad_enabled)
     x_rows_P, offs_W = padded if padded is not None else (None, offs_E)
     x_q, x_s, xT_q, xT_s = _quantize_input(x, pow2, need_dw, rows_S, x_rows_P)
-    if quantized_weight is None:
-        quantized_weight = _quantize_master_weight(weight_ENK, pow2, need_dx)
-    w_q, w_s, wT_q = quantized_weight
+    w_q, w_s, wT_q = _quantize_master_weight(weight_ENK, pow2, need_dx, weight_cache)
     y_SN = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offs_E, out_dtype=x.dtype)
     ctx.pow2, ctx.x_dtype, ctx.w_dtype, ctx.tokens_aligned = pow2, x.dtype, weight_ENK.dtype, padded is not None
     return y_SN, (xT_q, xT_s, wT_q, w_s, offs_E, offs_W)
@@ -180,9 +243,8 @@ def _grouped_backward(ctx, saved, dy_q, dy_s, dyT_q, dyT_s):
 class FP8GroupedLinearFunction(torch.autograd.Function):
     """y[rows_e] = x[rows_e] W[e]^T for tokens sorted by expert; FP8 forward and backward.
 
-    `quantized_weight`, if given, is (w_fp8, weight_scale_inv, w_fp8T) of `weight_ENK` made by the
-    caller (`quantize_weight(weight, transposed=True)`), so that one quantisation serves a whole
-    forward+backward however the caller splits it.
+    `weight_cache`, if given, is a QuantizedWeightCache that may hold the quantised `weight_ENK` (which must then be
+    the parameter itself).
 
     `rows_S`, if given, makes the grouped input x[rows_S] (x [T, K]; the routed experts' first projection reads
     each token once per expert it goes to): the quantisers gather the rows as they read them, so the [S, K] copy
@@ -198,14 +260,14 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, x: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False,
-        quantized_weight: tuple | None = None, grad_enabled: bool = True, rows_S: torch.Tensor | None = None,
+        weight_cache: QuantizedWeightCache | None = None, grad_enabled: bool = True, rows_S: torch.Tensor | None = None,
         slots_TK: torch.Tensor | None = None, padded: tuple | None = None,
     ) -> torch.Tensor:  # fmt: skip
         assert (rows_S is None) == (slots_TK is None), "a gathered input needs both rows_S and slots_TK"
         x = x.contiguous()
         row_P, offs_P = padded if padded is not None else (None, None)
         x_padded = None if row_P is None else (row_P if rows_S is None else _rows_at(row_P, rows_S), offs_P)
-        y_SN, saved = _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, quantized_weight, grad_enabled, rows_S,
+        y_SN, saved = _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, weight_cache, grad_enabled, rows_S,
                                        x_padded)  # fmt: skip
         ctx.save_for_backward(*saved, rows_S, slots_TK, row_P)
         return y_SN
@@ -227,16 +289,16 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
     routing tensors as _sort_by_expert returns them).
     Apart, autograd would hand the backward dy_S = dout[token_S] * weight_S written out in full ([S, N], each
     token's gradient repeated per expert); here the quantisers read it straight from dout (quant.quantize_act's rows
-    and row_scale), with the same bf16 product. weight_TK: the routing weights, in x's dtype. padded: as
-    FP8GroupedLinearFunction's."""
+    and row_scale), with the same bf16 product. weight_TK: the routing weights, in x's dtype. padded and
+    weight_cache: as FP8GroupedLinearFunction's."""
 
     @staticmethod
     def forward(
         ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, order_S: torch.Tensor,
         token_S: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Tensor, pow2: bool = False,
-        grad_enabled: bool = True, padded: tuple | None = None,
+        grad_enabled: bool = True, padded: tuple | None = None, weight_cache: QuantizedWeightCache | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        y_SN, saved = _grouped_forward(ctx, x_SK.contiguous(), weight_ENK, offs_E, pow2, None, grad_enabled,
+        y_SN, saved = _grouped_forward(ctx, x_SK.contiguous(), weight_ENK, offs_E, pow2, weight_cache, grad_enabled,
                                        padded=padded)  # fmt: skip
         weight_S = weight_TK.reshape(-1)[order_S]  # the weight of each row, in row order
         row_P = padded[0] if padded is not None else None
@@ -256,7 +318,7 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
         dweight = None
         if ctx.needs_input_grad[6]:  # as autograd differentiates y[row] * weight (the products in y's dtype)
             dweight = torch.stack([(dout_TN * y_SN[row_TK[:, k]]).sum(-1) for k in range(row_TK.shape[1])], 1)
-        return dx, dw, None, None, None, None, dweight, None, None, None
+        return dx, dw, None, None, None, None, dweight, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,16 +337,19 @@ class FP8Linear(nn.Linear):
     """Drop-in nn.Linear (same `weight`/`bias`) whose matmuls run in block-scaled FP8.
 
     The bias, if any, is added in the activation dtype after the FP8 GEMM. Under autocast the input is cast to the
-    autocast dtype first, as for nn.Linear.
+    autocast dtype first, as for nn.Linear. cache_weight: keep the quantised weight while it is unchanged
+    (QuantizedWeightCache: gradient-accumulation micro-batches and forward-only calls skip its quantisation).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
-                 pow2_scales: bool = False) -> None:  # fmt: skip
+                 pow2_scales: bool = False, cache_weight: bool = False) -> None:  # fmt: skip
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.pow2_scales = pow2_scales
+        self.weight_cache = QuantizedWeightCache() if cache_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = FP8LinearFunction.apply(_autocast_input(x), self.weight, self.pow2_scales, torch.is_grad_enabled())
+        y = FP8LinearFunction.apply(_autocast_input(x), self.weight, self.pow2_scales, torch.is_grad_enabled(),
+                                    self.weight_cache, (self.weight,))  # fmt: skip
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @staticmethod
@@ -305,21 +370,23 @@ class FP8Linear(nn.Linear):
         )  # fmt: skip
         if not stackable:
             return tuple(layer(x) for layer in layers)
-        weight = torch.cat([layer.weight for layer in layers])
-        y = FP8LinearFunction.apply(_autocast_input(x), weight, first.pow2_scales, torch.is_grad_enabled())
+        sources = tuple(layer.weight for layer in layers)
+        y = FP8LinearFunction.apply(_autocast_input(x), torch.cat(sources), first.pow2_scales, torch.is_grad_enabled(),
+                                    first.weight_cache, sources)  # fmt: skip
         return y.split([layer.out_features for layer in layers], dim=-1)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, pow2_scales: bool = False) -> FP8Linear:
+    def from_linear(cls, linear: nn.Linear, pow2_scales: bool = False, cache_weight: bool = False) -> FP8Linear:
         """Wrap an existing nn.Linear, sharing its parameters."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features, new.pow2_scales = linear.in_features, linear.out_features, pow2_scales
         new.weight, new.bias = linear.weight, linear.bias
+        new.weight_cache = QuantizedWeightCache() if cache_weight else None
         return new
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", pow2_scales={self.pow2_scales}"
+        return super().extra_repr() + f", pow2_scales={self.pow2_scales}, cache_weight={self.weight_cache is not None}"
 
 
 class FP8InferenceLinear(nn.Module):
@@ -388,12 +455,13 @@ def _sum_slots(y_SD, routing, weight_TK=None) -> torch.Tensor:
     gradient of the routed rows' gather. routing: (order_S, token_S, row_TK) as _sort_by_expert returns them
     (order_S only for weights). Under torch.compile by gathering each slot's row (one fused kernel: no atomics, a
     fixed order; index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200,
-    benchmarks/RESULTS.md); in eager mode by one index_add, as each slot's gather would be written out in full
-    there, or (topk_sum.SUM_SLOTS_KERNEL) by topk_sum's kernel, which computes what the compiled path does. The
-    model's twin: modeling_dsv3._sum_slots."""
+    benchmarks/RESULTS.md); in eager mode by topk_sum's kernel, which computes what the compiled path does (each
+    slot's gather would be written out in full there), or with topk_sum.SUM_SLOTS_KERNEL off by one index_add
+    (8.7 ms slower in a V3-size layer's forward+backward on an H200). The model's twin: modeling_dsv3._sum_slots."""
     order_S, token_S, row_TK = routing
     if not torch.compiler.is_compiling():
-        if topk_sum.SUM_SLOTS_KERNEL:
+        tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y_SD, weight_TK))
+        if topk_sum.SUM_SLOTS_KERNEL and not tracked:  # the kernel has no backward: inside the Functions only
             return topk_sum.sum_slots(y_SD, row_TK, weight_TK)
         rows_SD = y_SD if weight_TK is None else y_SD * weight_TK.reshape(-1)[order_S, None].to(y_SD.dtype)
         out_TD = y_SD.new_zeros(row_TK.shape[0], y_SD.shape[1], dtype=torch.float32)
@@ -420,6 +488,7 @@ def fp8_experts_forward(
     down_proj_EDI: torch.Tensor,
     act: Callable[[torch.Tensor], torch.Tensor] = F.silu,
     pow2_scales: bool = False,
+    weight_cache: QuantizedWeightCache | None = None,
 ) -> torch.Tensor:
     """Routed-experts output sum_k w_tk * down_e(act(gate_e(x_t)) * up_e(x_t)) in FP8, differentiable.
 
@@ -427,20 +496,21 @@ def fp8_experts_forward(
     down_proj [E, D, I]. The top-k weighted sum is accumulated in fp32 (_sum_slots). Neither the routed input rows
     nor their output gradient are written out in bf16 (the quantisers gather them: FP8GroupedLinearFunction's
     rows_S, FP8GroupedLinearCombineFunction). With gradients on, the weight gradients' operands are quantised per
-    expert, padded to whole 128-token tiles (pad_experts_to_tiles).
+    expert, padded to whole 128-token tiles (pad_experts_to_tiles). weight_cache: a QuantizedWeightCache that may
+    hold both quantised weights (the parameters themselves must be passed then).
     """
     E = gate_up_proj_EFD.shape[0]
     order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
     grad = torch.is_grad_enabled()
     padded = pad_experts_to_tiles(offs_E, token_S.shape[0]) if grad else None  # the wgrad's layout
     h_SF = FP8GroupedLinearFunction.apply(
-        hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, None, grad, token_S, row_TK, padded
+        hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, weight_cache, grad, token_S, row_TK, padded
     )
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     a_SI = act(gate_SI) * up_SI
     weight_TK = topk_weight_TK.to(h_SF.dtype)
     return FP8GroupedLinearCombineFunction.apply(
-        a_SI, down_proj_EDI, offs_E, order_S, token_S, row_TK, weight_TK, pow2_scales, grad, padded
+        a_SI, down_proj_EDI, offs_E, order_S, token_S, row_TK, weight_TK, pow2_scales, grad, padded, weight_cache
     )
 
 

@@ -4,9 +4,9 @@
 
 with each weighted product rounded to y's dtype, the sum in fp32 in slot order, and one rounding to y's dtype at
 the end: what fp8_linear._sum_slots computes under torch.compile (per-slot gathers that inductor fuses), bit for
-bit. In eager mode _sum_slots takes one `index_add_` into fp32 instead, which needs the [S, D] rows written out in
-fp32 first and sums them by atomics in no fixed order (about 9 ms of a V3-size MoE layer's forward+backward on an
-H200, benchmarks/RESULTS.md); this kernel reads each routed row once, in bf16, and writes each token's sum once.
+bit. Before it, eager mode took one `index_add_` into fp32, which needs the [S, D] rows written out in fp32 first
+and sums them by atomics in no fixed order (about 9 ms of a V3-size MoE layer's forward+backward on an H200,
+benchmarks/RESULTS.md); this kernel reads each routed row once, in bf16, and writes each token's sum once.
 
 Shape legend: T tokens, Kt slots (experts) a token, S = T * Kt routed rows, D features.
 """
@@ -19,9 +19,10 @@ from . import _triton as tt
 
 triton, tl = tt.triton, tt.tl
 
-# Off until timed on a GPU against the eager index_add it would replace (benchmarks/bench_moe_layer.py, the FP8
-# row's "fwdbwd_ms_topk_sum_kernel"); fp8_linear._sum_slots reads it at call time.
-SUM_SLOTS_KERNEL = False
+# On: timed on an H200 in the eager V3-size MoE layer's forward+backward, 56.97 ms against 65.72 with the index_add
+# it replaces (benchmarks/RESULTS.md, session 9; bench_moe_layer.py times both). fp8_linear._sum_slots reads it at
+# call time; False restores the index_add.
+SUM_SLOTS_KERNEL = True
 
 if tt.HAS_TRITON:
     from .quant import _round_to

@@ -46,6 +46,9 @@ class DSV3Config(PretrainedConfig):
     - `moe_implementation`: "auto" (grouped_mm where torch has it, else "sorted"), "eager" (the test
       reference loop), "grouped_mm", "sorted", or "fp8" (Triton kernels).
     - `linear_implementation`: "torch" or "fp8" (block-scaled FP8 Triton kernels).
+    - `fp8_weight_cache` (False): the FP8 layers keep each quantised master weight while it is unchanged
+      (kernels.QuantizedWeightCache; eager mode): gradient-accumulation micro-batches after the first and
+      forward-only calls between optimizer steps skip the weight quantisation, for about two bytes a parameter.
 
     `rope_scaling` (official) and `rope_parameters` (transformers) are both accepted and stored as
     `rope_parameters`, a dict with `rope_type` in {"default", "yarn"} and `rope_theta`.
@@ -103,6 +106,7 @@ class DSV3Config(PretrainedConfig):
         mla_implementation: str = "auto",
         moe_implementation: str = "auto",
         linear_implementation: str = "torch",
+        fp8_weight_cache: bool = False,
         **kwargs: Any,
     ):
         self.vocab_size = vocab_size
@@ -144,6 +148,7 @@ class DSV3Config(PretrainedConfig):
         self.mla_implementation = mla_implementation
         self.moe_implementation = moe_implementation
         self.linear_implementation = linear_implementation
+        self.fp8_weight_cache = fp8_weight_cache
         # Set before PretrainedConfig.__init__ so that transformers' RoPE standardisation finds it complete and
         # never sees the legacy `rope_scaling` key (whose setter warns and re-standardises).
         self.rope_parameters = _normalise_rope(rope_parameters, rope_scaling, rope_theta)

@@ -151,7 +151,8 @@ def make_linear(config: DSV3Config, in_features: int, out_features: int, bias: b
     The embedding, router, norms and output head always stay in high precision, as in the paper (section 3.3.1).
     FP8Linear subclasses nn.Linear with the same `weight`, so checkpoints are unchanged."""
     if config.linear_implementation == "fp8":
-        return optional_kernels("linear_implementation='fp8'").FP8Linear(in_features, out_features, bias=bias)
+        kernels = optional_kernels("linear_implementation='fp8'")
+        return kernels.FP8Linear(in_features, out_features, bias=bias, cache_weight=config.fp8_weight_cache)
     return nn.Linear(in_features, out_features, bias=bias)
 
 
@@ -496,10 +497,12 @@ def experts_fp8(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torc
             x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.gate_up_proj_scale_inv,
             experts.down_proj, experts.down_proj_scale_inv, experts.act_fn,
         )  # fmt: skip
-    # Training: master weights stay high precision and are quantised on each call.
+    # Training: master weights stay high precision and are quantised on each call (or kept while unchanged, with
+    # config.fp8_weight_cache).
     return kernels.fp8_experts_forward(
-        x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.down_proj, experts.act_fn
-    )
+        x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.down_proj, experts.act_fn,
+        weight_cache=experts.fp8_weight_cache,
+    )  # fmt: skip
 
 
 EXPERTS_FUNCTIONS = {
@@ -533,8 +536,10 @@ class DSV3Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * F_, D))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, D, F_))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.fp8_weight_cache = None
         if config.moe_implementation == "fp8":
-            optional_kernels("moe_implementation='fp8'")  # fail at construction, with the reason
+            kernels = optional_kernels("moe_implementation='fp8'")  # fail at construction, with the reason
+            self.fp8_weight_cache = kernels.QuantizedWeightCache() if config.fp8_weight_cache else None
 
     def to_fp8_storage(self) -> None:
         """Hold the experts as an official FP8 checkpoint does: e4m3 weights (one byte each, frozen) and fp32

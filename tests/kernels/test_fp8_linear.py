@@ -136,15 +136,16 @@ def test_fp8_experts_matches_reference(tol, rel):
 
 
 def test_fp8_experts_with_the_topk_sum_kernel(monkeypatch, rel):
-    """fp8_experts_forward in eager mode with topk_sum.SUM_SLOTS_KERNEL on (its combine and its gather's gradient
-    through the kernel) against the same with index_add: equal up to the fp32 sum's order, output and every
-    gradient."""
+    """fp8_experts_forward in eager mode with topk_sum.SUM_SLOTS_KERNEL on (the default: its combine and its
+    gather's gradient through the kernel) against the same with index_add: equal up to the fp32 sum's order, output
+    and every gradient."""
     from modeling_deepseek_v3.kernels import topk_sum
 
     h, idx, wt, gu, dn = _experts_case(5, T=21, Kt=3, E=6, D=256, I=128)
     h, wt, gu, dn = (t.detach().to(torch.bfloat16).requires_grad_() for t in (h, wt, gu, dn))
     h2, wt2, gu2, dn2 = _clone(h, wt, gu, dn)
     g = torch.randn(h.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    monkeypatch.setattr(topk_sum, "SUM_SLOTS_KERNEL", False)
     y = fp8_experts_forward(h, idx, wt, gu, dn)
     y.backward(g)
     monkeypatch.setattr(topk_sum, "SUM_SLOTS_KERNEL", True)
