@@ -509,11 +509,33 @@ def fp8_gemm_wgrad(
 ) -> torch.Tensor:
     """dW[N, K] = dy^T x from both operands in the transposed 128x1 tiling (quantize_act_t).
 
-    split_k: token ranges per output tile on the TMA path (None: split_k_of(N, K, tokens) decides)."""
+    split_k: token ranges per output tile on the TMA path (None: split_k_of(N, K, tokens) decides, and large
+    outputs over whole 128-token steps go to the grouped wgrad as one expert, see WGRAD_AS_ONE_EXPERT_MIN_TILES)."""
     tt.require_fp8("fp8_gemm_wgrad")
     _check_fp8(dyT_NM, dyT_scale_NMb, "dyT_NM")
     _check_fp8(xT_KM, xT_scale_KMb, "xT_KM")
+    (N, M), K = dyT_NM.shape, xT_KM.shape[0]
+    if split_k is None and _wgrad_as_one_expert(N, K, M) and can_use_tma(dyT_NM, xT_KM):
+        from .fp8_grouped_gemm import fp8_grouped_gemm_wgrad  # that module imports this one
+
+        offs = torch.full((1,), M, dtype=torch.int32, device=dyT_NM.device)
+        return fp8_grouped_gemm_wgrad(dyT_NM, dyT_scale_NMb, xT_KM, xT_scale_KMb, offs, out_dtype,
+                                      tokens_aligned=True)[0]  # fmt: skip
     return _launch(dyT_NM, dyT_scale_NMb, xT_KM, xT_scale_KMb, False, out_dtype, split_k=split_k)
+
+
+# The grouped wgrad's aligned loop (fp8_grouped_gemm: each step's scales read contiguous and loaded a step ahead,
+# the store by TMA) also computes a dense wgrad, as one expert of all M tokens when M is a multiple of 128. On an
+# H200 (benchmarks/bench_wgrad_split.py, RESULTS.md session 9) it beat this file's TMA kernel 1.06-1.21x wherever dW
+# had at least 512 tiles of 64x128 (bit-identical results; one of seven such shapes 0.98x) and lost 0.73-0.85x
+# below that (16384 x [1024, 1024] and [2048, 1024]), where the split-K rule still decides.
+WGRAD_AS_ONE_EXPERT_MIN_TILES = 512
+
+
+def _wgrad_as_one_expert(N: int, K: int, M: int) -> bool:
+    """Whether fp8_gemm_wgrad's dW[N, K] over M tokens runs as the grouped wgrad's one aligned expert."""
+    tiles = triton.cdiv(N, 64) * triton.cdiv(K, 128)
+    return M % BLOCK == 0 and M > 0 and tiles >= WGRAD_AS_ONE_EXPERT_MIN_TILES and split_k_of(N, K, M) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,6 +141,29 @@ def test_wgrad_split_k(split_k, out_dtype, tol, rel):
     assert rel(dw.float(), dw_unsplit) < tol[out_dtype]
 
 
+@pytest.mark.parametrize("M", [256, 250])
+def test_wgrad_as_one_aligned_expert(monkeypatch, M, tol, rel):
+    """Above WGRAD_AS_ONE_EXPERT_MIN_TILES (here forced down to 1) the dense wgrad runs as the grouped wgrad's one
+    aligned expert when the tokens fill whole 128-steps (M = 256), and stays on the dense kernel otherwise (M = 250):
+    against the reference, and against the dense kernel, which sums the same step products in the same order."""
+    import importlib
+
+    G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm")
+    GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
+    monkeypatch.setattr(G, "WGRAD_AS_ONE_EXPERT_MIN_TILES", 1)
+    calls = []
+    real = GG.fp8_grouped_gemm_wgrad
+    monkeypatch.setattr(GG, "fp8_grouped_gemm_wgrad", lambda *a, **k: calls.append(k) or real(*a, **k))
+    N, K = 70, 130  # ragged output tiles
+    dyTq, dyTs = quantize_act_t_ref(_rand(M, N, seed=13))
+    xTq, xTs = quantize_act_t_ref(_rand(M, K, seed=14))
+    dw = _poison(lambda: fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs))
+    assert calls == ([dict(tokens_aligned=True)] if M % 128 == 0 else [])
+    assert dw.shape == (N, K) and not dw.isnan().any()
+    assert rel(dw, fp8_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs)) < tol[torch.float32]
+    assert torch.equal(dw, fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs, split_k=1))
+
+
 def test_split_k_choice():
     """split_k_for: pieces only where the tiles leave resident programs idle (one wave at most, SPLIT_K_MIN pieces at
     least), each piece >= SPLIT_K_MIN_STEPS steps, and never an empty piece."""
@@ -184,6 +207,14 @@ for M, N, K in [(16384, 672, 1024), (16384, 2048, 256), (4000, 200, 144)]:
     assert rel(dw, ref) < 1e-3 and rel(unsplit, ref) < 1e-3, (M, N, K, rel(dw, ref), rel(unsplit, ref))
     assert rel(dw, unsplit) < 1e-5, (M, N, K, rel(dw, unsplit))
     assert torch.equal(dw, G.fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs)), "split-K must not vary from run to run"
+# A dW large enough to run as the grouped wgrad's one aligned expert (WGRAD_AS_ONE_EXPERT_MIN_TILES): the same step
+# products in the same order as the dense kernel (bit-identical on an H200, bench_wgrad_split.py).
+M, N, K = 4096, 7168, 2048
+assert G._wgrad_as_one_expert(N, K, M)
+dyTq, dyTs = quantize_act_t(torch.randn(M, N, device="cuda").bfloat16())
+xTq, xTs = quantize_act_t(torch.randn(M, K, device="cuda").bfloat16())
+dw, dense = G.fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs), G.fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs, split_k=1)
+assert rel(dw, G.fp8_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs)) < 1e-3 and rel(dw, dense) < 1e-6, rel(dw, dense)
 print("ok")
 """
 
