@@ -5,6 +5,7 @@ the quantisation kernels vs a copy, and FP8Linear vs nn.Linear.
 Run (from the repo root, on an H200):
     python3 -m pip install -e . --no-deps -q; PYTHONUNBUFFERED=1 python3 benchmarks/bench_fp8_gemm.py
 Prints one JSON line per shape, then a summary; writes $OUT/fp8_gemm.json when OUT is set.
+`--linear`: the FP8Linear comparison alone.
 TFLOPS = 2*M*N*K / median time (triton.testing.do_bench, random inputs, never zeros).
 """
 
@@ -128,6 +129,62 @@ def _host_and_graph_ms(fn, grads) -> tuple[float, float]:
     except Exception as e:  # capture is a measurement aid only
         print(f"# graph capture failed: {type(e).__name__}: {e}", file=sys.stderr)
         return host, float("nan")
+
+
+def linear_bench(dev: str, small: bool, G, Q) -> dict:
+    """FP8Linear forward+backward against bf16 nn.Linear (the table's `linear` entry; `--linear` runs it alone)."""
+    # FP8Linear forward+backward vs nn.Linear bf16 at (M, N, K) = (4096, 7168, 2048). Weight quantised once
+    # per forward+backward (as in training). Eager timings (what a training loop without graphs sees),
+    # host time a call, and CUDA-graph replays (GPU time alone), plus each kernel alone.
+    Mi, Ni, Ki = (256, 256, 256) if small else (4096, 7168, 2048)
+    lin = torch.nn.Linear(Ki, Ni, bias=False, device=dev, dtype=torch.bfloat16)
+    f8 = K_.FP8Linear.from_linear(lin)
+    xi = torch.randn(Mi, Ki, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(Mi, Ni, device=dev, dtype=torch.bfloat16)
+    linear = dict(shape=[Mi, Ni, Ki])
+    linear["bf16_fwd_bwd_ms"] = bench(lambda: lin(xi).backward(g))
+    linear["fp8_fwd_bwd_ms"] = bench(lambda: f8(xi).backward(g))
+    linear["speedup"] = linear["bf16_fwd_bwd_ms"] / linear["fp8_fwd_bwd_ms"]
+    # cache_weight: the quantised weight kept while unchanged (gradient-accumulation micro-batches after the first);
+    # eager only, a CUDA-graph capture quantises on every replay.
+    f8_cached = K_.FP8Linear.from_linear(lin, cache_weight=True)
+    linear["fp8_cached_fwd_bwd_ms"] = bench(lambda: f8_cached(xi).backward(g))
+    linear["speedup_cached"] = linear["bf16_fwd_bwd_ms"] / linear["fp8_cached_fwd_bwd_ms"]
+    if not small:
+        linear["bf16_host_ms"], linear["bf16_graph_ms"] = _host_and_graph_ms(
+            lambda: lin(xi).backward(g), [xi, lin.weight]
+        )
+        linear["fp8_host_ms"], linear["fp8_graph_ms"] = _host_and_graph_ms(lambda: f8(xi).backward(g), [xi, f8.weight])
+        linear["speedup_graphs"] = linear["bf16_graph_ms"] / linear["fp8_graph_ms"]
+        rule = G.WGRAD_AS_ONE_EXPERT_MIN_TILES
+        G.WGRAD_AS_ONE_EXPERT_MIN_TILES = 1 << 62  # the wgrad on the dense kernel, as before session 9
+        try:
+            _, linear["fp8_graph_ms_dense_wgrad"] = _host_and_graph_ms(lambda: f8(xi).backward(g), [xi, f8.weight])
+        finally:
+            G.WGRAD_AS_ONE_EXPERT_MIN_TILES = rule
+    xq, xs = K_.quantize_act(xi.detach())
+    wq, ws, wqt = K_.quantize_weight(lin.weight.detach(), transposed=True)
+    dq, ds, dtq, dts = Q.quantize_act_both(g)
+    xtq, xts = K_.quantize_act_t(xi.detach())
+    wst = ws.t().contiguous()
+    parts = dict(
+        quant_x_both=lambda: Q.quantize_act_both(xi.detach()),
+        quant_w_plus_T=lambda: K_.quantize_weight(lin.weight.detach(), transposed=True),
+        gemm_fwd=lambda: K_.fp8_gemm(xq, xs, wq, ws),
+        quant_dy_both=lambda: Q.quantize_act_both(g),
+        scale_T=lambda: ws.t().contiguous(),
+        dgrad=lambda: G._launch(dq, ds, wqt, wst, True, torch.bfloat16),
+        wgrad_bf16=lambda: K_.fp8_gemm_wgrad(dtq, dts, xtq, xts, torch.bfloat16),
+    )
+    extra = dict(wgrad_bf16_dense_kernel=lambda: K_.fp8_gemm_wgrad(dtq, dts, xtq, xts, torch.bfloat16, split_k=1))
+    linear["parts_ms"] = {k: round(bench(f), 4) for k, f in parts.items()}
+    linear["parts_sum_ms"] = sum(linear["parts_ms"].values())
+    linear["not_dispatched_ms"] = {k: round(bench(f), 4) for k, f in extra.items()}  # the wgrad before session 9
+    if not small:  # both wgrads replayed from CUDA graphs: GPU time without the launches' host cost
+        wgrads = dict(dispatched=parts["wgrad_bf16"], dense_kernel=extra["wgrad_bf16_dense_kernel"])
+        linear["wgrad_bf16_graph_ms"] = {k: round(_host_and_graph_ms(f, [])[1], 4) for k, f in wgrads.items()}
+    print(json.dumps(linear), flush=True)
+    return linear
 
 
 def main() -> None:
@@ -275,48 +332,7 @@ def main() -> None:
     print(json.dumps(quant), flush=True)
     del x, wbig
 
-    # FP8Linear forward+backward vs nn.Linear bf16 at (M, N, K) = (4096, 7168, 2048). Weight quantised once
-    # per forward+backward (as in training). Eager timings (what a training loop without graphs sees),
-    # host time a call, and CUDA-graph replays (GPU time alone), plus each kernel alone.
-    Mi, Ni, Ki = (256, 256, 256) if small else (4096, 7168, 2048)
-    lin = torch.nn.Linear(Ki, Ni, bias=False, device=dev, dtype=torch.bfloat16)
-    f8 = K_.FP8Linear.from_linear(lin)
-    xi = torch.randn(Mi, Ki, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(Mi, Ni, device=dev, dtype=torch.bfloat16)
-    linear = dict(shape=[Mi, Ni, Ki])
-    linear["bf16_fwd_bwd_ms"] = bench(lambda: lin(xi).backward(g))
-    linear["fp8_fwd_bwd_ms"] = bench(lambda: f8(xi).backward(g))
-    linear["speedup"] = linear["bf16_fwd_bwd_ms"] / linear["fp8_fwd_bwd_ms"]
-    # cache_weight: the quantised weight kept while unchanged (gradient-accumulation micro-batches after the first);
-    # eager only, a CUDA-graph capture quantises on every replay.
-    f8_cached = K_.FP8Linear.from_linear(lin, cache_weight=True)
-    linear["fp8_cached_fwd_bwd_ms"] = bench(lambda: f8_cached(xi).backward(g))
-    linear["speedup_cached"] = linear["bf16_fwd_bwd_ms"] / linear["fp8_cached_fwd_bwd_ms"]
-    if not small:
-        linear["bf16_host_ms"], linear["bf16_graph_ms"] = _host_and_graph_ms(
-            lambda: lin(xi).backward(g), [xi, lin.weight]
-        )
-        linear["fp8_host_ms"], linear["fp8_graph_ms"] = _host_and_graph_ms(lambda: f8(xi).backward(g), [xi, f8.weight])
-        linear["speedup_graphs"] = linear["bf16_graph_ms"] / linear["fp8_graph_ms"]
-    xq, xs = K_.quantize_act(xi.detach())
-    wq, ws, wqt = K_.quantize_weight(lin.weight.detach(), transposed=True)
-    dq, ds, dtq, dts = Q.quantize_act_both(g)
-    xtq, xts = K_.quantize_act_t(xi.detach())
-    wst = ws.t().contiguous()
-    parts = dict(
-        quant_x_both=lambda: Q.quantize_act_both(xi.detach()),
-        quant_w_plus_T=lambda: K_.quantize_weight(lin.weight.detach(), transposed=True),
-        gemm_fwd=lambda: K_.fp8_gemm(xq, xs, wq, ws),
-        quant_dy_both=lambda: Q.quantize_act_both(g),
-        scale_T=lambda: ws.t().contiguous(),
-        dgrad=lambda: G._launch(dq, ds, wqt, wst, True, torch.bfloat16),
-        wgrad_bf16=lambda: K_.fp8_gemm_wgrad(dtq, dts, xtq, xts, torch.bfloat16),
-    )
-    extra = dict(wgrad_bf16_dense_kernel=lambda: K_.fp8_gemm_wgrad(dtq, dts, xtq, xts, torch.bfloat16, split_k=1))
-    linear["parts_ms"] = {k: round(bench(f), 4) for k, f in parts.items()}
-    linear["parts_sum_ms"] = sum(linear["parts_ms"].values())
-    linear["not_dispatched_ms"] = {k: round(bench(f), 4) for k, f in extra.items()}  # the wgrad before session 9
-    print(json.dumps(linear), flush=True)
+    linear = linear_bench(dev, small, G, Q)
 
     meds = {M: sorted(r["fp8_over_bf16"] for r in rows if r["M"] == M)[len(shapes) // 2] for M in ms_list}
     summary = dict(rows=rows, quant=quant, quant_exact=exact, linear=linear, median_fp8_over_bf16=meds, device=name,
@@ -719,7 +735,12 @@ def gluon_bench() -> None:
 
 
 if __name__ == "__main__":
-    if "--gluon" in sys.argv:
+    if "--linear" in sys.argv:
+        import importlib
+
+        linear_bench("cuda", False, importlib.import_module(K_.fp8_gemm.__module__),
+                     importlib.import_module(K_.quantize_act.__module__))  # fmt: skip
+    elif "--gluon" in sys.argv:
         gluon_bench()
     elif "--sweep" in sys.argv:
         sweep()

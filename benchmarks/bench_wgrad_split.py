@@ -101,10 +101,13 @@ def main() -> None:
         )  # fmt: skip
         if M % 128 == 0:  # the grouped wgrad's aligned loop as one expert of all M tokens (whole 128-token steps)
             offs = torch.tensor([M], dtype=torch.int32, device="cuda")
-            run = lambda: GG.fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs, tokens_aligned=True)
-            t_grouped = do_bench(run)
-            row.update(us_grouped_aligned=t_grouped * 1e3, tflops_grouped_aligned=tflops / t_grouped * 1e3,
-                       rel_grouped_aligned_vs_split=rel(run()[0], chosen))  # fmt: skip
+            for tag, dt in (("", torch.float32), ("_bf16", torch.bfloat16)):  # fp32 and bf16 master weights
+                run = lambda: GG.fp8_grouped_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, offs, dt, tokens_aligned=True)
+                dense = lambda: G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, dt, split_k=1)
+                t_grouped, t_dense = do_bench(run), do_bench(dense)
+                row.update({f"us_grouped_aligned{tag}": t_grouped * 1e3, f"us_dense{tag}": t_dense * 1e3,
+                            f"tflops_grouped_aligned{tag}": tflops / t_grouped * 1e3,
+                            f"rel_grouped_aligned_vs_dense{tag}": rel(run()[0], dense())})  # fmt: skip
         if do_sweep:
             row["sweep"] = sweep(dyT_q, dyT_s, xT_q, xT_s, M, N, K)
         rows.append(row)
