@@ -526,9 +526,9 @@ def fp8_gemm_wgrad(
 
 # The grouped wgrad's aligned loop (fp8_grouped_gemm: each step's scales read contiguous and loaded a step ahead,
 # the store by TMA) also computes a dense wgrad, as one expert of all M tokens when M is a multiple of 128. On an
-# H200 (benchmarks/bench_wgrad_split.py, RESULTS.md session 9) it beat this file's TMA kernel 1.06-1.21x wherever dW
-# had at least 512 tiles of 64x128 (bit-identical results; one of seven such shapes 0.98x) and lost 0.73-0.85x
-# below that (16384 x [1024, 1024] and [2048, 1024]), where the split-K rule still decides.
+# H200 (benchmarks/bench_wgrad_split.py, RESULTS.md session 9; bit-identical results) it beat this file's TMA kernel
+# 1.02-1.20x at 15 of 16 (shape, output dtype) cells where dW had at least 512 tiles of 64x128 (0.93x at the
+# largest, bf16) and lost at 9 of 10 below that, where the dense kernel and its split-K rule stay.
 WGRAD_AS_ONE_EXPERT_MIN_TILES = 512
 
 
