@@ -140,3 +140,46 @@ def test_config_switch_gives_every_fp8_layer_a_cache():
     off = DSV3ForCausalLM(DSV3Config.from_pretrained(debug, vocab_size=256, hidden_size=128, num_hidden_layers=2,
                                                      linear_implementation="fp8", moe_implementation="fp8"))  # fmt: skip
     assert all(m.weight_cache is None for m in off.modules() if isinstance(m, FP8Linear))
+
+
+_CUDA_GRAPH_CHECK = """
+import torch
+from modeling_deepseek_v3.kernels import FP8Linear
+
+torch.manual_seed(0)
+layer = FP8Linear(2048, 1024, bias=False, device="cuda", dtype=torch.bfloat16, cache_weight=True)
+x = torch.randn(256, 2048, device="cuda", dtype=torch.bfloat16)
+with torch.no_grad():
+    eager = layer(x)  # fills the cache
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    graph.replay()
+    assert torch.equal(y, eager)
+    # Negated in place: e4m3 codes are sign-magnitude with the same scales, so a graph that quantises on replay gives
+    # exactly -eager, and one that baked in the cached weight would still give eager.
+    layer.weight.neg_()
+    graph.replay()
+    assert torch.equal(y, -eager), "the captured graph must quantise the weight on every replay"
+    assert torch.equal(layer(x), y)  # the eager call sees the new version too
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
+def test_cuda_graph_capture_bypasses_the_cache():
+    """A CUDA graph captured from a caching FP8Linear quantises the weight inside the graph, so replays after an
+    update see it. A subprocess without TRITON_INTERPRET (the conftest's interpreter mode is fixed at import)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _CUDA_GRAPH_CHECK], capture_output=True, text=True, timeout=600,
+                         env=env)  # fmt: skip
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
