@@ -84,6 +84,8 @@ def _quantize_master_weight(weight: torch.Tensor, pow2: bool, need_t: bool, cach
     """(w_fp8, weight_scale_inv, K-major w_fp8 copy for dgrad or None), in one pass over the weight; through `cache`
     (a QuantizedWeightCache) if given, `sources` being the weights that `weight` stacks (default: itself)."""
     sources = sources or (weight,)
+    if cache is not None and not cache.usable(sources[0]):
+        cache = None
     if cache is not None and (hit := cache.lookup(sources, pow2, need_t)) is not None:
         return hit
     quantized = quantize_weight_t(weight.contiguous(), pow2) if need_t else (
@@ -123,7 +125,8 @@ class QuantizedWeightCache:
         self._entries.clear()
 
     @staticmethod
-    def _usable(weight: torch.Tensor) -> bool:
+    def usable(weight: torch.Tensor) -> bool:
+        """Whether this call may read or fill the cache: not while torch.compile traces or a CUDA graph captures."""
         return not (torch.compiler.is_compiling() or (weight.is_cuda and torch.cuda.is_current_stream_capturing()))
 
     @staticmethod
@@ -131,10 +134,10 @@ class QuantizedWeightCache:
         return QuantizedWeightCache._optimizer_steps, tuple((w.data_ptr(), w._version) for w in sources)
 
     def lookup(self, sources: tuple[torch.Tensor, ...], pow2: bool, need_t: bool):
-        """The quantised weight stored for these weights (stacked along rows), or None where it is stale, lacks the
-        K-major copy that need_t asks for, or this call may not use the cache."""
+        """The quantised weight stored for these weights (stacked along rows), or None where it is stale or lacks the
+        K-major copy that need_t asks for."""
         entry = self._entries.get((tuple(map(id, sources)), pow2))
-        if entry is None or not self._usable(sources[0]):
+        if entry is None:
             return None
         refs, stamp, quantized = entry
         alive = all(r() is w for r, w in zip(refs, sources, strict=True))  # ids can be reused by new tensors
@@ -142,9 +145,8 @@ class QuantizedWeightCache:
         return quantized if fresh and (quantized[2] is not None or not need_t) else None
 
     def store(self, sources: tuple[torch.Tensor, ...], pow2: bool, quantized: tuple) -> None:
-        if self._usable(sources[0]):
-            entry = (tuple(map(weakref.ref, sources)), self._stamp(sources), quantized)
-            self._entries[(tuple(map(id, sources)), pow2)] = entry
+        entry = (tuple(map(weakref.ref, sources)), self._stamp(sources), quantized)
+        self._entries[(tuple(map(id, sources)), pow2)] = entry
 
 
 def _needs_grads(ctx, grad_enabled: bool) -> tuple[bool, bool]:

@@ -141,6 +141,9 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
             setattr(config, key, getattr(args, key))
     if args.fp8:  # FP8 compute is a backend choice of the model (one selection point), not a checkpoint property
         config.linear_implementation, config.moe_implementation = "fp8", "fp8"
+        # Eager micro-batches after the first reuse the quantised weights (QuantizedWeightCache; compiled layers
+        # quantise on every call, so the cache would only hold memory there).
+        config.fp8_weight_cache = args.gradient_accumulation_steps > 1 and not args.compile
     config.validate()  # the overrides above, checked with the config's own rules
     gamma0, lambda0 = config.bias_update_speed, config.mtp_loss_weight
     tokenizer = load_tokenizer(args.model if os.path.isdir(args.model) else None)
@@ -251,6 +254,7 @@ def train(args: PretrainArguments) -> DSV3ForCausalLM:
         unwrapped.config.bias_update_speed, unwrapped.config.mtp_loss_weight = gamma0, lambda0  # describe the model, not the schedule's end
         if args.fp8:  # how this run computed, not what the weights need: the saved folder loads anywhere (CPU too)
             unwrapped.config.linear_implementation, unwrapped.config.moe_implementation = "torch", "auto"
+            unwrapped.config.fp8_weight_cache = False
         save_final(accelerator, model, tokenizer, os.path.join(args.output_dir, "final"))
         if metrics is not None and args.plots:
             plot_run(metrics.path, args.output_dir)

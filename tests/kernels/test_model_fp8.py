@@ -132,16 +132,22 @@ def test_short_fp8_training_run_tracks_the_high_precision_run():
 
 def test_dsv3_train_fp8_runs_the_kernels_and_saves_a_portable_folder(tmp_path):
     """`dsv3 train --fp8`: the projections and experts compute through the kernels (the interpreter here), the
-    losses stay finite, and the saved folder asks for no FP8 backend, so it loads on any machine."""
+    losses stay finite, and the saved folder asks for no FP8 backend, so it loads on any machine. With gradient
+    accumulation (eager) the FP8 layers keep their quantised weights between micro-batches (fp8_weight_cache)."""
+    from modeling_deepseek_v3.kernels import QuantizedWeightCache
     from modeling_deepseek_v3.training.pretrain import PretrainArguments, train
 
     model = train(PretrainArguments(output_dir=str(tmp_path), fp8=True, seq_len=16, per_device_batch_size=2,
-                                    max_steps=2, warmup_steps=1, save_steps=2, plots=False))  # fmt: skip
-    assert isinstance(model.model.layers[0].self_attn.q_a_proj, FP8Linear)
+                                    gradient_accumulation_steps=2, max_steps=2, warmup_steps=1, save_steps=2,
+                                    plots=False))  # fmt: skip
+    q_a_proj = model.model.layers[0].self_attn.q_a_proj
+    assert isinstance(q_a_proj, FP8Linear) and isinstance(q_a_proj.weight_cache, QuantizedWeightCache)
+    assert q_a_proj.weight_cache._entries, "the training run filled the cache"
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
     saved = json.loads((tmp_path / "final" / "config.json").read_text())
-    assert (saved["linear_implementation"], saved["moe_implementation"]) == ("torch", "auto")
+    assert (saved["linear_implementation"], saved["moe_implementation"], saved["fp8_weight_cache"]) == (
+        "torch", "auto", False)  # fmt: skip
     loaded = DSV3ForCausalLM.from_pretrained(tmp_path / "final")
     assert not any(isinstance(m, FP8Linear) for m in loaded.modules())
     assert torch.equal(
@@ -200,12 +206,15 @@ def test_fp8_experts_interface_refuses_a_layout_it_does_not_compute(tmp_path):
         fp8(torch.randint(0, 256, (1, 5)))
 
 
-def test_fp8_layers_compile_as_one_graph_each(rel):
+@pytest.mark.parametrize("weight_cache", [False, True])
+def test_fp8_layers_compile_as_one_graph_each(weight_cache, rel):
     """Under torch.compile the FP8 kernels are opaque custom ops (kernels/compile_ops.py), so every decoder layer of
     an FP8 model compiles with fullgraph=True (a Triton launch traced by Dynamo would break the graph, or fail for a
-    Gluon kernel), and the compiled model computes what the eager one does, gradients included."""
+    Gluon kernel), and the compiled model computes what the eager one does, gradients included. With
+    fp8_weight_cache the compiled layers trace past their caches and never fill them (eager mode only)."""
     torch.manual_seed(0)
-    cfg = tiny(num_nextn_predict_layers=0, linear_implementation="fp8", moe_implementation="fp8")
+    cfg = tiny(num_nextn_predict_layers=0, linear_implementation="fp8", moe_implementation="fp8",
+               fp8_weight_cache=weight_cache)  # fmt: skip
     eager, compiled = DSV3ForCausalLM(cfg), DSV3ForCausalLM(cfg)
     compiled.load_state_dict(eager.state_dict())
     compiled.compile_layers(backend="aot_eager", fullgraph=True)
@@ -220,3 +229,6 @@ def test_fp8_layers_compile_as_one_graph_each(rel):
         (p.grad, q.grad) for p, q in zip(eager.parameters(), compiled.parameters(), strict=True) if p.grad is not None
     ]
     assert len(grads) > 10 and all(rel(b, a) < 1e-6 for a, b in grads if a.norm() > 0)
+    if weight_cache:
+        caches = lambda model: [m.weight_cache for m in model.model.layers.modules() if isinstance(m, FP8Linear)]  # noqa: E731
+        assert any(c._entries for c in caches(eager)) and not any(c._entries for c in caches(compiled))
