@@ -146,6 +146,13 @@ def optional_kernels(feature: str):
     return kernels
 
 
+def compiled_fp8_experts_verified() -> bool:
+    """Whether this torch compiles the FP8 experts with correct gradients as far as we know: from 2.13 (the CPU test
+    test_fp8_layers_compile_as_one_graph_each); on 2.11 their weight gradients came out zero, on the GPU and on the
+    CPU alike (benchmarks/RESULTS.md, session 9). 2.12 was not tried."""
+    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
+
+
 def make_linear(config: DSV3Config, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
     """The one selection point for the projections that may run in FP8 (MLA, dense and shared MLPs, MTP eh_proj).
     The embedding, router, norms and output head always stay in high precision, as in the paper (section 3.3.1).
@@ -785,7 +792,16 @@ class DSV3PreTrainedModel(PreTrainedModel):
         vocab 129,280 and 16K tokens). On an H200 the compiled bf16 train step of benchmarks/bench_model_gpu.py
         (vocab 32000) peaked at 22.8 GiB after this change against 26.7 GiB the session before (the router's
         top-k changed in between too). Never under CUDA graphs (`mode` is dropped for it): its input, the logits, is a
-        new tensor each call, which a graph would first copy."""
+        new tensor each call, which a graph would first copy.
+
+        Refused for FP8 routed experts on torch older than 2.13 (compiled_fp8_experts_verified)."""
+        if self.config.moe_implementation == "fp8" and not compiled_fp8_experts_verified():
+            raise RuntimeError(
+                f"compile_layers with moe_implementation='fp8' on torch {torch.__version__}: on torch 2.11 (an H200, "
+                "2026-11-30) the compiled FP8 experts' forward matched the eager one but their weight gradients came "
+                "out zero (benchmarks/RESULTS.md, session 9); the compiled gradients were checked against eager ones "
+                "only from torch 2.13. Train the FP8 model without compile_layers (eager FP8 is correct), or upgrade torch."
+            )
         for module in self.modules():
             if isinstance(module, (DSV3DecoderLayer, DSV3MTPLayer)):
                 module.compile(**compile_kwargs)
