@@ -479,7 +479,10 @@ def _sum_slots_in_slot_order(y_SD, row_TK, weight_TK=None) -> torch.Tensor:
         term = y_SD[row_TK[:, k]]
         term = (term if weight_TK is None else term * weight_TK[:, k : k + 1].to(y_SD.dtype)).float()
         out_TD = term if out_TD is None else out_TD + term
-    return out_TD.to(y_SD.dtype)
+    # No `.to` where the dtype already matches: on torch 2.11 an autograd.Function whose forward returned such a no-op
+    # `.to` (an fp32 model) was traced by Dynamo with a zero output gradient, so every gradient through it came out
+    # zero (benchmarks/RESULTS.md, session 9); torch 2.13 does not do this.
+    return out_TD if out_TD.dtype == y_SD.dtype else out_TD.to(y_SD.dtype)
 
 
 def fp8_experts_forward(

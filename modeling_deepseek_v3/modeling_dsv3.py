@@ -146,13 +146,6 @@ def optional_kernels(feature: str):
     return kernels
 
 
-def compiled_fp8_experts_verified() -> bool:
-    """Whether this torch compiles the FP8 experts with correct gradients as far as we know: from 2.13 (the CPU test
-    test_fp8_layers_compile_as_one_graph_each); on 2.11 their weight gradients came out zero, on the GPU and on the
-    CPU alike (benchmarks/RESULTS.md, session 9). 2.12 was not tried."""
-    return tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
-
-
 def make_linear(config: DSV3Config, in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
     """The one selection point for the projections that may run in FP8 (MLA, dense and shared MLPs, MTP eh_proj).
     The embedding, router, norms and output head always stay in high precision, as in the paper (section 3.3.1).
@@ -424,7 +417,10 @@ def _sum_slots(y_RD, routing, weight_TK=None):
         term = y_RD[row_of_slot[:, k]]
         term = (term if weight_TK is None else term * weight_TK[:, k : k + 1].to(y_RD.dtype)).float()
         out_TD = term if out_TD is None else out_TD + term
-    return out_TD.to(y_RD.dtype)
+    # No `.to` where the dtype already matches: on torch 2.11 an autograd.Function whose forward returned such a no-op
+    # `.to` (an fp32 model) was traced by Dynamo with a zero output gradient, so every gradient through it came out
+    # zero (benchmarks/RESULTS.md, session 9); torch 2.13 does not do this.
+    return out_TD if out_TD.dtype == y_RD.dtype else out_TD.to(y_RD.dtype)
 
 
 class _Gather(torch.autograd.Function):
@@ -792,16 +788,7 @@ class DSV3PreTrainedModel(PreTrainedModel):
         vocab 129,280 and 16K tokens). On an H200 the compiled bf16 train step of benchmarks/bench_model_gpu.py
         (vocab 32000) peaked at 22.8 GiB after this change against 26.7 GiB the session before (the router's
         top-k changed in between too). Never under CUDA graphs (`mode` is dropped for it): its input, the logits, is a
-        new tensor each call, which a graph would first copy.
-
-        Refused for FP8 routed experts on torch older than 2.13 (compiled_fp8_experts_verified)."""
-        if self.config.moe_implementation == "fp8" and not compiled_fp8_experts_verified():
-            raise RuntimeError(
-                f"compile_layers with moe_implementation='fp8' on torch {torch.__version__}: on torch 2.11 (an H200, "
-                "2026-11-30) the compiled FP8 experts' forward matched the eager one but their weight gradients came "
-                "out zero (benchmarks/RESULTS.md, session 9); the compiled gradients were checked against eager ones "
-                "only from torch 2.13. Train the FP8 model without compile_layers (eager FP8 is correct), or upgrade torch."
-            )
+        new tensor each call, which a graph would first copy."""
         for module in self.modules():
             if isinstance(module, (DSV3DecoderLayer, DSV3MTPLayer)):
                 module.compile(**compile_kwargs)
