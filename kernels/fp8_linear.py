@@ -121,6 +121,11 @@ class QuantizedWeightCache:
     def _count_step(optimizer, args, kwargs) -> None:
         QuantizedWeightCache._optimizer_steps += 1
 
+    def __getstate__(self) -> dict:
+        # A copy (copy.deepcopy, pickle: torch.save of a whole module) starts empty: the entries hold weak references,
+        # which do not pickle, and device memory that a copy should not duplicate.
+        return {"_entries": {}}
+
     def clear(self) -> None:
         self._entries.clear()
 

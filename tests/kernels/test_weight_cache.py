@@ -183,3 +183,25 @@ def test_cuda_graph_capture_bypasses_the_cache():
     out = subprocess.run([sys.executable, "-c", _CUDA_GRAPH_CHECK], capture_output=True, text=True, timeout=600,
                          env=env)  # fmt: skip
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_copies_of_a_cached_layer_start_with_an_empty_cache():
+    """deepcopy (TRL's reference model) and pickle (torch.save of a whole module) of a layer whose cache holds an
+    entry: they work, and the copy's cache starts empty (its entries would point at the original's weights)."""
+    import copy
+    import io
+
+    torch.manual_seed(5)
+    layer = FP8Linear(128, 128, bias=False, cache_weight=True)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.weight_cache._entries
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        assert isinstance(twin.weight_cache, QuantizedWeightCache) and not twin.weight_cache._entries
+        with torch.no_grad():
+            assert torch.equal(twin(x), y)
+    assert layer.weight_cache._entries
