@@ -211,7 +211,9 @@ def test_fp8_layers_compile_as_one_graph_each(weight_cache, rel):
     """Under torch.compile the FP8 kernels are opaque custom ops (kernels/compile_ops.py), so every decoder layer of
     an FP8 model compiles with fullgraph=True (a Triton launch traced by Dynamo would break the graph, or fail for a
     Gluon kernel), and the compiled model computes what the eager one does, gradients included. With
-    fp8_weight_cache the compiled layers trace past their caches and never fill them (eager mode only)."""
+    fp8_weight_cache the compiled layers trace past their caches and never fill them (eager mode only). Under torch
+    2.11 (the GPU machine's) the experts' gradients came out zero here until the combine Functions stopped returning
+    a no-op `.to` (benchmarks/RESULTS.md, session 9); CI's torch 2.13 never showed it."""
     torch.manual_seed(0)
     cfg = tiny(num_nextn_predict_layers=0, linear_implementation="fp8", moe_implementation="fp8",
                fp8_weight_cache=weight_cache)  # fmt: skip
