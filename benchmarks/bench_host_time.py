@@ -7,6 +7,7 @@ tiny torch op, and an identity autograd.Function. Then, at deepseek-v3-small sha
 apart and stacked into one FP8 GEMM, and the FP8 routed experts.
 
     python3 benchmarks/bench_host_time.py
+    python3 benchmarks/bench_host_time.py --cprofile   # where an eager FP8Linear forward+backward spends host time
 """
 
 import time
@@ -101,5 +102,32 @@ def main() -> None:
         print(f"{k:40s} host_us {v[0]:8.1f}   wall_us {v[1]:8.1f}")
 
 
+def cprofile(calls: int = 200) -> None:
+    """The eager FP8Linear forward+backward at (4096, 7168, 2048) under cProfile: the Python functions that take
+    its host time (cProfile's own per-call cost inflates every row alike; read the shares, not the totals)."""
+    import cProfile
+    import pstats
+
+    torch.manual_seed(0)
+    M, N, K = 4096, 7168, 2048
+    f8 = K_.FP8Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        f8(x).backward(g)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        f8(x).backward(g)
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).strip_dirs()
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(40)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    cprofile() if "--cprofile" in sys.argv else main()

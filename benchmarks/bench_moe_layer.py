@@ -6,6 +6,7 @@ shared expert GEMMs only (the anchor's convention: 2 * T * 3 * D * F * (top-k + 
     PYTHONPATH=. python benchmarks/bench_moe_layer.py      # writes $OUT/bench_moe_layer.json when OUT is set
     PYTHONPATH=. python benchmarks/bench_moe_layer.py --compile   # each layer under torch.compile
     PYTHONPATH=. python benchmarks/bench_moe_layer.py --profile   # + every kernel of one fwd+bwd, $OUT/moe_profile_*.txt
+    BENCH_KINDS=fp8,fp8_cached PYTHONPATH=. python benchmarks/bench_moe_layer.py   # the built-in and these only
 """
 
 # ruff: noqa: B023, F821  (lambdas are timed inside their own loop iteration; names are deleted only after)
@@ -56,7 +57,7 @@ def layer(kind: str) -> torch.nn.Module:
 
 def main(compile_layer: bool = False, profile: bool = False) -> None:
     """compile_layer: every variant (the built-in too) under torch.compile's default mode, as training runs them
-    (compile_layers); the index_add row is then left out (topk_sum's switch is read in eager mode only).
+    (compile_layers); the unfused row is then left out (those kernels run in eager mode only).
     profile: one more forward+backward of each variant under torch.profiler, after the timed ones: the top kernels
     printed, all of them in $OUT/moe_profile_<variant>.txt."""
     torch.manual_seed(0)
@@ -66,6 +67,8 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
     # fp8_cached: the FP8 layer with config.fp8_weight_cache, whose repeated calls reuse the quantised weights as
     # gradient-accumulation micro-batches after the first do (eager only: under torch.compile it quantises each call).
     kinds = ("builtin", "grouped_mm", "fp8") + (() if compile_layer else ("fp8_cached",))
+    if os.environ.get("BENCH_KINDS"):  # e.g. BENCH_KINDS=fp8_cached: the built-in (the reference) and those only
+        kinds = ("builtin", *(k for k in kinds[1:] if k in os.environ["BENCH_KINDS"].split(",")))
     for kind in kinds:
         moe = layer(kind)
         if reference is None:
@@ -105,18 +108,18 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
                 suffix = "_compiled" if compile_layer else ""
                 with open(os.path.join(os.environ["OUT"], f"moe_profile_{kind}{suffix}.txt"), "w") as f:
                     f.write(table)
-        if kind == "fp8" and not compile_layer:
-            # The eager top-k sum by index_add into fp32, as before kernels/topk_sum.py's kernel (the default).
+        if kind.startswith("fp8") and not compile_layer:
+            # The eager FP8 layer without session 10's kernels: SwiGLU as torch ops and the routing weights' gradient as
+            # per-slot torch code, instead of kernels/swiglu.py and topk_sum.slot_dots (the defaults).
+            FL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_linear")
             TS = importlib.import_module("modeling_deepseek_v3.kernels.topk_sum")
-            TS.SUM_SLOTS_KERNEL = False
+            fused = FL.swiglu
+            FL.swiglu, TS.SLOT_DOTS_KERNEL = (lambda h: torch.nn.functional.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]), False
             try:
-                with torch.no_grad():
-                    y = run().float()
                 fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
             finally:
-                TS.SUM_SLOTS_KERNEL = True
-            results[kind]["fwdbwd_ms_index_add"] = fb
-            results[kind]["rel_err_vs_builtin_index_add"] = ((y - reference).norm() / reference.norm()).item()
+                FL.swiglu, TS.SLOT_DOTS_KERNEL = fused, True
+            results[kind]["fwdbwd_ms_unfused_swiglu_and_slot_dots"] = fb
         print(kind, json.dumps(results[kind]), flush=True)
         moe = None
         torch.cuda.empty_cache()

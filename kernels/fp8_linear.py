@@ -54,6 +54,7 @@ from .quant import (
     quantize_act_t_ref,
     quantize_weight_ref,
 )
+from .swiglu import swiglu
 
 # ---------------------------------------------------------------------------------------------
 # autograd.Functions
@@ -322,9 +323,7 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
             padded_rows, padded_scale = _rows_at(row_P, token_S), weight_S[row_P.clamp(min=0)]
         dy = _quantize_grad(dout_TN, ctx.pow2, need_dx, need_dw, token_S, weight_S, padded_rows, padded_scale)
         dx, dw = _grouped_backward(ctx, saved, *dy)
-        dweight = None
-        if ctx.needs_input_grad[6]:  # as autograd differentiates y[row] * weight (the products in y's dtype)
-            dweight = torch.stack([(dout_TN * y_SN[row_TK[:, k]]).sum(-1) for k in range(row_TK.shape[1])], 1)
+        dweight = _slot_dots(dout_TN, y_SN, row_TK) if ctx.needs_input_grad[6] else None
         return dx, dw, None, None, None, None, dweight, None, None, None, None
 
 
@@ -476,6 +475,18 @@ def _sum_slots(y_SD, routing, weight_TK=None) -> torch.Tensor:
     return _sum_slots_in_slot_order(y_SD, row_TK, weight_TK)
 
 
+def _slot_dots(dout_TD, y_SD, row_TK) -> torch.Tensor:
+    """The routing weights' gradient of the weighted top-k sum: dweight[t, k] = dout[t] . y_SD[row_TK[t, k]], products
+    and sum in fp32, rounded once to y's dtype. In eager mode topk_sum's kernel; under torch.compile (or with
+    topk_sum.SLOT_DOTS_KERNEL off) each slot's gather, which inductor fuses into one reduction."""
+    if not torch.compiler.is_compiling() and topk_sum.SLOT_DOTS_KERNEL:
+        return topk_sum.slot_dots(dout_TD, y_SD, row_TK)
+    dout_TD = dout_TD.float()
+    return torch.stack([(dout_TD * y_SD[row_TK[:, k]].float()).sum(-1) for k in range(row_TK.shape[1])], 1).to(
+        y_SD.dtype
+    )
+
+
 def _sum_slots_in_slot_order(y_SD, row_TK, weight_TK=None) -> torch.Tensor:
     """_sum_slots under torch.compile: each slot's rows gathered, the fp32 sum taken in slot order (inductor fuses
     the loop into one kernel; topk_sum.sum_slots computes the same in eager mode)."""
@@ -488,6 +499,15 @@ def _sum_slots_in_slot_order(y_SD, row_TK, weight_TK=None) -> torch.Tensor:
     # `.to` (an fp32 model) was traced by Dynamo with a zero output gradient, so every gradient through it came out
     # zero (benchmarks/RESULTS.md, session 9); torch 2.13 does not do this.
     return out_TD if out_TD.dtype == y_SD.dtype else out_TD.to(y_SD.dtype)
+
+
+def _gated(h_SF: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """act(gate) * up of the fused [S, 2I] projection: for F.silu in eager mode swiglu's kernels (one each way),
+    otherwise torch ops (which inductor fuses under torch.compile)."""
+    if act is F.silu and not torch.compiler.is_compiling():
+        return swiglu(h_SF)
+    gate_SI, up_SI = h_SF.chunk(2, dim=-1)
+    return act(gate_SI) * up_SI
 
 
 def fp8_experts_forward(
@@ -507,7 +527,8 @@ def fp8_experts_forward(
     nor their output gradient are written out in bf16 (the quantisers gather them: FP8GroupedLinearFunction's
     rows_S, FP8GroupedLinearCombineFunction). With gradients on, the weight gradients' operands are quantised per
     expert, padded to whole 128-token tiles (pad_experts_to_tiles). weight_cache: a QuantizedWeightCache that may
-    hold both quantised weights (the parameters themselves must be passed then).
+    hold both quantised weights (the parameters themselves must be passed then). act: see _gated (the model passes
+    F.silu itself for hidden_act "silu").
     """
     E = gate_up_proj_EFD.shape[0]
     order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
@@ -516,8 +537,7 @@ def fp8_experts_forward(
     h_SF = FP8GroupedLinearFunction.apply(
         hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, weight_cache, grad, token_S, row_TK, padded
     )
-    gate_SI, up_SI = h_SF.chunk(2, dim=-1)
-    a_SI = act(gate_SI) * up_SI
+    a_SI = _gated(h_SF, act)
     weight_TK = topk_weight_TK.to(h_SF.dtype)
     return FP8GroupedLinearCombineFunction.apply(
         a_SI, down_proj_EDI, offs_E, order_S, token_S, row_TK, weight_TK, pow2_scales, grad, padded, weight_cache
@@ -540,8 +560,7 @@ def fp8_experts_inference(
     order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, gate_up_q_EFD.shape[0])
     x_q, x_s = quantize_act(hidden_TD.contiguous(), False, token_S)  # [S, D] rows grouped by expert
     h_SF = fp8_grouped_gemm(x_q, x_s, gate_up_q_EFD, gate_up_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
-    gate_SI, up_SI = h_SF.chunk(2, dim=-1)
-    a_q, a_s = quantize_act((act(gate_SI) * up_SI).contiguous(), False)
+    a_q, a_s = quantize_act(_gated(h_SF, act).contiguous(), False)
     y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
     return _sum_slots(y_SD, (order_S, token_S, row_TK), topk_weight_TK)
 

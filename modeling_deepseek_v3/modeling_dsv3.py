@@ -495,15 +495,16 @@ def experts_sorted(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> t
 
 def experts_fp8(experts: DSV3Experts, x_TD, topk_idx_TK, topk_weight_TK) -> torch.Tensor:
     kernels = optional_kernels("moe_implementation='fp8'")
+    act = F.silu if experts.config.hidden_act == "silu" else experts.act_fn  # F.silu itself: the kernels fuse SwiGLU
     if experts.gate_up_proj.dtype == torch.float8_e4m3fn:  # checkpoint storage (see use_fp8_weight_storage)
         return kernels.fp8_experts_inference(
             x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.gate_up_proj_scale_inv,
-            experts.down_proj, experts.down_proj_scale_inv, experts.act_fn,
+            experts.down_proj, experts.down_proj_scale_inv, act,
         )  # fmt: skip
     # Training: master weights stay high precision and are quantised on each call (or kept while unchanged, with
     # config.fp8_weight_cache).
     return kernels.fp8_experts_forward(
-        x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.down_proj, experts.act_fn,
+        x_TD, topk_idx_TK, topk_weight_TK, experts.gate_up_proj, experts.down_proj, act,
         weight_cache=experts.fp8_weight_cache,
     )  # fmt: skip
 

@@ -165,7 +165,9 @@ def test_fp8_experts_with_the_topk_sum_kernel(monkeypatch, rel):
 def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # noqa: E741
     """fp8_experts_forward, and the same recipe with the routed rows and their gradient written out in bf16 and
     autograd doing the gather and the combine (as before the quantisers gathered them): [(name, ours, theirs)] for
-    the output and every gradient."""
+    the output and every gradient. The routing weights' gradient is the exception: ours sums fp32 products (the
+    combine's backward, topk_sum.slot_dots), autograd's the products rounded to bf16, so "wt" comes as (ours,
+    (exact in fp64, its bound)) for _agrees."""
     from modeling_deepseek_v3.kernels import fp8_linear as FL
 
     h, idx, wt, gu, dn = _experts_case(seed, T=T, Kt=Kt, E=E, D=D, I=I)
@@ -178,8 +180,8 @@ def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # 
     padded = FL.pad_experts_to_tiles(offs_E, token_S.shape[0])  # the wgrad's layout, as fp8_experts_forward's
     x_SD = h2.detach()[token_S].requires_grad_()  # written out; its gradient summed per token below
     h_SF = FL.FP8GroupedLinearFunction.apply(x_SD, gu2, offs_E, False, None, True, None, None, padded)
-    gate_SI, up_SI = h_SF.chunk(2, dim=-1)
-    y_SD = FL.FP8GroupedLinearFunction.apply(F.silu(gate_SI) * up_SI, dn2, offs_E, False, None, True, None, None,
+    # (SwiGLU as fp8_experts_forward runs it: this compares the rows' layout, not the activation's kernels)
+    y_SD = FL.FP8GroupedLinearFunction.apply(FL._gated(h_SF, F.silu), dn2, offs_E, False, None, True, None, None,
                                              padded)  # fmt: skip
     y2 = FL._sum_slots(y_SD, (order_S, token_S, row_TK), wt2)  # autograd differentiates the combine
 
@@ -187,8 +189,23 @@ def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # 
     y.backward(g)
     y2.backward(g)
     h2.grad = FL._sum_slots(x_SD.grad, (order_S, token_S, row_TK))
-    return [("y", y, y2)] + [(n, a.grad, b.grad) for n, a, b in (("h", h, h2), ("wt", wt, wt2), ("gu", gu, gu2),
-                                                                ("dn", dn, dn2))]  # fmt: skip
+    assert wt2.grad.abs().sum() > 0  # autograd's, to show the routing weights' gradient flows in the reference too
+    products = g.double()[:, None, :] * y_SD.detach().double()[row_TK]  # [T, Kt, D]
+    exact = products.sum(-1)
+    # One bf16 rounding of the result (half an ulp: 2^-8 relative at most) over an fp32 sum of exact products
+    # (bf16 x bf16 fits fp32), whose error is at most D * 2^-24 of the sum of their magnitudes.
+    bound = 2**-8 * exact.abs() + D * 2**-24 * products.abs().sum(-1)
+    return [("y", y, y2), ("wt", wt.grad, (exact, bound))] + [
+        (n, a.grad, b.grad) for n, a, b in (("h", h, h2), ("gu", gu, gu2), ("dn", dn, dn2))
+    ]
+
+
+def _agrees(name, ours, theirs) -> bool:
+    """ours equals theirs bit for bit, or for the routing weights lies within the bound of the exact value."""
+    if name != "wt":
+        return torch.equal(ours, theirs)
+    exact, bound = theirs
+    return bool(((ours.double() - exact).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("counts", [[0, 1, 128, 129, 0, 300], [256], [5, 0, 0], [127, 127, 127], [0, 0]])
@@ -235,21 +252,22 @@ def test_fp8_grouped_linear_padded_wgrad_matches_reference(padded, tol, rel):
 
 def test_fp8_experts_gathered_rows_equal_the_rows_written_out():
     """fp8_experts_forward never writes the routed rows x[token] nor their gradient dout[token] * weight in bf16: the
-    quantisers gather them. Against the same recipe with both written out, in bf16: output and every gradient, the
-    routing weights' included, bit for bit (the GPU twin below runs it at a model's size)."""
+    quantisers gather them. Against the same recipe with both written out, in bf16: output and every gradient bit for
+    bit, the routing weights' within the bound of their exact value (_gathered_vs_written_out says why; the GPU twin
+    below runs it at a model's size)."""
     for name, ours, theirs in _gathered_vs_written_out("cpu"):
-        assert ours.abs().sum() > 0 and torch.equal(ours, theirs), name
+        assert ours.abs().sum() > 0 and _agrees(name, ours, theirs), name
 
 
 _GATHER_GPU_CHECK = """
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from test_fp8_linear import _gathered_vs_written_out
+from test_fp8_linear import _agrees, _gathered_vs_written_out
 
 # deepseek-v3-small's routed experts at 4096 tokens: 24576 rows, some experts straddling 128-row tiles
 diff = [name for name, a, b in _gathered_vs_written_out("cuda", T=4096, Kt=6, E=64, D=1024, I=512)
-        if not (a.abs().sum() > 0 and torch.equal(a, b))]
+        if not (a.abs().sum() > 0 and _agrees(name, a, b))]
 assert not diff, diff
 print("ok")
 """

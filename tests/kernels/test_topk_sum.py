@@ -1,6 +1,7 @@
-"""kernels/topk_sum.py: the routed experts' top-k sum as one kernel (eager mode, off by default), against the per-slot
-order that fp8_linear._sum_slots computes under torch.compile (_sum_slots_in_slot_order, the very code it runs).
-Through the FP8 experts: test_fp8_linear.py::test_fp8_experts_with_the_topk_sum_kernel."""
+"""kernels/topk_sum.py: the routed experts' top-k sum as one kernel (eager mode, on by default), against the per-slot
+order that fp8_linear._sum_slots computes under torch.compile (_sum_slots_in_slot_order, the very code it runs), and
+slot_dots, the routing weights' gradient, against the exact dot. Through the FP8 experts:
+test_fp8_linear.py::test_fp8_experts_with_the_topk_sum_kernel and test_fp8_experts_gathered_rows_equal_the_rows_written_out."""
 
 import os
 import subprocess
@@ -32,6 +33,34 @@ def test_topk_sum_equals_the_slot_order_bit_for_bit(T, KT, S, D, dtype, weighted
                        ref.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T, KT, S, D", [(13, 3, 40, 300), (5, 8, 12, 1100), (7, 6, 9, 513), (1, 1, 1, 7)])
+def test_slot_dots_within_one_rounding_of_the_exact_dot(T, KT, S, D, dtype, monkeypatch):
+    """dweight[t, k] = dout[t] . y[row[t, k]] from the kernel, and from the per-slot torch code that runs under
+    torch.compile (fp8_linear._slot_dots with the switch off), against the exact value in fp64. Bound: one rounding
+    to the output dtype (half an ulp) over an fp32 sum of D products, each exact for bf16 inputs and rounded once
+    for fp32 (at most (D + 1) * 2^-24 of the sum of their magnitudes). Rows repeat across tokens and slots; D is
+    ragged against the 512-wide block and Kt is not a power of two in one case."""
+    from modeling_deepseek_v3.kernels import fp8_linear
+
+    g = torch.Generator().manual_seed(T * 100 + KT * 10 + D)
+    y = (torch.randn(S, D, generator=g) * torch.logspace(-1, 1, D)).to(dtype)
+    dout = torch.randn(T, D, generator=g).to(dtype)
+    rows = torch.randint(0, S, (T, KT), generator=g)
+    products = dout.double()[:, None, :] * y.double()[rows]
+    exact = products.sum(-1)
+    half_ulp = 2**-8 if dtype == torch.bfloat16 else 2**-24
+    bound = half_ulp * exact.abs() + (D + 1) * 2**-24 * products.abs().sum(-1)
+    out = topk_sum.slot_dots(dout, y, rows)
+    monkeypatch.setattr(topk_sum, "SLOT_DOTS_KERNEL", False)
+    fallback = fp8_linear._slot_dots(dout, y, rows)
+    for got in (out, fallback):
+        assert got.dtype == dtype and got.shape == (T, KT)
+        assert ((got.double() - exact).abs() <= bound).all()
+    # The bound is tight enough to see a dropped feature: without the last one, some dot leaves it.
+    assert ((products[..., :-1].sum(-1) - exact).abs() > bound).any()
+
+
 _COMPILE = """
 import importlib, subprocess, tempfile
 import triton
@@ -41,23 +70,34 @@ from triton.compiler import ASTSource
 
 M = importlib.import_module("modeling_deepseek_v3.kernels.topk_sum")
 k = M._sum_slots_kernel
-for dtype, weighted in (("bf16", True), ("bf16", False), ("fp32", True)):
-    sig = dict(y_ptr="*" + dtype, row_ptr="*i64", w_ptr="*" + dtype, out_ptr="*" + dtype, D="i32", KT="constexpr",
-               BLOCK_D="constexpr", WEIGHTED="constexpr")
-    src = ASTSource(fn=k, signature=sig, constexprs=dict(KT=8, BLOCK_D=1024, WEIGHTED=weighted))
+cases = [(k, dict(y_ptr="*" + dtype, row_ptr="*i64", w_ptr="*" + dtype, out_ptr="*" + dtype, D="i32", KT="constexpr",
+                  BLOCK_D="constexpr", WEIGHTED="constexpr"), dict(KT=8, BLOCK_D=1024, WEIGHTED=weighted))
+         for dtype, weighted in (("bf16", True), ("bf16", False), ("fp32", True))]
+cases += [(M._slot_dots_kernel, dict(g_ptr="*" + dtype, y_ptr="*" + dtype, row_ptr="*i64", out_ptr="*" + dtype, D="i32",
+                                     KT="constexpr", KT_P2="constexpr", BLOCK_D="constexpr"),
+           dict(KT=8, KT_P2=8, BLOCK_D=512)) for dtype in ("bf16", "fp32")]
+SW = importlib.import_module("modeling_deepseek_v3.kernels.swiglu")
+for dtype in ("bf16", "fp32"):
+    blocks = dict(BLOCK_R=8, BLOCK_C=256)
+    cases += [(SW._swiglu_fwd_kernel, dict(h_ptr="*" + dtype, a_ptr="*" + dtype, S="i32", I="i32", BLOCK_R="constexpr",
+                                           BLOCK_C="constexpr"), blocks),
+              (SW._swiglu_bwd_kernel, dict(h_ptr="*" + dtype, da_ptr="*" + dtype, dh_ptr="*" + dtype, S="i32", I="i32",
+                                           BLOCK_R="constexpr", BLOCK_C="constexpr"), blocks)]
+for k, sig, constexprs in cases:
+    src = ASTSource(fn=k, signature=sig, constexprs=constexprs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4)).asm["ptx"]
     with tempfile.TemporaryDirectory() as d:
         open(f"{d}/k.ptx", "w").write(ptx)
         v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
                            capture_output=True, text=True).stderr
-    assert "0 bytes spill stores, 0 bytes spill loads" in v, (dtype, weighted, v)
+    assert "0 bytes spill stores, 0 bytes spill loads" in v, (k.__name__, constexprs, v)
 print("ok")
 """
 
 
-def test_topk_sum_compiles_for_sm90():
-    """The kernel has run only in the interpreter here: it must build for sm_90 (bf16 and fp32, weighted or not)
-    without spills (a subprocess without TRITON_INTERPRET, as in test_fp8_grouped_gemm.py)."""
+def test_eager_moe_kernels_compile_for_sm90():
+    """topk_sum's and swiglu's kernels have run only in the interpreter here: they must build for sm_90 (bf16 and
+    fp32, weighted or not) without spills (a subprocess without TRITON_INTERPRET, as in test_fp8_grouped_gemm.py)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=300, env=env)
     if "ptxas" in out.stderr and "No such file" in out.stderr:

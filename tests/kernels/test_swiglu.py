@@ -1,0 +1,114 @@
+"""kernels/swiglu.py: silu(gate) * up and its backward as one kernel each, against torch's eager ops (F.silu, the
+product, autograd), and its use in the FP8 experts."""
+
+import pytest
+
+pytest.importorskip("triton")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from modeling_deepseek_v3.kernels import swiglu as SW  # noqa: E402
+
+# Elementwise bounds against torch. The kernels compute torch's formulas in fp32 and round where torch rounds, so
+# only exp differs (the interpreter's numpy exp against torch's, a few fp32 ulps): that moves a result by at most one
+# ulp of its dtype (2^-7 relative in bf16: the half-ulp rounding on either side), or, in fp32, a few ulps (2^-20).
+# The silu derivative 1 + g (1 - sigmoid(g)) cancels near g = -1.28, so its absolute fp32 error, |g| times sigmoid's
+# (2^-21 generously), enters dgate unscaled.
+ULP = {torch.bfloat16: 2**-7, torch.float32: 2**-20}
+
+
+def _torch_swiglu(h, da):
+    h = h.detach().clone().requires_grad_()
+    gate, up = h.chunk(2, dim=-1)
+    a = F.silu(gate) * up
+    a.backward(da)
+    return a.detach(), h.grad
+
+
+def _check_swiglu(S, I, dtype, device="cpu"):  # noqa: E741
+    """Rows and columns ragged against the 8 x 256 tile; gates from -40 to 40 (exp over- and underflows), a tenth of
+    them exactly zero."""
+    g = torch.Generator().manual_seed(S * 1000 + I)
+    h = torch.randn(S, 2 * I, generator=g) * 3
+    h[:, :I] = h[:, :I] * torch.linspace(0.1, 13, I)
+    h[torch.rand(S, 2 * I, generator=g) < 0.1] = 0.0
+    h = h.to(device, dtype)
+    da = torch.randn(S, I, generator=g).to(device, dtype)
+    a_ref, dh_ref = _torch_swiglu(h, da)
+    x = h.detach().clone().requires_grad_()
+    a = SW.swiglu(x)
+    a.backward(da)
+    assert a.dtype == dtype and a.shape == (S, I) and x.grad.shape == (S, 2 * I)
+    ulp = ULP[dtype]
+    gate, up = h.double().chunk(2, dim=-1)
+    d_silu = (da.double() * up).abs()
+    assert ((a.double() - a_ref.double()).abs() <= ulp * a_ref.double().abs()).all()
+    d_gate, d_up = x.grad.double().chunk(2, dim=-1)
+    d_gate_ref, d_up_ref = dh_ref.double().chunk(2, dim=-1)
+    assert ((d_up - d_up_ref).abs() <= ulp * d_up_ref.abs()).all()
+    assert ((d_gate - d_gate_ref).abs() <= ulp * d_gate_ref.abs() + 2**-21 * d_silu * (1 + gate.abs())).all()
+    if dtype == torch.bfloat16:
+        # The rounding order is torch's: bit-equal almost everywhere (measured: everywhere in these cases), where
+        # skipping the rounding of silu(gate) before the product alone would change a few percent of the outputs.
+        for ours, theirs in ((a, a_ref), (x.grad, dh_ref)):
+            assert (ours == theirs).float().mean() > 0.999
+        unrounded = (F.silu(gate.float()) * up.float()).to(dtype)
+        assert (unrounded != a_ref).float().mean() > 0.005
+
+
+CASES = [(37, 300), (1, 7), (9, 256), (130, 64)]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # numpy's, in the interpreter: exp(40) in fp32
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("S, I", CASES)  # noqa: E741
+def test_swiglu_matches_torch(S, I, dtype):  # noqa: E741
+    _check_swiglu(S, I, dtype)
+
+
+_GPU_CHECK = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from test_swiglu import CASES, _check_swiglu
+
+for S, I in CASES + [(65536, 2048)]:  # and the V3 layer's routed rows
+    for dtype in (torch.bfloat16, torch.float32):
+        _check_swiglu(S, I, dtype, "cuda")
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the interpreter test above runs the logic")
+def test_swiglu_on_the_gpu():
+    """The same checks with the compiled kernels against torch's CUDA ops, in a subprocess (this process imported
+    the kernels under TRITON_INTERPRET=1): Triton's exp against CUDA's expf is what the bounds must hold."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", _GPU_CHECK, here], capture_output=True, text=True, timeout=300, env=env)
+    assert out.stdout.strip().endswith("ok"), out.stdout[-1000:] + out.stderr[-3000:]
+
+
+def test_fp8_experts_run_swiglu_in_eager_mode(monkeypatch):
+    """F.silu takes the kernels (forward and backward), another activation the torch ops; the model passes F.silu
+    for hidden_act "silu"."""
+    from modeling_deepseek_v3.kernels import fp8_experts_forward
+    from modeling_deepseek_v3.kernels import fp8_linear as FL
+
+    calls = []
+    monkeypatch.setattr(FL, "swiglu", lambda h: calls.append(h.shape) or SW.swiglu(h))
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(11, 256, generator=g).requires_grad_()
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(11)])
+    wt = torch.rand(11, 2, generator=g)
+    gu = (torch.randn(4, 256, 256, generator=g) * 0.05).requires_grad_()
+    dn = (torch.randn(4, 256, 128, generator=g) * 0.05).requires_grad_()
+    y = fp8_experts_forward(h, idx, wt, gu, dn)
+    y.sum().backward()
+    assert calls == [(22, 256)] and gu.grad.abs().sum() > 0
+    y_gelu = fp8_experts_forward(h, idx, wt, gu, dn, act=F.gelu)
+    assert len(calls) == 1 and not torch.equal(y_gelu, y)
