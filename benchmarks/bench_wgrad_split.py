@@ -11,6 +11,8 @@ expert of all M tokens, and its result against the dispatched one.
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py      # writes $OUT/wgrad_split.json if OUT is set
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py --sweep   # also every TMA_CONFIGS entry (split or
                                                                        # not) and the Gluon wgrad configurations
+    PYTHONUNBUFFERED=1 python3 benchmarks/bench_wgrad_split.py --gluon   # only the Gluon wgrad configurations
+                                                                       # against the dispatched wgrad, M >= 4096
 """
 
 # ruff: noqa: B023  (each lambda is timed inside its own loop iteration)
@@ -121,5 +123,32 @@ def main() -> None:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
 
 
+def gluon_only() -> None:
+    """Each GL.WGRAD_CONFIGS entry against the dispatched fp8_gemm_wgrad at the rows with M >= 4096, fp32 and bf16
+    dW: microseconds (each launcher's host work included, as the model calls them) and the relative difference
+    from the dispatched result (the same FP8 products summed in another order: ~1e-7 in fp32)."""
+    torch.manual_seed(0)
+    print("M, N, K | out | dispatched us (TFLOPS) | " + " | ".join(GL.WGRAD_CONFIGS) + " | rel diff of each")
+    for M, N, K in SHAPES:
+        if M < 4096 and N * K < 4096 * 4096:
+            continue
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        x = (torch.randn(M, K, device="cuda") * (1 + torch.rand(K, device="cuda"))).bfloat16()
+        dyT_q, dyT_s = quantize_act_t(dy)
+        xT_q, xT_s = quantize_act_t(x)
+        tflops = 2 * M * N * K / 1e12
+        for dt in (torch.float32, torch.bfloat16):
+            shipped = G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, dt)
+            t0 = do_bench(lambda: G.fp8_gemm_wgrad(dyT_q, dyT_s, xT_q, xT_s, dt))
+            cells, diffs = [], []
+            for cfg in GL.WGRAD_CONFIGS:
+                run = lambda: GL.launch_gluon(dyT_q, dyT_s, xT_q, xT_s, False, dt, config=cfg)
+                t = do_bench(run)
+                cells.append(f"{t * 1e3:.1f} ({tflops / t * 1e3:.0f})")
+                diffs.append(f"{rel(run(), shipped):.1e}")
+            print(f"{M}, {N}, {K} | {str(dt)[6:]} | {t0 * 1e3:.1f} ({tflops / t0 * 1e3:.0f}) | " + " | ".join(cells)
+                  + " | " + " ".join(diffs), flush=True)  # fmt: skip
+
+
 if __name__ == "__main__":
-    main()
+    gluon_only() if "--gluon" in sys.argv[1:] else main()

@@ -125,13 +125,17 @@ GLUON_CONFIGS = {
     # 16 address IADD a step, no shuffle through shared memory and its two barriers): +16 values and
     # +32 for the loop-invariant 64-bit column addresses LLVM keeps: ~200 predicted, 226-230 compiled.
     "128x64s8c": (128, 64, 8, 8, 1, dict(B_COLS=True)),
+    # Both scale vectors of a step come into the ring by TMA with its operand tiles (SCALES_TMA): the consumers
+    # read their rows' and columns' scales from shared memory when they retire the step, with no pointers held,
+    # no global load in the loop and no barrier of their own. 128x128 with WARPS_N = 2 as above.
+    "128x128s4t": (128, 128, 4, 8, 1, dict(WARPS_N=2, PRODUCER_REGS=24, SCALES_TMA=True)),
 }
 _KERNEL_OPTS = dict(WARPS_N=1, B_COLS=False, PRODUCER_REGS=40)
 # The configurations built for wgrad (B per row), checked on the CPU to compile without spills and with
 # the overlap (tests/kernels/test_fp8_gemm_gluon.py). Timed on an H200 (2026-11-30, session 4,
 # bench_fp8_gemm.py --gluon, M = 4096, fp32 out): 128x128s4w 517-587 TFLOPS, 128x64s8 424-471, 128x64s8c
 # 404-441, against the Triton kernel's 568-645 on the same shapes: none wins, so wgrad stays on Triton.
-WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c")
+WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c", "128x128s4t")
 DEFAULT_CONFIG = "128x128s4"
 # Dispatch policy (fp8_gemm._launch asks gluon_config). Measured on an H200 (2026-11-30, torch 2.11,
 # triton 3.6, benchmarks/bench_fp8_gemm.py --gluon), V3 shapes at M = 4096 and 16384, bf16 out:
@@ -181,7 +185,7 @@ if HAS_GLUON:
     @gluon.jit
     def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_STAGES: gl.constexpr):  # fmt: skip
+                  NUM_STAGES: gl.constexpr, as_desc, bs_desc, sa_bufs, sb_bufs, SCALES_TMA: gl.constexpr):  # fmt: skip
         # One warp: wait for a free slot, TMA both operand tiles into it, arm its ready barrier with the
         # byte count (TMA counts the zero-filled bytes past an edge too, so the count is always full).
         num_m = gl.cdiv(M, BLOCK_M)
@@ -190,13 +194,22 @@ if HAS_GLUON:
         it = 0
         for tile_id in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile_id, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-            it = _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, off_m, off_n, kb, NUM_STAGES)
+            it = _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, off_m, off_n, kb, NUM_STAGES,
+                               as_desc, bs_desc, sa_bufs, sb_bufs, M, N, SCALES_TMA)  # fmt: skip
 
     @gluon.jit
-    def _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, a_row, b_row, kb, NUM_STAGES: gl.constexpr):
+    def _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, a_row, b_row, kb, NUM_STAGES: gl.constexpr,
+                      as_desc=None, bs_desc=None, sa_bufs=None, sb_bufs=None, M=0, N=0,
+                      SCALES_TMA: gl.constexpr = False):  # fmt: skip
         # One tile's K loop: rows [a_row, a_row + BLOCK_M) of A and [b_row, b_row + BLOCK_N) of B, ring
-        # slots it, it + 1, ...; returns the next slot counter.
-        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        # slots it, it + 1, ...; returns the next slot counter. With scale descriptors (SCALES_TMA: both
+        # operands scaled per row, the scales transposed to [Kb, M] / [Kb, N] and flattened) each step's
+        # two scale vectors come into the ring slot too, on the same barrier.
+        if SCALES_TMA:
+            nbytes: gl.constexpr = (a_desc.block_type.nbytes + b_desc.block_type.nbytes + as_desc.block_type.nbytes
+                                    + bs_desc.block_type.nbytes)  # fmt: skip
+        else:
+            nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
         for ki in range(kb):
             s = it % NUM_STAGES
             # empty barriers start in phase 0 not yet complete; waiting for parity 1 passes at once,
@@ -205,6 +218,9 @@ if HAS_GLUON:
             mbarrier.expect(ready.index(s), nbytes)
             _tma_load(a_desc, [a_row, ki * _BK], ready.index(s), a_bufs.index(s))
             _tma_load(b_desc, [b_row, ki * _BK], ready.index(s), b_bufs.index(s))
+            if SCALES_TMA:  # a box past a row's end reads the next row's scales (or zeros): never stored
+                _tma_load(as_desc, [ki * M + a_row], ready.index(s), sa_bufs.index(s))
+                _tma_load(bs_desc, [ki * N + b_row], ready.index(s), sb_bufs.index(s))
             it += 1
         return it
 
@@ -217,14 +233,18 @@ if HAS_GLUON:
         return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
 
     @gluon.jit
-    def _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, ki, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr):
+    def _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, ki, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr,
+                    SCALES_TMA: gl.constexpr = False):  # fmt: skip
         # Prefetched a step ahead (plain loads, L2-resident): a_s[rows, ki], and for a 128x128 block
         # of B a scalar (the tile lies in one block). B scaled per row (wgrad) needs a vector over the
         # tile's columns, BLOCK_N / (4 WARPS_N) registers a thread in the wgmma layout: with B_COLS
         # (128x64 tiles: 16 registers, two of them carried) it is prefetched here too, in the
         # accumulator's column layout; otherwise it is loaded by _b_scale just before its step is
         # retired (two carried a step ahead would not fit), and sb here is a dummy.
-        if B_BLOCKWISE:
+        if SCALES_TMA:  # read from the ring slot when the step is retired (_retire); placeholders here
+            sa = 0.0
+            sb = 0.0
+        elif B_BLOCKWISE:
             sa = gl.load(as_ptrs + ki)
             sb = gl.load(bs_ptrs + ki)
         else:
@@ -240,8 +260,9 @@ if HAS_GLUON:
         return sa, sb
 
     @gluon.jit
-    def _b_scale(bs_ptrs, ki, sb, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr, cols_l: gl.constexpr):
-        if B_BLOCKWISE or B_COLS:
+    def _b_scale(bs_ptrs, ki, sb, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr, cols_l: gl.constexpr,
+                 SCALES_TMA: gl.constexpr = False):  # fmt: skip
+        if B_BLOCKWISE or B_COLS or SCALES_TMA:
             return sb
         else:
             # bs_ptrs is compact (a pointer or two a thread) and the values are shuffled through shared
@@ -264,57 +285,70 @@ if HAS_GLUON:
         return gl.inline_asm_elementwise("", "=f,0", [acc], dtype=gl.float32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _retire(acc, part, sa, sb, empty, it, sa_bufs, sb_bufs, rows_l: gl.constexpr, cols_l: gl.constexpr,
+                B_BLOCKWISE: gl.constexpr, NUM_STAGES: gl.constexpr, SCALES_TMA: gl.constexpr):  # fmt: skip
+        # Step `it` is off the tensor cores: release its ring slot (the scales kept in it are read first) and
+        # promote its partial into acc while the next step's wgmma runs.
+        if SCALES_TMA:
+            sa = sa_bufs.index(it % NUM_STAGES).load(rows_l)
+            sb = sb_bufs.index(it % NUM_STAGES).load(cols_l)
+        mbarrier.arrive(empty.index(it % NUM_STAGES))
+        return _promote(acc, part, sa, sb, B_BLOCKWISE)
+
+    @gluon.jit
     def _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr, bs_ptrs,
                          cols_l: gl.constexpr, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr,
-                         NUM_STAGES: gl.constexpr):  # fmt: skip
+                         NUM_STAGES: gl.constexpr, sa_bufs=None, sb_bufs=None,
+                         rows_l: gl.constexpr = None, SCALES_TMA: gl.constexpr = False):  # fmt: skip
         # One tile's kb 128-K steps from ring slot `it` on, promoted into acc; returns (acc, next slot).
         # Two partials alternate, unrolled by two steps. Each new wgmma writes into the registers of
         # the partial it replaces (passed as its accumulator with use_acc=False), so the loop needs
         # no register copies: a copy that read a partial whose wgmma is still in flight would make
-        # ptxas serialize every wgmma (warning C7514).
+        # ptxas serialize every wgmma (warning C7514). sa_bufs / sb_bufs: the scales arrive in the ring
+        # (SCALES_TMA) and are read at each step's retirement.
+        T: gl.constexpr = SCALES_TMA
         p0 = _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES)
-        sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 0, B_BLOCKWISE, B_COLS)
+        sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 0, B_BLOCKWISE, B_COLS, T)
         p1w = zero
         for j in range((kb - 1) // 2):
             # in flight on entry: step 2j (p0). Issue 2j+1, retire 2j; issue 2j+2, retire 2j+1.
             p1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
-            sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 1, B_BLOCKWISE, B_COLS)
-            sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, B_COLS, cols_l)
+            sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 1, B_BLOCKWISE, B_COLS, T)
+            sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             p0w = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
-            mbarrier.arrive(empty.index(it % NUM_STAGES))  # step 2j's operands are consumed
-            acc = _promote(acc, p0w, sa0, sb, B_BLOCKWISE)  # runs while step 2j+1 is on the tensor cores
+            # step 2j's operands are consumed; its promotion runs while step 2j+1 is on the tensor cores
+            acc = _retire(acc, p0w, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES, T)
             p0 = _issue(a_bufs, b_bufs, ready, it + 2, p0w, NUM_STAGES)
-            sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 2, B_BLOCKWISE, B_COLS)
-            sb = _b_scale(bs_ptrs, 2 * j + 1, sb1, B_BLOCKWISE, B_COLS, cols_l)
+            sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 2, B_BLOCKWISE, B_COLS, T)
+            sb = _b_scale(bs_ptrs, 2 * j + 1, sb1, B_BLOCKWISE, B_COLS, cols_l, T)
             p1w = warpgroup_mma_wait(num_outstanding=1, deps=(p1,))
-            mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
-            acc = _promote(acc, p1w, sa1, sb, B_BLOCKWISE)
+            acc = _retire(acc, p1w, sa1, sb, empty, it + 1, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE,
+                          NUM_STAGES, T)  # fmt: skip
             it += 2
         # (branch-local names: p0 may not change type inside an if)
         if kb % 2 == 0:  # one step left to issue behind the in-flight p0
             q1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
-            sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, kb - 1, B_BLOCKWISE, B_COLS)
-            sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, B_COLS, cols_l)
+            sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, kb - 1, B_BLOCKWISE, B_COLS, T)
+            sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             q0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
-            mbarrier.arrive(empty.index(it % NUM_STAGES))
-            acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
-            sb = _b_scale(bs_ptrs, kb - 1, sb1, B_BLOCKWISE, B_COLS, cols_l)
+            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES, T)
+            sb = _b_scale(bs_ptrs, kb - 1, sb1, B_BLOCKWISE, B_COLS, cols_l, T)
             q1 = warpgroup_mma_wait(num_outstanding=0, deps=(q1,))
-            mbarrier.arrive(empty.index((it + 1) % NUM_STAGES))
-            acc = _promote(acc, q1, sa1, sb, B_BLOCKWISE)
+            acc = _retire(acc, q1, sa1, sb, empty, it + 1, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE,
+                          NUM_STAGES, T)  # fmt: skip
             it += 2
         else:
-            sb = _b_scale(bs_ptrs, kb - 1, sb0, B_BLOCKWISE, B_COLS, cols_l)
+            sb = _b_scale(bs_ptrs, kb - 1, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             q0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
-            mbarrier.arrive(empty.index(it % NUM_STAGES))
-            acc = _promote(acc, q0, sa0, sb, B_BLOCKWISE)
+            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES, T)
             it += 1
         return acc, it
 
     @gluon.jit
     def _consumer(c_desc, as_ptr, bs_ptr, a_bufs, b_bufs, ready, empty, c_smem, M, N, K,
                   B_BLOCKWISE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                  NUM_STAGES: gl.constexpr, B_COLS: gl.constexpr, WARPS_N: gl.constexpr):  # fmt: skip
+                  NUM_STAGES: gl.constexpr, B_COLS: gl.constexpr, WARPS_N: gl.constexpr, sa_bufs, sb_bufs,
+                  SCALES_TMA: gl.constexpr):  # fmt: skip
         num_warps: gl.constexpr = gl.num_warps()
         # WARPS_N = 1: one 64-row slab per warpgroup, instruction m64 n=BLOCK_N k32 (fp8). WARPS_N = 2
         # (128x128 wgrad): warpgroup g owns columns [64 g, 64 g + 64) of all 128 rows, two m64n64k32
@@ -331,7 +365,10 @@ if HAS_GLUON:
         it = 0
         for tile_id in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
             off_m, off_n = _tile_offsets(tile_id, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-            if B_BLOCKWISE:
+            if SCALES_TMA:  # the scales come through the ring, no pointers
+                as_ptrs = 0
+                bs_ptrs = 0
+            elif B_BLOCKWISE:
                 as_ptrs = as_ptr + ((off_m + gl.arange(0, BLOCK_M, rows_l)) % M) * kb
                 bs_ptrs = bs_ptr + (off_n // _BK) * kb  # BLOCK_N divides 128: one weight block per tile
             else:  # int32 offsets (see _step_scale)
@@ -342,7 +379,8 @@ if HAS_GLUON:
                     bs_ptrs = bs_ptr + ((off_n + gl.arange(0, BLOCK_N, compact_l)) % N) * kb
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
             acc, it = _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr,
-                                       bs_ptrs, cols_l, B_BLOCKWISE, B_COLS, NUM_STAGES)  # fmt: skip
+                                       bs_ptrs, cols_l, B_BLOCKWISE, B_COLS, NUM_STAGES, sa_bufs, sb_bufs,
+                                       rows_l, SCALES_TMA)  # fmt: skip
             # Epilogue: the previous tile's TMA store must have read c_smem before it is overwritten.
             tma.store_wait(pendings=0)
             c_smem.store(acc.to(c_desc.dtype))
@@ -365,11 +403,31 @@ if HAS_GLUON:
         return a_bufs, b_bufs, c_smem, ready, empty
 
     @gluon.jit
+    def _allocate_scale_ring(as_desc, bs_desc, NUM_STAGES: gl.constexpr, SCALES_TMA: gl.constexpr):
+        # SCALES_TMA: a slot of the ring also holds its step's A and B scale vectors. Otherwise 16 unused bytes a
+        # slot, allocated only because the partitions take the buffers as arguments.
+        if SCALES_TMA:
+            sa_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + as_desc.block_type.shape, as_desc.layout)
+            sb_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + bs_desc.block_type.shape, bs_desc.layout)
+        else:
+            unused: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+            sa_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 4], unused)
+            sb_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, 4], unused)
+        return sa_bufs, sb_bufs
+
+    @gluon.jit
     def _fp8_gemm_gluon_kernel(a_desc, b_desc, c_desc, as_ptr, bs_ptr, M, N, K,
                                B_BLOCKWISE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                                GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                               WARPS_N: gl.constexpr, B_COLS: gl.constexpr):  # fmt: skip
+                               WARPS_N: gl.constexpr, B_COLS: gl.constexpr, as_desc=None, bs_desc=None):  # fmt: skip
         a_bufs, b_bufs, c_smem, ready, empty = _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES)
+        # (warp_specialize takes no None argument: without SCALES_TMA the partitions get a small unused ring and
+        # a_desc in the scale descriptors' place, and the SCALES_TMA constexpr tells them apart)
+        SCALES_TMA: gl.constexpr = as_desc is not None
+        sa_bufs, sb_bufs = _allocate_scale_ring(as_desc, bs_desc, NUM_STAGES, SCALES_TMA)
+        if not SCALES_TMA:
+            as_desc = a_desc
+            bs_desc = a_desc
         gl.warp_specialize(
             [
                 (
@@ -393,11 +451,15 @@ if HAS_GLUON:
                         NUM_STAGES,
                         B_COLS,
                         WARPS_N,
+                        sa_bufs,
+                        sb_bufs,
+                        SCALES_TMA,
                     ),
                 ),  # fmt: skip
                 (
                     _producer,
-                    (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES),
+                    (a_desc, b_desc, a_bufs, b_bufs, ready, empty, M, N, K, BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES,
+                     as_desc, bs_desc, sa_bufs, sb_bufs, SCALES_TMA),
                 ),  # fmt: skip
             ],
             [1],
@@ -554,12 +616,28 @@ def launch_gluon(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, conf
         raise ValueError("launch_gluon: needs CUDA cc 9.0, Gluon, no interpreter, and 16-byte aligned operand rows")
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     grid = (min(_num_sms(a.device.index or 0) * occ, tiles),)
+    scale_descs = {}
+    if _scales_tma(config or DEFAULT_CONFIG) and not b_blockwise:
+        scale_descs = dict(as_desc=_scale_desc(a_s, bm), bs_desc=_scale_desc(b_s, bn))
     _fp8_gemm_gluon_kernel[grid](
         _desc(a, [bm, BLOCK_K]), _desc(b, [bn, BLOCK_K]), _desc(c, [bm, bn]), a_s, b_s, M, N, K,
         B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
-        **_kernel_opts(config or DEFAULT_CONFIG), num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
+        **_kernel_opts(config or DEFAULT_CONFIG), **scale_descs, num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
     )  # fmt: skip
     return c
+
+
+@functools.cache
+def _scale_layout():
+    # A step's scale vector in shared memory: unswizzled (read once a step, no bank-conflict pattern to avoid).
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+
+
+def _scale_desc(s_rows_Kb: torch.Tensor, block: int):
+    """SCALES_TMA: per-row scales [rows, Kb] as the producer loads them, transposed and flattened to [Kb * rows] (a
+    step's vector contiguous) under a 1-D TMA descriptor of one tile's vector."""
+    flat = s_rows_Kb.t().contiguous().view(-1)
+    return GluonTensorDescriptor(flat, [flat.numel()], [1], [block], _scale_layout())
 
 
 # Grouped (MoE) kernel: the 128x128-block configurations (WARPS_N = 1, no B_COLS); timings at
@@ -606,8 +684,17 @@ def launch_gluon_grouped(x_SK, x_s, w_ENK, w_s, offs_E, out_dtype, config=None, 
 
 
 def _kernel_opts(config: str) -> dict:
+    """The configuration's kernel constexprs (SCALES_TMA is the launcher's: it passes the scale descriptors)."""
     opts = GLUON_CONFIGS[config][5:]
-    return _KERNEL_OPTS | opts[0] if opts else _KERNEL_OPTS
+    opts = _KERNEL_OPTS | opts[0] if opts else _KERNEL_OPTS
+    return {k: v for k, v in opts.items() if k != "SCALES_TMA"}
+
+
+def _scales_tma(config: str) -> bool:
+    """Whether the configuration brings per-row scales in by TMA: B scaled per row only (the wgrad); with B in
+    128x128 blocks (forward, dgrad) it runs as without the option."""
+    opts = GLUON_CONFIGS[config][5:]
+    return bool(opts and opts[0].get("SCALES_TMA"))
 
 
 def _maxnreg(bm: int, occ: int = 1) -> int:
@@ -650,6 +737,11 @@ def compile_sm90(config: str, b_blockwise: bool, out_dtype: torch.dtype = torch.
     fp8 = torch.float8_e4m3fn
     signature = dict(a_desc=_desc_sig([bm, BLOCK_K], fp8), b_desc=_desc_sig([bn, BLOCK_K], fp8),
                      c_desc=_desc_sig([bm, bn], out_dtype), as_ptr="*fp32", bs_ptr="*fp32", M="i32", N="i32", K="i32")  # fmt: skip
+    if _scales_tma(config) and not b_blockwise:
+        layout = repr(_scale_layout())
+        signature |= dict(as_desc=f"tensordesc<fp32[{bm}],{layout}>", bs_desc=f"tensordesc<fp32[{bn}],{layout}>")
+    else:
+        constexprs |= dict(as_desc=None, bs_desc=None)
     return _compile(_fp8_gemm_gluon_kernel, config, constexprs, signature, ("as_ptr", "bs_ptr", "M", "N", "K"))
 
 
