@@ -416,14 +416,21 @@ def _launch(
     if K == 0:
         return c.zero_()
     if use_tma is None:
-        # The one selection point. On an H100/H200 with B in 128x128 blocks (forward, dgrad), the
-        # warp-specialized Gluon kernel (fp8_gemm_gluon.py: promotion overlapped with the tensor cores,
-        # 1.3-1.5x this file's TMA kernel on V3 shapes); else the TMA kernel; else the pointer kernel.
-        # An explicit use_tma (benchmarks, tests) selects among this file's kernels only.
-        cfg = _gluon.gluon_config(M, N, K, b_blockwise, out_dtype)
+        # The one selection point. On an H100/H200, the warp-specialized Gluon kernel (fp8_gemm_gluon.py:
+        # promotion overlapped with the tensor cores) where gluon_config says it was faster: B in 128x128 blocks
+        # (forward, dgrad; 1.3-1.5x this file's TMA kernel on V3 shapes), and large wgrads (B per row) unless a
+        # split is asked for; else a large wgrad over whole 128-token steps as the grouped wgrad's one aligned
+        # expert; else the TMA kernel; else the pointer kernel. An explicit use_tma (benchmarks, tests) selects
+        # among this file's kernels only.
+        cfg = _gluon.gluon_config(M, N, K, b_blockwise, out_dtype) if b_blockwise or split_k is None else None
         if cfg is not None and _gluon.can_use_gluon(a, b, c):
             return _gluon.launch_gluon(a, a_s, b, b_s, b_blockwise, out_dtype, config=cfg, out=c)
         use_tma = can_use_tma(a, b, c)
+        if use_tma and not b_blockwise and split_k is None and _wgrad_as_one_expert(M, N, K):
+            from .fp8_grouped_gemm import fp8_grouped_gemm_wgrad  # that module imports this one
+
+            offs = torch.full((1,), K, dtype=torch.int32, device=a.device)
+            return fp8_grouped_gemm_wgrad(a, a_s, b, b_s, offs, out_dtype, tokens_aligned=True)[0]
     if use_tma:
         nsm = num_sms()
         if split_k is None and not b_blockwise:  # the wgrad (B scaled per row): split when its tiles are few
@@ -509,18 +516,12 @@ def fp8_gemm_wgrad(
 ) -> torch.Tensor:
     """dW[N, K] = dy^T x from both operands in the transposed 128x1 tiling (quantize_act_t).
 
-    split_k: token ranges per output tile on the TMA path (None: split_k_of(N, K, tokens) decides, and large
-    outputs over whole 128-token steps go to the grouped wgrad as one expert, see WGRAD_AS_ONE_EXPERT_MIN_TILES)."""
+    split_k: token ranges per output tile on the TMA path (None: _launch picks the kernel: on an H100/H200 the Gluon
+    kernel for large outputs (gluon_config), else the grouped wgrad as one expert over whole 128-token steps
+    (WGRAD_AS_ONE_EXPERT_MIN_TILES), else split_k_of(N, K, tokens) decides)."""
     tt.require_fp8("fp8_gemm_wgrad")
     _check_fp8(dyT_NM, dyT_scale_NMb, "dyT_NM")
     _check_fp8(xT_KM, xT_scale_KMb, "xT_KM")
-    (N, M), K = dyT_NM.shape, xT_KM.shape[0]
-    if split_k is None and _wgrad_as_one_expert(N, K, M) and can_use_tma(dyT_NM, xT_KM):
-        from .fp8_grouped_gemm import fp8_grouped_gemm_wgrad  # that module imports this one
-
-        offs = torch.full((1,), M, dtype=torch.int32, device=dyT_NM.device)
-        return fp8_grouped_gemm_wgrad(dyT_NM, dyT_scale_NMb, xT_KM, xT_scale_KMb, offs, out_dtype,
-                                      tokens_aligned=True)[0]  # fmt: skip
     return _launch(dyT_NM, dyT_scale_NMb, xT_KM, xT_scale_KMb, False, out_dtype, split_k=split_k)
 
 

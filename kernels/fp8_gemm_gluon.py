@@ -151,11 +151,22 @@ DEFAULT_CONFIG = "128x128s4"
 GLUON_MIN_M = 4096
 
 
+# The wgrad (B per row; M x N is dW, K the tokens): 128x128s4t, its scales brought in by TMA. Measured on an H200
+# (2026-11-30, session 10, benchmarks/bench_wgrad_split.py --gluon, against the dispatch before it, the one-expert
+# grouped wgrad or split-K; results bit-identical): 724-845 TFLOPS on the issue's V3 shapes, 1.13-1.44x, and 1.08-1.20x
+# at deepseek-v3-small's dW of 256 and 512 tiles of 128x128; at 128 tiles and below 0.36-1.35x, mostly slower (no
+# split-K here), so split-K or the Triton kernel stay there.
+WGRAD_DEFAULT_CONFIG = "128x128s4t"
+GLUON_WGRAD_MIN_TILES = 256
+
+
 def gluon_config(M: int, N: int, K: int, b_blockwise: bool, out_dtype: torch.dtype) -> str | None:
     """The configuration _launch should run for this GEMM, or None to keep the Triton kernels."""
-    if not b_blockwise or M < GLUON_MIN_M or out_dtype not in (torch.bfloat16, torch.float32):
+    if out_dtype not in (torch.bfloat16, torch.float32):
         return None
-    return DEFAULT_CONFIG
+    if not b_blockwise:
+        return WGRAD_DEFAULT_CONFIG if triton.cdiv(M, 128) * triton.cdiv(N, 128) >= GLUON_WGRAD_MIN_TILES else None
+    return DEFAULT_CONFIG if M >= GLUON_MIN_M else None
 
 
 def gluon_grouped_config(S: int, out_dtype: torch.dtype) -> str | None:

@@ -154,7 +154,7 @@ def test_wgrad_as_one_aligned_expert(monkeypatch, M, tol, rel):
     calls = []
     real = GG.fp8_grouped_gemm_wgrad
     monkeypatch.setattr(GG, "fp8_grouped_gemm_wgrad", lambda *a, **k: calls.append(k) or real(*a, **k))
-    N, K = 70, 130  # ragged output tiles
+    N, K = 70, 132  # ragged output tiles; dW rows of 16-byte multiples, as the TMA store needs
     dyTq, dyTs = quantize_act_t_ref(_rand(M, N, seed=13))
     xTq, xTs = quantize_act_t_ref(_rand(M, K, seed=14))
     dw = _poison(lambda: fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs))
@@ -207,14 +207,19 @@ for M, N, K in [(16384, 672, 1024), (16384, 2048, 256), (4000, 200, 144)]:
     assert rel(dw, ref) < 1e-3 and rel(unsplit, ref) < 1e-3, (M, N, K, rel(dw, ref), rel(unsplit, ref))
     assert rel(dw, unsplit) < 1e-5, (M, N, K, rel(dw, unsplit))
     assert torch.equal(dw, G.fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs)), "split-K must not vary from run to run"
-# A dW large enough to run as the grouped wgrad's one aligned expert (WGRAD_AS_ONE_EXPERT_MIN_TILES): the same step
-# products in the same order as the dense kernel (bit-identical on an H200, bench_wgrad_split.py).
+# A large dW: dispatched to the Gluon wgrad on an H100/H200 (gluon_config), else to the grouped wgrad's one aligned
+# expert (WGRAD_AS_ONE_EXPERT_MIN_TILES); and that one-expert path itself. Both take the same step products in the
+# same order as the dense kernel (bit-identical on an H200, bench_wgrad_split.py).
+GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
 M, N, K = 4096, 7168, 2048
 assert G._wgrad_as_one_expert(N, K, M)
 dyTq, dyTs = quantize_act_t(torch.randn(M, N, device="cuda").bfloat16())
 xTq, xTs = quantize_act_t(torch.randn(M, K, device="cuda").bfloat16())
 dw, dense = G.fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs), G.fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs, split_k=1)
+offs = torch.tensor([M], dtype=torch.int32, device="cuda")
+one = GG.fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, torch.float32, tokens_aligned=True)[0]
 assert rel(dw, G.fp8_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs)) < 1e-3 and rel(dw, dense) < 1e-6, rel(dw, dense)
+assert rel(one, dense) < 1e-6, rel(one, dense)
 print("ok")
 """
 

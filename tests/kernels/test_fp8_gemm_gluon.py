@@ -32,6 +32,7 @@ from modeling_deepseek_v3.kernels import (  # noqa: E402
     fp8_gemm_dgrad,
     fp8_gemm_dgrad_ref,
     fp8_gemm_ref,
+    fp8_gemm_wgrad,
     fp8_gemm_wgrad_ref,
     fp8_grouped_gemm,
     fp8_grouped_gemm_dgrad,
@@ -134,8 +135,8 @@ def test_can_use_gluon(monkeypatch):
 
 @gpu
 def test_launch_dispatches_to_gluon(rel):
-    """fp8_gemm / fp8_gemm_dgrad on Hopper with 128x128 weight blocks run the Gluon kernel (bit-equal
-    to calling it directly: the kernel is deterministic) and match the reference."""
+    """fp8_gemm / fp8_gemm_dgrad on Hopper with 128x128 weight blocks, and fp8_gemm_wgrad with enough output tiles,
+    run the Gluon kernel (bit-equal to calling it directly: the kernel is deterministic) and match the reference."""
     M = GL.GLUON_MIN_M
     xq, xs = quantize_act_ref(_rand(M, 1024, seed=11))
     wq, ws = quantize_weight_ref(_rand(768, 1024, seed=12))
@@ -146,14 +147,25 @@ def test_launch_dispatches_to_gluon(rel):
     dyq, dys = quantize_act_ref(_rand(M, 768, seed=13))
     dx = fp8_gemm_dgrad(dyq, dys, wq, ws, torch.bfloat16)
     assert rel(dx, fp8_gemm_dgrad_ref(dyq, dys, wq, ws, torch.float32)) < TOL_GPU[torch.bfloat16]
+    # the wgrad from GLUON_WGRAD_MIN_TILES output tiles (here 16 x 16 over 640 tokens: 5 steps, an odd count)
+    dyTq, dyTs = quantize_act_t_ref(_rand(640, 2048, seed=14))
+    xTq, xTs = quantize_act_t_ref(_rand(640, 2000, seed=15))
+    assert GL.gluon_config(2048, 2000, 640, False, torch.float32) == GL.WGRAD_DEFAULT_CONFIG
+    dw = fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs, torch.float32)
+    assert torch.equal(dw, GL.launch_gluon(dyTq, dyTs, xTq, xTs, False, torch.float32, config=GL.WGRAD_DEFAULT_CONFIG))
+    assert rel(dw, fp8_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs)) < TOL_GPU[torch.float32]
 
 
 def test_gluon_policy():
-    """Gluon only where it was measured faster: 128x128-blocked B (forward, dgrad), M >= GLUON_MIN_M; the same
-    for the grouped kernel's routed rows."""
+    """Gluon only where it was measured faster: 128x128-blocked B (forward, dgrad), M >= GLUON_MIN_M; the wgrad (B
+    per row) from GLUON_WGRAD_MIN_TILES output tiles, whatever the token count; the same for the grouped kernel's
+    routed rows."""
     assert GL.gluon_config(4096, 7168, 2048, True, torch.bfloat16) == GL.DEFAULT_CONFIG
     assert GL.gluon_config(4096, 7168, 2048, True, torch.float32) == GL.DEFAULT_CONFIG
-    assert GL.gluon_config(4096, 7168, 2048, False, torch.float32) is None  # wgrad: Triton was faster
+    assert GL.gluon_config(7168, 2048, 4096, False, torch.float32) == GL.WGRAD_DEFAULT_CONFIG  # dW 56 x 16 tiles
+    assert GL.gluon_config(2048, 1024, 16384, False, torch.bfloat16) is None  # 16 x 8 tiles: split-K's
+    assert GL.gluon_config(1024, 4096, 16384, False, torch.bfloat16) == GL.WGRAD_DEFAULT_CONFIG  # 8 x 32
+    assert GL.gluon_config(7168, 2048, 4096, False, torch.float16) is None
     assert GL.gluon_config(GL.GLUON_MIN_M - 1, 7168, 2048, True, torch.bfloat16) is None
     assert GL.gluon_grouped_config(65536, torch.bfloat16) == GL.GROUPED_DEFAULT_CONFIG
     assert GL.gluon_grouped_config(GL.GLUON_MIN_M - 1, torch.bfloat16) is None
