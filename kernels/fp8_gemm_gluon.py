@@ -40,13 +40,18 @@ write the schedule ourselves:
 
 Measured on an H200 (see GLUON_CONFIGS below): forward 1019-1209 TFLOPS at M = 4096 on the five V3
 shapes (1.35-1.71x cuBLAS bf16, 1.3-1.5x the Triton TMA kernel; cuBLAS's own block-scaled FP8 through
-torch._scaled_mm: 1052-1139), dgrad 1036-1168. Not faster: B scaled per row (wgrad), whose scale is a
-vector over the tile's 128 columns, 32 more registers a thread (it is loaded compactly and shuffled
-through shared memory just before each step's promotion, still 331-570 TFLOPS against the Triton
-kernel's 585-623), so wgrad stays on the Triton kernel; and small M (host-bound launches).
-Configurations that fit the registers (WARPS_N = 2 column-split warpgroups, 128x64 tiles; WGRAD_CONFIGS)
-compile without spills and keep the overlap, but on the GPU they reach 404-587 TFLOPS against the Triton
-kernel's 568-645 (our reading, not profiled: the column-scale multiply and its shuffle eat the overlap's gain).
+torch._scaled_mm: 1052-1139), dgrad 1036-1168. Not faster: small M (host-bound launches).
+
+The wgrad (B scaled per row too): its scale is a vector over the tile's 128 columns, 32 more registers a
+thread. Loaded by the consumers (compactly, then shuffled through shared memory before each step's
+promotion: two barriers of the consumer warps a step), it reached only 331-587 TFLOPS in the
+configurations that fit the registers (WARPS_N = 2 column-split warpgroups, 128x64 tiles; WGRAD_CONFIGS),
+below the Triton kernel's 568-645. With SCALES_TMA (config 128x128s4t) the producer brings both scale
+vectors of a step into the ring slot by TMA, on the slot's ready barrier, from the scales transposed to
+[Kb, rows] and flattened (a step's vector contiguous, one 1-D box); the consumers read their rows' and
+columns' scales from shared memory when they retire the step, before releasing the slot: no scale
+pointers held, no global load and no barrier of their own in the loop. On an H200 that took the wgrad to
+724-845 TFLOPS on the V3 shapes, 1.13-1.44x the kernel dispatched before (gluon_config's comment).
 
 Grouped variant for the MoE experts (`launch_gluon_grouped`, fp8_grouped_gemm's forward/dgrad contract,
 B in 128x128 blocks): the same producer, ring and main loop (`_produce_tile`, `_scaled_mainloop`) over
@@ -134,7 +139,8 @@ _KERNEL_OPTS = dict(WARPS_N=1, B_COLS=False, PRODUCER_REGS=40)
 # The configurations built for wgrad (B per row), checked on the CPU to compile without spills and with
 # the overlap (tests/kernels/test_fp8_gemm_gluon.py). Timed on an H200 (2026-11-30, session 4,
 # bench_fp8_gemm.py --gluon, M = 4096, fp32 out): 128x128s4w 517-587 TFLOPS, 128x64s8 424-471, 128x64s8c
-# 404-441, against the Triton kernel's 568-645 on the same shapes: none wins, so wgrad stays on Triton.
+# 404-441, against the Triton kernel's 568-645 on the same shapes: none won. 128x128s4t (session 10) did, see
+# WGRAD_DEFAULT_CONFIG.
 WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c", "128x128s4t")
 DEFAULT_CONFIG = "128x128s4"
 # Dispatch policy (fp8_gemm._launch asks gluon_config). Measured on an H200 (2026-11-30, torch 2.11,
@@ -143,8 +149,8 @@ DEFAULT_CONFIG = "128x128s4"
 #     (128x128s5 within a few % of it, 64-row tiles 737-1017);
 #   dgrad (same scaling) at M = 4096: 1036-1136 vs 802-947;
 #   wgrad (B per row, fp32 out): 331-380 (128-row tiles, spills) and 544-570 (64x128s6) vs 585-623:
-#     the per-column scale vector costs registers the three 64x128 fp32 tiles need, so wgrad stays
-#     on the Triton kernel.
+#     the per-column scale vector costs registers the three 64x128 fp32 tiles need (session 10's
+#     SCALES_TMA configuration answers that: WGRAD_DEFAULT_CONFIG below).
 # M = 1024 (same run, through bench_fp8_gemm.py main): Gluon 584-1048 vs Triton TMA 581-866, faster on
 # 3 of 5 shapes only, and those ~30-100 us launches are host-bound (the dispatched and the direct Gluon
 # call differed by up to 40%): so Gluon from M = 4096, where it won every shape.
