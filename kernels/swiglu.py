@@ -27,10 +27,16 @@ if tt.HAS_TRITON:
     from .quant import _round_to
 
     @triton.jit
-    def _tile(rows, cols, S, I):  # noqa: E741
-        # Offsets of the gate half's tile in h [S, 2I] (the up half is I further), and its mask.
+    def _load_gate_up(h_ptr, S, I, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # noqa: E741
+        # This program's tile: gate and up in fp32, the gate's offsets in h [S, 2I] (up's are I further), the mask,
+        # and the tile's offsets in an [S, I] tensor (a, da).
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = (rows < S)[:, None] & (cols < I)[None, :]
-        return rows.to(tl.int64)[:, None] * (2 * I) + cols[None, :], mask
+        offs = rows[:, None] * (2 * I) + cols[None, :]
+        g = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + offs + I, mask=mask, other=0.0).to(tl.float32)
+        return g, u, offs, mask, rows[:, None] * I + cols[None, :]
 
     @triton.jit
     def _silu_rounded(g, DTYPE: tl.constexpr):
@@ -39,24 +45,16 @@ if tt.HAS_TRITON:
 
     @triton.jit
     def _swiglu_fwd_kernel(h_ptr, a_ptr, S, I, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # noqa: E741
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        offs, mask = _tile(rows, cols, S, I)
+        g, u, _, mask, a_offs = _load_gate_up(h_ptr, S, I, BLOCK_R, BLOCK_C)
         DTYPE: tl.constexpr = a_ptr.dtype.element_ty
-        g = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(h_ptr + offs + I, mask=mask, other=0.0).to(tl.float32)
         a = _round_to(_silu_rounded(g, DTYPE) * u, DTYPE)
-        tl.store(a_ptr + rows.to(tl.int64)[:, None] * I + cols[None, :], a.to(DTYPE), mask=mask)
+        tl.store(a_ptr + a_offs, a.to(DTYPE), mask=mask)
 
     @triton.jit
     def _swiglu_bwd_kernel(h_ptr, da_ptr, dh_ptr, S, I, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # noqa: E741
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        offs, mask = _tile(rows, cols, S, I)
+        g, u, offs, mask, a_offs = _load_gate_up(h_ptr, S, I, BLOCK_R, BLOCK_C)
         DTYPE: tl.constexpr = dh_ptr.dtype.element_ty
-        g = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(h_ptr + offs + I, mask=mask, other=0.0).to(tl.float32)
-        da = tl.load(da_ptr + rows.to(tl.int64)[:, None] * I + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        da = tl.load(da_ptr + a_offs, mask=mask, other=0.0).to(tl.float32)
         d_up = _round_to(da * _silu_rounded(g, DTYPE), DTYPE)  # mul's backward: da * silu(gate)
         d_silu = _round_to(da * u, DTYPE)  # and da * up
         # torch's silu_backward: dy * sigmoid * (1 + x * (1 - sigmoid)), in fp32
