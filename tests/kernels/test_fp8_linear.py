@@ -292,6 +292,52 @@ def test_fp8_experts_gathered_rows_on_the_gpu():
     assert out.stdout.strip().endswith("ok"), out.stdout[-1000:] + out.stderr[-3000:]
 
 
+_LINEAR_GPU_CHECK = """
+import importlib
+import torch
+from modeling_deepseek_v3.kernels import FP8Linear, FP8LinearRefFunction
+
+GL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
+launches = []
+real = GL.launch_gluon
+GL.launch_gluon = lambda *a, **k: launches.append((a[4], k.get("config"))) or real(*a, **k)
+rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+torch.manual_seed(0)
+# 4096 tokens: forward and dgrad on the Gluon kernel (M >= GLUON_MIN_M), the wgrad's dW of 32 x 16 tiles on its
+# SCALES_TMA configuration; fp32 master weights, and a bf16 model.
+for dtype, tol in ((torch.float32, 5e-4), (torch.bfloat16, 4e-3)):
+    lin = FP8Linear(2048, 4096, bias=False, device="cuda", dtype=dtype)
+    x = torch.randn(2, 2048, 2048, device="cuda", dtype=dtype, requires_grad=True)
+    x2, w2 = x.detach().clone().requires_grad_(), lin.weight.detach().clone().requires_grad_()
+    g = torch.randn(2, 2048, 4096, device="cuda", dtype=dtype)
+    launches.clear()
+    lin(x).backward(g)
+    assert (False, GL.WGRAD_DEFAULT_CONFIG) in launches and sum(b for b, _ in launches) == 2, launches
+    FP8LinearRefFunction.apply(x2, w2).backward(g)
+    for name, a, b in (("dx", x.grad, x2.grad), ("dW", lin.weight.grad, w2.grad)):
+        assert a.abs().sum() > 0 and rel(a, b) < tol, (dtype, name, rel(a, b))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="needs an H100/H200 (the Gluon kernels); the interpreter tests above cover the recipe",
+)
+def test_fp8_linear_on_the_gpu():
+    """FP8Linear forward+backward where all three GEMMs take the Gluon kernel (the wgrad on its SCALES_TMA
+    configuration), against the torch reference of the same recipe, fp32 and bf16, in a subprocess (this process
+    imported the kernels under TRITON_INTERPRET=1)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _LINEAR_GPU_CHECK], capture_output=True, text=True, timeout=300,
+                         env=env)  # fmt: skip
+    assert out.stdout.strip().endswith("ok"), out.stdout[-1000:] + out.stderr[-3000:]
+
+
 def test_fp8_experts_route_without_bincount(monkeypatch):
     """No host sync in the FP8 experts' routing: CUDA's torch.bincount reads max(idx) back to the host to size its
     output, which would stall every MoE layer's launches. Forward and backward run with it unavailable, and the
