@@ -156,12 +156,14 @@ def linear_bench(dev: str, small: bool, G, Q) -> dict:
         )
         linear["fp8_host_ms"], linear["fp8_graph_ms"] = _host_and_graph_ms(lambda: f8(xi).backward(g), [xi, f8.weight])
         linear["speedup_graphs"] = linear["bf16_graph_ms"] / linear["fp8_graph_ms"]
-        rule = G.WGRAD_AS_ONE_EXPERT_MIN_TILES
-        G.WGRAD_AS_ONE_EXPERT_MIN_TILES = 1 << 62  # the wgrad on the dense kernel, as before session 9
+        # The wgrad on the dense Triton kernel, as before session 9: both rules that dispatch it elsewhere (the Gluon
+        # kernel since session 10, the grouped wgrad's one aligned expert since session 9) switched off.
+        rules = G._gluon.GLUON_WGRAD_MIN_TILES, G.WGRAD_AS_ONE_EXPERT_MIN_TILES
+        G._gluon.GLUON_WGRAD_MIN_TILES = G.WGRAD_AS_ONE_EXPERT_MIN_TILES = 1 << 62
         try:
             _, linear["fp8_graph_ms_dense_wgrad"] = _host_and_graph_ms(lambda: f8(xi).backward(g), [xi, f8.weight])
         finally:
-            G.WGRAD_AS_ONE_EXPERT_MIN_TILES = rule
+            G._gluon.GLUON_WGRAD_MIN_TILES, G.WGRAD_AS_ONE_EXPERT_MIN_TILES = rules
     xq, xs = K_.quantize_act(xi.detach())
     wq, ws, wqt = K_.quantize_weight(lin.weight.detach(), transposed=True)
     dq, ds, dtq, dts = Q.quantize_act_both(g)
