@@ -26,6 +26,7 @@ from triton.testing import do_bench
 from modeling_deepseek_v3 import kernels as K_
 
 FL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_linear")
+GL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
 CASES = [  # (name, experts, N, K, rows an expert on average)
     *[("small gate_up", 64, 1024, 1024, r) for r in (256, 512, 768, 1024, 1536, 3072)],
     *[("small down", 64, 1024, 512, r) for r in (256, 1024, 1536)],
@@ -114,6 +115,11 @@ def aligned(profile_once: bool = False) -> None:
             r[f"rel_diff_{tag}"] = ((f().float() - reference).norm() / reference.norm()).item()
             r[f"us_{tag}"] = do_bench(f, warmup=10, rep=50) * 1e3
             r[f"tflops_{tag}"] = flop / r[f"us_{tag}"] / 1e6
+        if GL.can_use_gluon(pad[0], pad[2]) and N % 128 == 0:  # the Gluon kernel (SCALES_TMA) on the same layout
+            f = functools.partial(GL.launch_gluon_grouped_wgrad, *pad)
+            r["rel_diff_gluon"] = ((f().float() - reference).norm() / reference.norm()).item()
+            r["us_gluon"] = do_bench(f, warmup=10, rep=50) * 1e3
+            r["tflops_gluon"] = flop / r["us_gluon"] / 1e6
         rows.append(r)
         print(json.dumps(r), flush=True)
         del plain, pad, reference

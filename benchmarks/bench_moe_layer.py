@@ -122,6 +122,14 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
             finally:
                 FL._gated, TS.SLOT_DOTS_KERNEL = gated, True
             results[kind]["fwdbwd_ms_unfused_swiglu_and_slot_dots"] = fb
+            # The routed experts' weight gradient on the Triton grouped wgrad instead of the Gluon one.
+            GL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
+            GL.GROUPED_WGRAD_GLUON = False
+            try:
+                fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median", grad_to_none=[xg, *moe.parameters()])
+            finally:
+                GL.GROUPED_WGRAD_GLUON = True
+            results[kind]["fwdbwd_ms_triton_grouped_wgrad"] = fb
         print(kind, json.dumps(results[kind]), flush=True)
         moe = None
         torch.cuda.empty_cache()

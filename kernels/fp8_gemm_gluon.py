@@ -175,6 +175,20 @@ def gluon_config(M: int, N: int, K: int, b_blockwise: bool, out_dtype: torch.dty
     return DEFAULT_CONFIG if M >= GLUON_MIN_M else None
 
 
+# The grouped wgrad of experts padded to whole tiles (launch_gluon_grouped_wgrad): on while GROUPED_WGRAD_GLUON
+# (benchmarks turn it off to time the Triton kernel in the same process). Not yet measured: see RESULTS.md.
+GROUPED_WGRAD_GLUON = True
+
+
+def gluon_grouped_wgrad_config(N: int, out_dtype: torch.dtype) -> str | None:
+    """The configuration fp8_grouped_gemm_wgrad (tokens_aligned) should run for dW [E, N, K], or None to keep the
+    Triton kernel: N a multiple of the tile's rows (dW is addressed as [E * N, K])."""
+    bm = GLUON_CONFIGS[WGRAD_DEFAULT_CONFIG][0]
+    if not GROUPED_WGRAD_GLUON or N % bm or out_dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return WGRAD_DEFAULT_CONFIG
+
+
 def gluon_grouped_config(S: int, out_dtype: torch.dtype) -> str | None:
     """The configuration fp8_grouped_gemm's forward and dgrad should run for S routed rows, or None to keep
     the Triton kernels. Measured on an H200 (2026-11-30, session 4, benchmarks/bench_moe_layer.py --kernels,
@@ -217,11 +231,12 @@ if HAS_GLUON:
     @gluon.jit
     def _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, a_row, b_row, kb, NUM_STAGES: gl.constexpr,
                       as_desc=None, bs_desc=None, sa_bufs=None, sb_bufs=None, M=0, N=0,
-                      SCALES_TMA: gl.constexpr = False):  # fmt: skip
+                      SCALES_TMA: gl.constexpr = False, k0=0):  # fmt: skip
         # One tile's K loop: rows [a_row, a_row + BLOCK_M) of A and [b_row, b_row + BLOCK_N) of B, ring
         # slots it, it + 1, ...; returns the next slot counter. With scale descriptors (SCALES_TMA: both
         # operands scaled per row, the scales transposed to [Kb, M] / [Kb, N] and flattened) each step's
-        # two scale vectors come into the ring slot too, on the same barrier.
+        # two scale vectors come into the ring slot too, on the same barrier. k0: the first 128-K step (the grouped
+        # wgrad's expert starts there).
         if SCALES_TMA:
             nbytes: gl.constexpr = (a_desc.block_type.nbytes + b_desc.block_type.nbytes + as_desc.block_type.nbytes
                                     + bs_desc.block_type.nbytes)  # fmt: skip
@@ -233,11 +248,11 @@ if HAS_GLUON:
             # so the first lap through the ring does not block.
             mbarrier.wait(empty.index(s), ((it // NUM_STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), nbytes)
-            _tma_load(a_desc, [a_row, ki * _BK], ready.index(s), a_bufs.index(s))
-            _tma_load(b_desc, [b_row, ki * _BK], ready.index(s), b_bufs.index(s))
+            _tma_load(a_desc, [a_row, (k0 + ki) * _BK], ready.index(s), a_bufs.index(s))
+            _tma_load(b_desc, [b_row, (k0 + ki) * _BK], ready.index(s), b_bufs.index(s))
             if SCALES_TMA:  # a box past a row's end reads the next row's scales (or zeros): never stored
-                _tma_load(as_desc, [ki * M + a_row], ready.index(s), sa_bufs.index(s))
-                _tma_load(bs_desc, [ki * N + b_row], ready.index(s), sb_bufs.index(s))
+                _tma_load(as_desc, [(k0 + ki) * M + a_row], ready.index(s), sa_bufs.index(s))
+                _tma_load(bs_desc, [(k0 + ki) * N + b_row], ready.index(s), sb_bufs.index(s))
             it += 1
         return it
 
@@ -582,6 +597,89 @@ if HAS_GLUON:
         )  # fmt: skip
 
 
+    # -----------------------------------------------------------------------------------------
+    # Grouped wgrad for the MoE experts padded to whole 128-token tiles (fp8_grouped_gemm_wgrad with
+    # tokens_aligned): dW[e] = dy^T x over expert e's tokens [offs[e-1], offs[e]), every offset a multiple of 128.
+    # The dense kernel's producer, ring (with SCALES_TMA) and main loop over work items (expert, output tile),
+    # expert-major so that an expert's token columns stay in L2 while its tiles run; an item's K loop starts at
+    # the expert's first step (k0). An expert without tokens stores zeros. dW is addressed as [E * N, K], so N
+    # must be a multiple of BLOCK_M (a tile never reaches the next expert's rows).
+
+    @gluon.jit
+    def _expert_steps(offs_ptr, item, tiles, E):
+        # (first 128-token step, number of steps) of item's expert, clamped to the last expert past the end. Both
+        # partitions load it one item ahead: a global load at an item's start would leave its latency exposed
+        # (an item is two or three steps at V3's 256 tokens an expert).
+        e = gl.minimum(item // tiles, E - 1)
+        start = gl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+        end = gl.load(offs_ptr + e)
+        return start // _BK, end // _BK - start // _BK
+
+    @gluon.jit
+    def _grouped_wgrad_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, N, K, E,
+                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                                NUM_STAGES: gl.constexpr, as_desc, bs_desc, sa_bufs, sb_bufs):  # fmt: skip
+        num_m = gl.cdiv(N, BLOCK_M)
+        num_n = gl.cdiv(K, BLOCK_N)
+        tiles = num_m * num_n
+        it = 0
+        k0_next, steps_next = _expert_steps(offs_ptr, gl.program_id(0), tiles, E)
+        for item in range(gl.program_id(0), E * tiles, gl.num_programs(0)):
+            k0, steps = k0_next, steps_next
+            k0_next, steps_next = _expert_steps(offs_ptr, item + gl.num_programs(0), tiles, E)
+            off_m, off_n = _tile_offsets(item % tiles, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            it = _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, off_m, off_n, steps, NUM_STAGES,
+                               as_desc, bs_desc, sa_bufs, sb_bufs, N, K, True, k0)  # fmt: skip
+
+    @gluon.jit
+    def _grouped_wgrad_consumer(c_desc, a_bufs, b_bufs, ready, empty, c_smem, offs_ptr, N, K, E,
+                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                                NUM_STAGES: gl.constexpr, WARPS_N: gl.constexpr, sa_bufs, sb_bufs):  # fmt: skip
+        num_warps: gl.constexpr = gl.num_warps()
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps // WARPS_N, WARPS_N],
+                                                      instr_shape=[16, BLOCK_N // WARPS_N, 32])  # fmt: skip
+        rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+        cols_l: gl.constexpr = gl.SliceLayout(0, mma)
+        num_m = gl.cdiv(N, BLOCK_M)
+        num_n = gl.cdiv(K, BLOCK_N)
+        tiles = num_m * num_n
+        zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+        it = 0
+        _, steps_next = _expert_steps(offs_ptr, gl.program_id(0), tiles, E)
+        for item in range(gl.program_id(0), E * tiles, gl.num_programs(0)):
+            steps = steps_next
+            _, steps_next = _expert_steps(offs_ptr, item + gl.num_programs(0), tiles, E)
+            e = item // tiles
+            off_m, off_n = _tile_offsets(item % tiles, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
+            if steps > 0:
+                acc, it = _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, steps, zero, acc, 0, 0, 0, 0, cols_l,
+                                           False, False, NUM_STAGES, sa_bufs, sb_bufs, rows_l, True)  # fmt: skip
+            tma.store_wait(pendings=0)  # the previous item's TMA store has read c_smem
+            c_smem.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            _tma_store(c_desc, [e * N + off_m, off_n], c_smem)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _grouped_wgrad_gluon_kernel(a_desc, b_desc, c_desc, as_desc, bs_desc, offs_ptr, N, K, E,
+                                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                                    NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                    WARPS_N: gl.constexpr):  # fmt: skip
+        a_bufs, b_bufs, c_smem, ready, empty = _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES)
+        sa_bufs, sb_bufs = _allocate_scale_ring(as_desc, bs_desc, NUM_STAGES, True)
+        gl.warp_specialize(
+            [
+                (_grouped_wgrad_consumer, (c_desc, a_bufs, b_bufs, ready, empty, c_smem, offs_ptr, N, K, E, BLOCK_M,
+                                           BLOCK_N, GROUP_M, NUM_STAGES, WARPS_N, sa_bufs, sb_bufs)),
+                (_grouped_wgrad_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, N, K, E, BLOCK_M,
+                                           BLOCK_N, GROUP_M, NUM_STAGES, as_desc, bs_desc, sa_bufs, sb_bufs)),
+            ],
+            [1],
+            [PRODUCER_REGS],
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
@@ -700,6 +798,36 @@ def launch_gluon_grouped(x_SK, x_s, w_ENK, w_s, offs_E, out_dtype, config=None, 
     return c
 
 
+def launch_gluon_grouped_wgrad(dyT_NP, dyT_s, xT_KP, xT_s, offs_P, out_dtype, config=None):
+    """dW [E, N, K] of fp8_grouped_gemm_wgrad with tokens_aligned (every offs_P a multiple of 128: the experts padded
+    to whole tiles, pad_experts_to_tiles; not checked, it would sync), both operands in the 128x1 tiling along the P
+    padded tokens: dyT_NP [N, P] with dyT_s [N, Pb], xT_KP [K, P] with xT_s [K, Pb]. A SCALES_TMA configuration
+    (WGRAD_DEFAULT_CONFIG); N must be a multiple of its BLOCK_M."""
+    config = config or WGRAD_DEFAULT_CONFIG
+    assert _scales_tma(config), f"{config}: not a SCALES_TMA configuration"
+    bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
+    (N, P), K, E = dyT_NP.shape, xT_KP.shape[0], offs_P.numel()
+    assert N % bm == 0, f"N = {N} must be a multiple of {bm}"
+    Pb = triton.cdiv(P, BLOCK_K)
+    assert xT_KP.shape[1] == P and dyT_s.shape == (N, Pb) and xT_s.shape == (K, Pb), "operands and scales disagree"
+    c = torch.empty(E, N, K, dtype=out_dtype, device=dyT_NP.device)
+    if E == 0 or K == 0:
+        return c
+    if P == 0:
+        return c.zero_()
+    if not (offs_P.is_cuda and can_use_gluon(dyT_NP, xT_KP, c.view(E * N, K))):
+        raise ValueError("launch_gluon_grouped_wgrad: needs CUDA cc 9.0, Gluon, no interpreter, 16-byte aligned rows")
+    grid = (min(_num_sms(dyT_NP.device.index or 0) * occ, E * (N // bm) * triton.cdiv(K, bn)),)
+    opts = _kernel_opts(config)
+    _grouped_wgrad_gluon_kernel[grid](
+        _desc(dyT_NP, [bm, BLOCK_K]), _desc(xT_KP, [bn, BLOCK_K]), _desc(c.view(E * N, K), [bm, bn]),
+        _scale_desc(dyT_s, bm), _scale_desc(xT_s, bn), offs_P, N, K, E, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m,
+        NUM_STAGES=stages, PRODUCER_REGS=opts["PRODUCER_REGS"], WARPS_N=opts["WARPS_N"], num_warps=bm // 16,
+        maxnreg=_maxnreg(bm, occ),
+    )  # fmt: skip
+    return c
+
+
 def _kernel_opts(config: str) -> dict:
     """The configuration's kernel constexprs (SCALES_TMA is the launcher's: it passes the scale descriptors)."""
     opts = GLUON_CONFIGS[config][5:]
@@ -775,3 +903,16 @@ def compile_sm90_grouped(config: str, out_dtype: torch.dtype = torch.float32):
                      bs_ptr="*fp32", offs_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32", ntiles_ptr="*i32",
                      S="i32", N="i32", K="i32")  # fmt: skip
     return _compile(_fp8_grouped_gluon_kernel, config, constexprs, signature, (*ptrs, "N", "K"))
+
+
+def compile_sm90_grouped_wgrad(config: str = WGRAD_DEFAULT_CONFIG, out_dtype: torch.dtype = torch.bfloat16):
+    """compile_sm90 for the grouped wgrad as launch_gluon_grouped_wgrad would launch `config`."""
+    bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
+    opts = _kernel_opts(config)
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
+                      PRODUCER_REGS=opts["PRODUCER_REGS"], WARPS_N=opts["WARPS_N"])  # fmt: skip
+    fp8, layout = torch.float8_e4m3fn, repr(_scale_layout())
+    signature = dict(a_desc=_desc_sig([bm, BLOCK_K], fp8), b_desc=_desc_sig([bn, BLOCK_K], fp8),
+                     c_desc=_desc_sig([bm, bn], out_dtype), as_desc=f"tensordesc<fp32[{bm}],{layout}>",
+                     bs_desc=f"tensordesc<fp32[{bn}],{layout}>", offs_ptr="*i32", N="i32", K="i32", E="i32")  # fmt: skip
+    return _compile(_grouped_wgrad_gluon_kernel, config, constexprs, signature, ("offs_ptr", "N", "K"))
