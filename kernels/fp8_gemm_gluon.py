@@ -176,17 +176,21 @@ def gluon_config(M: int, N: int, K: int, b_blockwise: bool, out_dtype: torch.dty
 
 
 # The grouped wgrad of experts padded to whole tiles (launch_gluon_grouped_wgrad): on while GROUPED_WGRAD_GLUON
-# (benchmarks turn it off to time the Triton kernel in the same process). Not yet measured: see RESULTS.md.
+# (benchmarks turn it off to time the Triton kernel in the same process), from GLUON_GROUPED_WGRAD_MIN_TILES output
+# tiles of 128x128 an expert. Measured on an H200 (2026-12-01, session 11, bench_grouped_wgrad.py --aligned, against
+# the Triton kernel on the same padded layout): 1.23-1.49x at 64 tiles an expert (deepseek-v3-small's gate_up) and
+# 1.18-1.49x at V3's 896 and 1792; at 32 (deepseek-v3-small's down) 0.66x at 256 tokens an expert.
 GROUPED_WGRAD_GLUON = True
+GLUON_GROUPED_WGRAD_MIN_TILES = 64
 
 
-def gluon_grouped_wgrad_config(N: int, out_dtype: torch.dtype) -> str | None:
+def gluon_grouped_wgrad_config(N: int, K: int, out_dtype: torch.dtype) -> str | None:
     """The configuration fp8_grouped_gemm_wgrad (tokens_aligned) should run for dW [E, N, K], or None to keep the
-    Triton kernel: N a multiple of the tile's rows (dW is addressed as [E * N, K])."""
-    bm = GLUON_CONFIGS[WGRAD_DEFAULT_CONFIG][0]
+    Triton kernel: N a multiple of the tile's rows (dW is addressed as [E * N, K]) and enough tiles an expert."""
+    bm, bn = GLUON_CONFIGS[WGRAD_DEFAULT_CONFIG][:2]
     if not GROUPED_WGRAD_GLUON or N % bm or out_dtype not in (torch.bfloat16, torch.float32):
         return None
-    return WGRAD_DEFAULT_CONFIG
+    return WGRAD_DEFAULT_CONFIG if (N // bm) * triton.cdiv(K, bn) >= GLUON_GROUPED_WGRAD_MIN_TILES else None
 
 
 def gluon_grouped_config(S: int, out_dtype: torch.dtype) -> str | None:
@@ -607,13 +611,13 @@ if HAS_GLUON:
 
     @gluon.jit
     def _expert_steps(offs_ptr, item, tiles, E):
-        # (first 128-token step, number of steps) of item's expert, clamped to the last expert past the end. Both
-        # partitions load it one item ahead: a global load at an item's start would leave its latency exposed
-        # (an item is two or three steps at V3's 256 tokens an expert).
+        # (first 128-token step, end step) of item's expert, clamped to the last expert past the end. The consumers
+        # load it one item ahead: a global load at an item's start would leave its latency exposed (an item is two
+        # or three steps at V3's 256 tokens an expert). The producer runs ahead by the ring and loads it in turn.
         e = gl.minimum(item // tiles, E - 1)
         start = gl.load(offs_ptr + e - 1, mask=e > 0, other=0)
         end = gl.load(offs_ptr + e)
-        return start // _BK, end // _BK - start // _BK
+        return start // _BK, end // _BK
 
     @gluon.jit
     def _grouped_wgrad_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, N, K, E,
@@ -623,12 +627,14 @@ if HAS_GLUON:
         num_n = gl.cdiv(K, BLOCK_N)
         tiles = num_m * num_n
         it = 0
-        k0_next, steps_next = _expert_steps(offs_ptr, gl.program_id(0), tiles, E)
+        # Not loaded an item ahead as the consumers do: with both values carried across iterations in this one-warp
+        # partition, Triton 3.6's gluon-inline pass replaced the second one by its carried copy, so the producer
+        # kept its first item's step count and stalled the ring where an expert's count changed (seen in the TTGIR:
+        # the K loop's bound was loop-invariant; found in session 11).
         for item in range(gl.program_id(0), E * tiles, gl.num_programs(0)):
-            k0, steps = k0_next, steps_next
-            k0_next, steps_next = _expert_steps(offs_ptr, item + gl.num_programs(0), tiles, E)
+            k0, k1 = _expert_steps(offs_ptr, item, tiles, E)
             off_m, off_n = _tile_offsets(item % tiles, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-            it = _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, off_m, off_n, steps, NUM_STAGES,
+            it = _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, off_m, off_n, k1 - k0, NUM_STAGES,
                                as_desc, bs_desc, sa_bufs, sb_bufs, N, K, True, k0)  # fmt: skip
 
     @gluon.jit
@@ -645,10 +651,10 @@ if HAS_GLUON:
         tiles = num_m * num_n
         zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
         it = 0
-        _, steps_next = _expert_steps(offs_ptr, gl.program_id(0), tiles, E)
+        k0_next, k1_next = _expert_steps(offs_ptr, gl.program_id(0), tiles, E)
         for item in range(gl.program_id(0), E * tiles, gl.num_programs(0)):
-            steps = steps_next
-            _, steps_next = _expert_steps(offs_ptr, item + gl.num_programs(0), tiles, E)
+            steps = k1_next - k0_next
+            k0_next, k1_next = _expert_steps(offs_ptr, item + gl.num_programs(0), tiles, E)
             e = item // tiles
             off_m, off_n = _tile_offsets(item % tiles, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)

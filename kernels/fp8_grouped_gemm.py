@@ -417,7 +417,7 @@ def fp8_grouped_gemm_wgrad(
         # (fp8_gemm_gluon.launch_gluon_grouped_wgrad: the scales come by TMA, the promotion overlaps the tensor
         # cores) where gluon_grouped_wgrad_config says; else the TMA kernel below; else the pointer kernel.
         # An explicit use_tma (benchmarks, tests) picks among this file's.
-        gluon_cfg = _gluon.gluon_grouped_wgrad_config(N, out_dtype) if tokens_aligned and config is None else None
+        gluon_cfg = _gluon.gluon_grouped_wgrad_config(N, K, out_dtype) if tokens_aligned and config is None else None
         if gluon_cfg is not None and offs_E.is_cuda and _gluon.can_use_gluon(dyT_NS, xT_KS, c.view(E * N, K)):
             return _gluon.launch_gluon_grouped_wgrad(dyT_NS, dyT_scale_NSb, xT_KS, xT_scale_KSb, offs_E, out_dtype,
                                                      config=gluon_cfg)  # fmt: skip

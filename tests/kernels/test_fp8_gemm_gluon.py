@@ -245,6 +245,8 @@ for config in sys.argv[2:]:
     for out_dtype in (torch.float32, torch.bfloat16):
         if mode == "wgrad":
             ck = GL.compile_sm90(config, False, out_dtype)  # B scaled per row: the wgrad path
+        elif mode == "grouped_wgrad":
+            ck = GL.compile_sm90_grouped_wgrad(config, out_dtype)  # the experts' wgrad, scales by TMA
         else:
             ck = GL.compile_sm90_grouped(config, out_dtype)  # the grouped (MoE) kernel, B in 128x128 blocks
         ptx, tag = ck.asm["ptx"], (mode, config, str(out_dtype))
@@ -269,6 +271,16 @@ for config in sys.argv[2:]:
             bad.append((tag, "no wait-for-all-but-one (wgmma.wait_group 1 / DEPBAR.LE gsb0, 0x1)"))
         if not re.search(r"WARPGROUP\\.DEPBAR\\.LE gsb0, 0x1 ;(?:(?!QGMMA).)*?\\bFFMA\\b", sass, re.S):
             bad.append((tag, "no FFMA between the partial wait and the next wgmma"))
+        if mode == "grouped_wgrad":
+            # The producer loads both ends of its item's token range (the expert's offsets) in every work item, ahead
+            # of its K loop (the loop issuing the TMA loads): Triton 3.6 once kept only the first item's end, so the
+            # K loop ran the first expert's step count for all (_grouped_wgrad_producer).
+            ir = ck.asm["ttgir"]
+            loops = list(re.finditer(r"scf\.for %\S+ = \S+ to \S+ step", ir))
+            k_loops = [(outer, inner) for outer, inner in zip(loops, loops[1:])
+                       if "async_tma_copy_global_to_local" in ir[inner.end():inner.end() + 3000].split("scf.for")[0]]
+            if len(k_loops) != 1 or ir[k_loops[0][0].end():k_loops[0][1].start()].count("tt.load") != 2:
+                bad.append((tag, "the producer does not load its expert's two offsets in every work item"))
         # grouped epilogue: the TMA store for full tiles, masked 16-byte stores for an expert's last tile
         if mode == "grouped" and ("cp.async.bulk.tensor.2d.global.shared" not in ptx or "st.global.v4" not in ptx):
             bad.append((tag, "grouped epilogue: no TMA store or no masked vector store"))
@@ -312,6 +324,22 @@ def test_grouped_configs_compile_for_sm90_without_spills():
                          text=True, timeout=300, env=env)  # fmt: skip
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
+
+
+def test_grouped_wgrad_compiles_for_sm90_without_spills():
+    """The experts' Gluon wgrad (launch_gluon_grouped_wgrad) compiled for sm_90 on the CPU, fp32 and bf16 out: the
+    wgrad test's checks, and its producer loading each work item's token range (a Triton 3.6 miscompile once kept
+    the first item's, which stalled the ring on the GPU wherever an expert's step count changed). Numbers: the
+    GPU test in test_fp8_grouped_gemm.py."""
+    import subprocess
+    import sys
+
+    if not GL.HAS_GLUON:
+        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SASS_CHECK, "grouped_wgrad", GL.WGRAD_DEFAULT_CONFIG],
+                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 # ---------------------------------------------------------------------------------------------
 # Grouped (MoE) kernel: launch_gluon_grouped against fp8_grouped_gemm_ref / _dgrad_ref.

@@ -219,21 +219,23 @@ for counts, N, K in [([0, 384, 128, 0, 1024, 256], 1000, 1040), ([4096], 256, 38
         assert not dw.isnan().any() and rel(dw, ref) < tol, (counts, "aligned", out_dtype, rel(dw, ref))
         for e, c in enumerate(counts):
             assert c or not dw[e].any(), (counts, "aligned", e)
-# The same layout on the Gluon kernel (dispatched where N is a multiple of its 128-row tile; an H100/H200 only):
-# empty experts first, between and last, one expert of 1024 tokens (8 steps), the rest 1-3 steps; ragged K. Against
-# the reference and against the Triton kernel (an explicit config selects it), which sums the same step products
-# in the same order.
+# The same layout on the Gluon kernel (dispatched where N is a multiple of its 128-row tile and an expert has enough
+# tiles; an H100/H200 only): empty experts first, between and last, one expert of 1024 tokens (8 steps), the rest 1-3
+# steps; ragged K. 504 work items on at most 132 programs, so a program runs items of odd and even step counts in
+# turn (the first version hung there: the producer kept its first item's step count, see _grouped_wgrad_producer).
+# Against the reference and against the Triton kernel (an explicit config selects it), which sums the same step
+# products in the same order.
 import importlib
 GL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
 GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
 if torch.cuda.get_device_capability() == (9, 0) and GL.HAS_GLUON:
-    for counts, N, K in [([0, 384, 128, 0, 1024, 256, 0], 384, 1040), ([256] * 5, 7168 // 4, 2048)]:
+    for counts, N, K in [([0, 384, 128, 0, 1024, 256, 0], 384, 2960), ([256] * 5, 7168 // 4, 2048)]:
         S = sum(counts)
         offs = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
         dyTq, dyTs = quantize_act_t_ref(torch.randn(S, N, device="cuda") * (1 + 10 * torch.rand(N, device="cuda")))
         xTq, xTs = quantize_act_t_ref(torch.randn(S, K, device="cuda"))
         ref = fp8_grouped_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs, offs)
-        assert GL.gluon_grouped_wgrad_config(N, torch.float32) is not None
+        assert GL.gluon_grouped_wgrad_config(N, K, torch.float32) is not None
         for out_dtype, tol in ((torch.float32, 5e-4), (torch.bfloat16, 4e-3)):
             dw = GL.launch_gluon_grouped_wgrad(dyTq, dyTs, xTq, xTs, offs, out_dtype)
             assert torch.equal(dw, fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, out_dtype, tokens_aligned=True))
