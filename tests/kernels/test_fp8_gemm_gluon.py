@@ -289,23 +289,28 @@ print("ok")
 """
 
 
+def _run_sass_check(mode: str, *configs: str) -> None:
+    """_SASS_CHECK in a subprocess (the conftest's TRITON_INTERPRET=1 breaks Gluon compiles) for `mode`'s kernel."""
+    import subprocess
+    import sys
+
+    if not GL.HAS_GLUON:
+        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SASS_CHECK, mode, *configs], capture_output=True, text=True,
+                         timeout=300, env=env)  # fmt: skip
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
 def test_wgrad_configs_compile_for_sm90_without_spills():
     """The wgrad candidates (B scaled per row, a column-scale vector a step) compiled for sm_90 on the CPU,
     as launch_gluon would build them (same constexprs, num_warps, maxnreg, setmaxnreg split): ptxas
     reports no spill and no C7514 (wgmma serialized), the SASS has QGMMA, no local memory, and the
     partial-overlap wait (wgmma.wait_group 1 / WARPGROUP.DEPBAR.LE gsb0, 0x1) followed by the promotion
     FFMAs before the next wgmma. Speed and results are for the GPU tests/benchmark (test_wgrad_rowwise
-    runs every GLUON_CONFIGS entry). A subprocess: the conftest's TRITON_INTERPRET=1 breaks Gluon compiles."""
-    import subprocess
-    import sys
-
-    if not GL.HAS_GLUON:
-        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
+    runs every GLUON_CONFIGS entry)."""
     assert set(GL.WGRAD_CONFIGS) <= set(GL.GLUON_CONFIGS)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SASS_CHECK, "wgrad", *GL.WGRAD_CONFIGS], capture_output=True,
-                         text=True, timeout=300, env=env)  # fmt: skip
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    _run_sass_check("wgrad", *GL.WGRAD_CONFIGS)
 
 
 def test_grouped_configs_compile_for_sm90_without_spills():
@@ -313,16 +318,8 @@ def test_grouped_configs_compile_for_sm90_without_spills():
     out, as launch_gluon_grouped would build it: the same checks as the wgrad test above (no spills, no
     C7514, QGMMA, wgmma.wait_group 1 / DEPBAR.LE gsb0, 0x1 followed by the promotion FFMAs), plus both
     epilogue paths (TMA store, masked st.global.v4) present. Numbers: the GPU tests below."""
-    import subprocess
-    import sys
-
-    if not GL.HAS_GLUON:
-        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
     assert set(GL.GROUPED_CONFIGS) <= set(GL.GLUON_CONFIGS)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SASS_CHECK, "grouped", *GL.GROUPED_CONFIGS], capture_output=True,
-                         text=True, timeout=300, env=env)  # fmt: skip
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    _run_sass_check("grouped", *GL.GROUPED_CONFIGS)
 
 
 
@@ -331,15 +328,7 @@ def test_grouped_wgrad_compiles_for_sm90_without_spills():
     wgrad test's checks, and its producer loading each work item's token range (a Triton 3.6 miscompile once kept
     the first item's, which stalled the ring on the GPU wherever an expert's step count changed). Numbers: the
     GPU test in test_fp8_grouped_gemm.py."""
-    import subprocess
-    import sys
-
-    if not GL.HAS_GLUON:
-        pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SASS_CHECK, "grouped_wgrad", GL.WGRAD_DEFAULT_CONFIG],
-                         capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    _run_sass_check("grouped_wgrad", GL.WGRAD_DEFAULT_CONFIG)
 
 # ---------------------------------------------------------------------------------------------
 # Grouped (MoE) kernel: launch_gluon_grouped against fp8_grouped_gemm_ref / _dgrad_ref.
