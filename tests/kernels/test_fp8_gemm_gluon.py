@@ -276,7 +276,7 @@ for config in sys.argv[2:]:
             # of its K loop (the loop issuing the TMA loads): Triton 3.6 once kept only the first item's end, so the
             # K loop ran the first expert's step count for all (_grouped_wgrad_producer).
             ir = ck.asm["ttgir"]
-            loops = list(re.finditer(r"scf\.for %\S+ = \S+ to \S+ step", ir))
+            loops = list(re.finditer(r"scf\\.for %\\S+ = \\S+ to \\S+ step", ir))
             k_loops = [(outer, inner) for outer, inner in zip(loops, loops[1:])
                        if "async_tma_copy_global_to_local" in ir[inner.end():inner.end() + 3000].split("scf.for")[0]]
             if len(k_loops) != 1 or ir[k_loops[0][0].end():k_loops[0][1].start()].count("tt.load") != 2:
