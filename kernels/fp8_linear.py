@@ -30,6 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+# Absolute: with the repository root on sys.path, kernels/ is also importable as a top-level package (transformers
+# probes for one named kernels), where a relative `from .. import` fails.
+from modeling_deepseek_v3 import modeling_dsv3
+
 from . import topk_sum
 
 # The kernels through compile_ops: plain calls in eager mode, opaque custom ops under torch.compile.
@@ -456,23 +460,16 @@ def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
 
 
 def _sum_slots(y_SD, routing, weight_TK=None) -> torch.Tensor:
-    """out[t] = sum over slots k of (weight_TK[t, k] *) y_SD[row_TK[t, k]]: products in y's dtype (the model's
-    experts get weights in the model dtype), summed in fp32, rounded once to y's dtype; the top-k combine and the
-    gradient of the routed rows' gather. routing: (order_S, token_S, row_TK) as _sort_by_expert returns them
-    (order_S only for weights). Under torch.compile by gathering each slot's row (one fused kernel: no atomics, a
-    fixed order; index_add's fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200,
-    benchmarks/RESULTS.md); in eager mode by topk_sum's kernel, which computes what the compiled path does (each
-    slot's gather would be written out in full there), or with topk_sum.SUM_SLOTS_KERNEL off by one index_add
-    (8.7 ms slower in a V3-size layer's forward+backward on an H200). The model's twin: modeling_dsv3._sum_slots."""
-    order_S, token_S, row_TK = routing
-    if not torch.compiler.is_compiling():
+    """The model's _sum_slots (modeling_dsv3: products in y's dtype, summed in fp32, rounded once; the top-k combine
+    and the gradient of the routed rows' gather), with topk_sum's kernel in eager mode, which computes what the
+    compiled path does (_sum_slots_in_slot_order) where the model takes one index_add (8.7 ms slower in a V3-size
+    layer's forward+backward on an H200, benchmarks/RESULTS.md). routing: (order_S, token_S, row_TK) as
+    _sort_by_expert returns them (order_S only for weights). topk_sum.SUM_SLOTS_KERNEL off restores the index_add."""
+    if not torch.compiler.is_compiling() and topk_sum.SUM_SLOTS_KERNEL:
         tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y_SD, weight_TK))
-        if topk_sum.SUM_SLOTS_KERNEL and not tracked:  # the kernel has no backward: inside the Functions only
-            return topk_sum.sum_slots(y_SD, row_TK, weight_TK)
-        rows_SD = y_SD if weight_TK is None else y_SD * weight_TK.reshape(-1)[order_S, None].to(y_SD.dtype)
-        out_TD = y_SD.new_zeros(row_TK.shape[0], y_SD.shape[1], dtype=torch.float32)
-        return out_TD.index_add_(0, token_S, rows_SD.float()).to(y_SD.dtype)
-    return _sum_slots_in_slot_order(y_SD, row_TK, weight_TK)
+        if not tracked:  # the kernel has no backward: inside the Functions only
+            return topk_sum.sum_slots(y_SD, routing[2], weight_TK)
+    return modeling_dsv3._sum_slots(y_SD, routing, weight_TK)
 
 
 def _slot_dots(dout_TD, y_SD, row_TK) -> torch.Tensor:
@@ -485,20 +482,6 @@ def _slot_dots(dout_TD, y_SD, row_TK) -> torch.Tensor:
     return torch.stack([(dout_TD * y_SD[row_TK[:, k]].float()).sum(-1) for k in range(row_TK.shape[1])], 1).to(
         y_SD.dtype
     )
-
-
-def _sum_slots_in_slot_order(y_SD, row_TK, weight_TK=None) -> torch.Tensor:
-    """_sum_slots under torch.compile: each slot's rows gathered, the fp32 sum taken in slot order (inductor fuses
-    the loop into one kernel; topk_sum.sum_slots computes the same in eager mode)."""
-    out_TD = None
-    for k in range(row_TK.shape[1]):
-        term = y_SD[row_TK[:, k]]
-        term = (term if weight_TK is None else term * weight_TK[:, k : k + 1].to(y_SD.dtype)).float()
-        out_TD = term if out_TD is None else out_TD + term
-    # No `.to` where the dtype already matches: on torch 2.11 an autograd.Function whose forward returned such a no-op
-    # `.to` (an fp32 model) was traced by Dynamo with a zero output gradient, so every gradient through it came out
-    # zero (benchmarks/RESULTS.md, session 9); torch 2.13 does not do this.
-    return out_TD if out_TD.dtype == y_SD.dtype else out_TD.to(y_SD.dtype)
 
 
 def _gated(h_SF: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

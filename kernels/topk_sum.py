@@ -3,7 +3,7 @@
     out[t] = sum over slots k of (weight_TK[t, k] *) y_SD[row_TK[t, k]]
 
 with each weighted product rounded to y's dtype, the sum in fp32 in slot order, and one rounding to y's dtype at
-the end: what fp8_linear._sum_slots computes under torch.compile (per-slot gathers that inductor fuses), bit for
+the end: what _sum_slots computes under torch.compile (per-slot gathers that inductor fuses), bit for
 bit. Before it, eager mode took one `index_add_` into fp32, which needs the [S, D] rows written out in fp32 first
 and sums them by atomics in no fixed order (about 9 ms of a V3-size MoE layer's forward+backward on an H200,
 benchmarks/RESULTS.md); this kernel reads each routed row once, in bf16, and writes each token's sum once.

@@ -404,14 +404,20 @@ def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
 def _sum_slots(y_RD, routing, weight_TK=None):
     """out[t] = sum over slots k of (weight[t, k] *) y[row_of_slot[t, k]]: products in y's dtype, summed in fp32,
     rounded once to y's dtype; routing as _sort_by_expert returns it. Under torch.compile by gathering each slot's
-    row (inductor fuses the loop into one kernel: no atomics, a fixed order; index_add's fp32 atomics took 228 us a
-    deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md); in eager mode by one index_add, as each
-    slot's gather would be written out in full there."""
+    row (_sum_slots_in_slot_order; inductor fuses the loop into one kernel: no atomics, a fixed order; index_add's
+    fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md); in eager mode by one
+    index_add, as each slot's gather would be written out in full there. (The FP8 experts' eager mode has a kernel for
+    it: kernels/fp8_linear._sum_slots.)"""
     order, token_of_row, row_of_slot = routing
     if not torch.compiler.is_compiling():
         rows_RD = y_RD if weight_TK is None else y_RD * weight_TK.reshape(-1)[order, None].to(y_RD.dtype)
         out_TD = y_RD.new_zeros(row_of_slot.shape[0], y_RD.shape[1], dtype=torch.float32)
         return out_TD.index_add_(0, token_of_row, rows_RD.float()).to(y_RD.dtype)
+    return _sum_slots_in_slot_order(y_RD, row_of_slot, weight_TK)
+
+
+def _sum_slots_in_slot_order(y_RD, row_of_slot, weight_TK=None):
+    """_sum_slots by one gather a slot, the fp32 sum taken in slot order."""
     out_TD = None
     for k in range(row_of_slot.shape[1]):
         term = y_RD[row_of_slot[:, k]]

@@ -1,5 +1,5 @@
 """kernels/topk_sum.py: the routed experts' top-k sum as one kernel (eager mode, on by default), against the per-slot
-order that fp8_linear._sum_slots computes under torch.compile (_sum_slots_in_slot_order, the very code it runs), and
+order that _sum_slots computes under torch.compile (modeling_dsv3._sum_slots_in_slot_order, the very code it runs), and
 slot_dots, the routing weights' gradient, against the exact dot. Through the FP8 experts:
 test_fp8_linear.py::test_fp8_experts_with_the_topk_sum_kernel and test_fp8_experts_gathered_rows_equal_the_rows_written_out."""
 
@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 from modeling_deepseek_v3.kernels import topk_sum
-from modeling_deepseek_v3.kernels.fp8_linear import _sum_slots_in_slot_order
+
+from modeling_deepseek_v3.modeling_dsv3 import _sum_slots_in_slot_order
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
