@@ -335,14 +335,6 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
 # Modules
 
 
-def _autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """x in the autocast dtype where autocast is on, as autocast casts nn.Linear's input: the FP8 GEMM then writes
-    its output in that dtype too, and an FP8 layer under mixed precision (accelerate's bf16: fp32 weights and
-    residual stream) hands on bf16 activations like the bf16 layers it replaces, not fp32 ones."""
-    device = x.device.type
-    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
-
-
 class FP8Linear(nn.Linear):
     """Drop-in nn.Linear (same `weight`/`bias`) whose matmuls run in block-scaled FP8.
 
@@ -358,8 +350,9 @@ class FP8Linear(nn.Linear):
         self.weight_cache = QuantizedWeightCache() if cache_weight else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = FP8LinearFunction.apply(_autocast_input(x), self.weight, self.pow2_scales, torch.is_grad_enabled(),
-                                    self.weight_cache, (self.weight,))  # fmt: skip
+        x = modeling_dsv3.to_autocast_dtype(x)  # as autocast casts nn.Linear's input
+        y = FP8LinearFunction.apply(x, self.weight, self.pow2_scales, torch.is_grad_enabled(), self.weight_cache,
+                                    (self.weight,))  # fmt: skip
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @staticmethod
@@ -381,7 +374,8 @@ class FP8Linear(nn.Linear):
         if not stackable:
             return tuple(layer(x) for layer in layers)
         sources = tuple(layer.weight for layer in layers)
-        y = FP8LinearFunction.apply(_autocast_input(x), torch.cat(sources), first.pow2_scales, torch.is_grad_enabled(),
+        x = modeling_dsv3.to_autocast_dtype(x)
+        y = FP8LinearFunction.apply(x, torch.cat(sources), first.pow2_scales, torch.is_grad_enabled(),
                                     first.weight_cache, sources)  # fmt: skip
         return y.split([layer.out_features for layer in layers], dim=-1)
 

@@ -523,6 +523,14 @@ EXPERTS_FUNCTIONS = {
 }
 
 
+def to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype where autocast is on for its device, as autocast casts a linear layer's input; else x.
+    Under accelerate's bf16 mixed precision (fp32 weights and residual stream) the experts and the FP8 layers then
+    compute, and hand on activations, in bf16 like the linear layers autocast handles."""
+    device = x.device.type
+    return x.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else x
+
+
 def resolve_experts_implementation(name: str, x: torch.Tensor) -> str:
     """The one place that picks the experts backend; "auto" takes grouped_mm where this torch runs it."""
     if name != "auto":
@@ -569,12 +577,10 @@ class DSV3Experts(nn.Module):
         # The expert GEMMs run in the model dtype, or in the autocast dtype under autocast (accelerate's bf16 mixed
         # precision keeps fp32 weights and an fp32 residual stream): then "auto" still finds grouped_mm, not the
         # sorted loop whose per-expert host sync and data-dependent shapes break torch.compile and CUDA graphs.
-        device = x_TD.device.type
-        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_TD.dtype
-        x_TD_compute = x_TD.to(compute_dtype)
+        x_TD_compute = to_autocast_dtype(x_TD)
         impl = resolve_experts_implementation(self.config.moe_implementation, x_TD_compute)
         # The routing weights are fp32; the combine weights rows in the compute dtype.
-        out_TD = EXPERTS_FUNCTIONS[impl](self, x_TD_compute, topk_idx_TK, topk_weight_TK.to(compute_dtype))
+        out_TD = EXPERTS_FUNCTIONS[impl](self, x_TD_compute, topk_idx_TK, topk_weight_TK.to(x_TD_compute.dtype))
         return out_TD.to(x_TD.dtype)
 
 
