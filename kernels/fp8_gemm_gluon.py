@@ -627,10 +627,13 @@ if HAS_GLUON:
         num_n = gl.cdiv(K, BLOCK_N)
         tiles = num_m * num_n
         it = 0
-        # Not loaded an item ahead as the consumers do: with both values carried across iterations in this one-warp
-        # partition, Triton 3.6's gluon-inline pass replaced the second one by its carried copy, so the producer
-        # kept its first item's step count and stalled the ring where an expert's count changed (seen in the TTGIR:
-        # the K loop's bound was loop-invariant; found in session 11).
+        # Not loaded an item ahead as the consumers do. Carried across iterations, the pair met a Triton 3.6 Gluon
+        # miscompile: a loop-carried value that an inner loop takes as its trip count is replaced by its initial
+        # value (the gluon-inline pass; reproduced in a 20-line @gluon.jit kernel without warp_specialize, while
+        # @triton.jit compiles the same code right). The producer then ran its first item's step count for every
+        # item and stalled the ring where an expert's count changed (session 11). The consumers' carried pair only
+        # feeds branch conditions and a derived bound, and survives; test_grouped_wgrad_compiles_for_sm90 checks
+        # that this producer loads its item's range in the loop.
         for item in range(gl.program_id(0), E * tiles, gl.num_programs(0)):
             k0, k1 = _expert_steps(offs_ptr, item, tiles, E)
             off_m, off_n = _tile_offsets(item % tiles, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
