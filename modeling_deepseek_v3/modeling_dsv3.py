@@ -323,6 +323,68 @@ def _top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.topk(k, dim=-1)
 
 
+def _bf16_pieces(t: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """fp32 t as n bf16 tensors, largest first, whose sum is t to 8n significant bits (n = 3: all of fp32's 24)."""
+    pieces = []
+    for _ in range(n):
+        pieces.append(t.to(torch.bfloat16))
+        t = t - pieces[-1].float()
+    return pieces
+
+
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): recent torch only
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bf16 operands with fp32 accumulation and output (each bf16 product is exact in fp32)."""
+    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+
+
+class _RouterLogits(torch.autograd.Function):
+    """The router's fp32 logits x W^T for bf16 x as bf16 tensor-core GEMMs with fp32 accumulation, in place of fp32
+    GEMMs, which have no tensor-core path short of TF32's 10-bit rounding. Every piece product is exact:
+    - forward: W in three bf16 pieces (all 24 bits), one GEMM against their concatenation;
+    - dW (fp32): the gradient in three pieces against bf16 x, likewise;
+    - dx (rounded to bf16, x's dtype): both in three pieces, the six piece products that reach 2^-24 of the result.
+    What remains is the accumulation. On an H200 at V3's router (8192 x 7168 x 256) the tensor cores' fp32 sums
+    left the logits 7.9e-6 and dW 9.1e-6 from fp64, cuBLAS's fp32 GEMMs 1.1e-6 and 6.1e-7; both are far inside
+    bf16's 2^-9 (the paper keeps the gating in BF16 or FP32; DeepSeek's inference code runs it as a bf16 GEMM).
+    Forward+backward 0.85 ms against 2.16 (benchmarks/RESULTS.md, session 11)."""
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, weight_ED)
+        E = weight_ED.shape[0]
+        parts_T3E = _mm_fp32(x_TD, torch.cat(_bf16_pieces(weight_ED, 3)).t())
+        return (parts_T3E[:, 2 * E :] + parts_T3E[:, E : 2 * E]) + parts_T3E[:, :E]  # smallest first
+
+    @staticmethod
+    def backward(ctx, grad_TE: torch.Tensor):
+        x_TD, weight_ED = ctx.saved_tensors
+        E = weight_ED.shape[0]
+        g = _bf16_pieces(grad_TE.float(), 3)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # g_i w_j for i + j <= 2; the three left out are below 2^-24
+            w = _bf16_pieces(weight_ED, 3)
+            g_T6E = torch.cat([g[0], g[1], g[0], g[2], g[1], g[0]], dim=1)
+            dx = _mm_fp32(g_T6E, torch.cat([w[0], w[0], w[1], w[0], w[1], w[2]])).to(x_TD.dtype)
+        if ctx.needs_input_grad[1]:
+            parts_3ED = _mm_fp32(torch.cat(g, dim=1).t(), x_TD)
+            dw = (parts_3ED[2 * E :] + parts_3ED[E : 2 * E]) + parts_3ED[:E]
+        return dx, dw
+
+
+def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
+    """fp32 x W^T for the router, autocast off (it would run the GEMM in bf16). Eager on CUDA with bf16 x through
+    bf16 GEMMs (_RouterLogits), else an fp32 F.linear: under torch.compile inductor's mm with an fp32 out dtype left
+    dW 1.7e-3 from eager's on an H200, so compiled code keeps the fp32 GEMMs."""
+    with torch.autocast(x_TD.device.type, enabled=False):
+        split = _MM_OUT_DTYPE and x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and weight_ED.dtype == torch.float32
+        if split and not torch.compiler.is_compiling():
+            return _RouterLogits.apply(x_TD, weight_ED)
+        return F.linear(x_TD.float(), weight_ED.float())
+
+
 class DSV3TopkRouter(nn.Module):
     """Sigmoid affinities; bias-corrected, group-limited top-k choice; weights from the uncorrected scores.
 
@@ -352,8 +414,7 @@ class DSV3TopkRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns router logits [T, E] (fp32), top-k weights [T, K] (fp32) and top-k expert indices [T, K]."""
-        with torch.autocast(x_TD.device.type, enabled=False):  # autocast would run this GEMM in bf16
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
+        logits_TE = router_logits(x_TD, self.weight)
         scores_TE = logits_TE.sigmoid()
         choice_TE = scores_TE + self.e_score_correction_bias
         T = choice_TE.shape[0]

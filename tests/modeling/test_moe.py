@@ -257,3 +257,33 @@ def test_top_k_sum_gathers_by_slot_under_compile_and_index_adds_in_eager(monkeyp
         results.append([out, x_.grad] + ([] if w_ is None else [w_.grad]))
     for a, b in zip(*results, strict=True):
         assert a.abs().sum() > 0 and (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+@pytest.mark.parametrize("T, D, E", [(257, 300, 24), (1000, 2048, 64)])
+def test_router_logits_from_bf16_gemms(T, D, E):
+    """The router's fp32 logits from bf16 GEMMs (_RouterLogits: the weight and the gradient split into bf16 pieces,
+    every piece product exact), which eager CUDA runs for a bf16 model, here on the CPU's fp32 stand-in for those
+    GEMMs (exact accumulation of the same products; the H200's tensor-core sums are in _RouterLogits' docstring),
+    against fp64. Forward and dW: no worse than fp32 F.linear within a factor 2 for summation order (a two-piece split
+    of the weight or of the gradient is 10x worse). dx, rounded to bf16: at least 99.9% equal to the exact product
+    rounded to bf16 (the largest piece product alone gets 50%). On the CPU router_logits stays fp32 F.linear."""
+    from modeling_deepseek_v3.modeling_dsv3 import _RouterLogits, router_logits
+
+    x = (torch.randn(T, D) * torch.logspace(-2, 1, D)).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(E, D) * 0.02).requires_grad_()
+    g = torch.randn(T, E)
+    y = _RouterLogits.apply(x, w)
+    y.backward(g)
+    x32, w32 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y32 = router_logits(x32, w32)
+    assert torch.equal(y32, torch.nn.functional.linear(x32.float(), w32))
+    y32.backward(g)
+    x64, w64, g64 = x.detach().double(), w.detach().double(), g.double()
+
+    def rel(a, b):
+        return ((a.double() - b).norm() / b.norm()).item()
+
+    assert y.dtype == torch.float32 and rel(y, x64 @ w64.T) < 2 * rel(y32, x64 @ w64.T)
+    assert w.grad.dtype == torch.float32 and rel(w.grad, g64.T @ x64) < 2 * rel(w32.grad, g64.T @ x64)
+    exact_dx = (g64 @ w64).to(torch.bfloat16)
+    assert x.grad.dtype == torch.bfloat16 and (x.grad == exact_dx).float().mean() >= 0.999
