@@ -375,12 +375,14 @@ class _RouterLogits(torch.autograd.Function):
 
 
 def router_logits(x_TD: torch.Tensor, weight_ED: torch.Tensor) -> torch.Tensor:
-    """fp32 x W^T for the router, autocast off (it would run the GEMM in bf16). Eager on CUDA with bf16 x through
-    bf16 GEMMs (_RouterLogits), else an fp32 F.linear: under torch.compile inductor's mm with an fp32 out dtype left
-    dW 1.7e-3 from eager's on an H200, so compiled code keeps the fp32 GEMMs."""
+    """fp32 x W^T for the router, autocast off (it would run the GEMM in bf16). Training in eager mode on CUDA with
+    bf16 x: bf16 GEMMs (_RouterLogits). Else an fp32 F.linear: under torch.compile inductor's mm with an fp32 out
+    dtype left dW 1.7e-3 from eager's on an H200; without gradients (decode, prefill) the weight's split, paid
+    every call, is not repaid by the one forward GEMM at few tokens, and that case was not measured."""
     with torch.autocast(x_TD.device.type, enabled=False):
         split = _MM_OUT_DTYPE and x_TD.is_cuda and x_TD.dtype == torch.bfloat16 and weight_ED.dtype == torch.float32
-        if split and not torch.compiler.is_compiling():
+        tracked = torch.is_grad_enabled() and (x_TD.requires_grad or weight_ED.requires_grad)
+        if split and tracked and not torch.compiler.is_compiling():
             return _RouterLogits.apply(x_TD, weight_ED)
         return F.linear(x_TD.float(), weight_ED.float())
 
