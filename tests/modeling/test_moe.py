@@ -262,11 +262,12 @@ def test_top_k_sum_gathers_by_slot_under_compile_and_index_adds_in_eager(monkeyp
 @pytest.mark.parametrize("T, D, E", [(257, 300, 24), (1000, 2048, 64)])
 def test_router_logits_from_bf16_gemms(T, D, E):
     """The router's fp32 logits from bf16 GEMMs (_RouterLogits: the weight and the gradient split into bf16 pieces,
-    every piece product exact), which eager CUDA training runs for a bf16 model, here on the CPU's fp32 stand-in for those
-    GEMMs (exact accumulation of the same products; the H200's tensor-core sums are in _RouterLogits' docstring),
-    against fp64. Forward and dW: no worse than fp32 F.linear within a factor 2 for summation order (a two-piece split
-    of the weight or of the gradient is 10x worse). dx, rounded to bf16: at least 99.9% equal to the exact product
-    rounded to bf16 (the largest piece product alone gets 50%). On the CPU router_logits stays fp32 F.linear."""
+    every piece product exact), which eager CUDA training runs for a bf16 model, here on the CPU's fp32 stand-in for
+    those GEMMs (exact accumulation of the same products; the H200's tensor-core sums are in _RouterLogits'
+    docstring), against fp64. Forward and dW: no worse than fp32 F.linear within a factor 2 for summation order (a
+    two-piece split of the weight or of the gradient is 10x worse). dx, rounded to bf16: at least 99.9% equal to the
+    exact product rounded to bf16 (the largest piece product alone gets 50%). On the CPU router_logits stays fp32
+    F.linear."""
     from modeling_deepseek_v3.modeling_dsv3 import _RouterLogits, router_logits
 
     x = (torch.randn(T, D) * torch.logspace(-2, 1, D)).to(torch.bfloat16).requires_grad_()
