@@ -179,7 +179,7 @@ def gluon_config(M: int, N: int, K: int, b_blockwise: bool, out_dtype: torch.dty
 # (benchmarks turn it off to time the Triton kernel in the same process), from GLUON_GROUPED_WGRAD_MIN_TILES output
 # tiles of 128x128 an expert. Measured on an H200 (2026-12-01, session 11, bench_grouped_wgrad.py --aligned, against
 # the Triton kernel on the same padded layout): 1.23-1.49x at 64 tiles an expert (deepseek-v3-small's gate_up) and
-# 1.18-1.49x at V3's 896 and 1792; at 32 (deepseek-v3-small's down) 0.66x at 256 tokens an expert.
+# 1.18-1.49x at V3's 896 and 1792; at 32 (deepseek-v3-small's down) 0.66x at 256 tokens an expert, 1.20x at 1024.
 GROUPED_WGRAD_GLUON = True
 GLUON_GROUPED_WGRAD_MIN_TILES = 64
 
