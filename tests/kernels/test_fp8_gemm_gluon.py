@@ -322,13 +322,13 @@ def test_grouped_configs_compile_for_sm90_without_spills():
     _run_sass_check("grouped", *GL.GROUPED_CONFIGS)
 
 
-
 def test_grouped_wgrad_compiles_for_sm90_without_spills():
     """The experts' Gluon wgrad (launch_gluon_grouped_wgrad) compiled for sm_90 on the CPU, fp32 and bf16 out: the
     wgrad test's checks, and its producer loading each work item's token range (a Triton 3.6 miscompile once kept
     the first item's, which stalled the ring on the GPU wherever an expert's step count changed). Numbers: the
     GPU test in test_fp8_grouped_gemm.py."""
     _run_sass_check("grouped_wgrad", GL.WGRAD_DEFAULT_CONFIG)
+
 
 # ---------------------------------------------------------------------------------------------
 # Grouped (MoE) kernel: launch_gluon_grouped against fp8_grouped_gemm_ref / _dgrad_ref.
