@@ -34,8 +34,6 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 # probes for one named kernels), where a relative `from .. import` fails.
 from modeling_deepseek_v3 import modeling_dsv3
 
-from . import topk_sum
-
 # The kernels through compile_ops: plain calls in eager mode, opaque custom ops under torch.compile.
 from .compile_ops import (
     fp8_gemm,
@@ -291,7 +289,7 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
         dy = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw, padded_rows=row_P)
         dx, dw = _grouped_backward(ctx, saved, *dy)
         if dx is not None and slots_TK is not None:
-            dx = _sum_slots(dx, (None, rows_S, slots_TK))
+            dx = modeling_dsv3._sum_slots(dx, (None, rows_S, slots_TK))
         return dx, dw, None, None, None, None, None, None, None
 
 
@@ -315,7 +313,7 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
         weight_S = weight_TK.reshape(-1)[order_S]  # the weight of each row, in row order
         row_P = padded[0] if padded is not None else None
         ctx.save_for_backward(*saved, token_S, row_TK, weight_S, y_SN, row_P)  # y for the routing weights' gradient
-        return _sum_slots(y_SN, (order_S, token_S, row_TK), weight_TK)
+        return modeling_dsv3._sum_slots(y_SN, (order_S, token_S, row_TK), weight_TK)
 
     @staticmethod
     def backward(ctx, dout_TN: torch.Tensor):
@@ -327,7 +325,7 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
             padded_rows, padded_scale = _rows_at(row_P, token_S), weight_S[row_P.clamp(min=0)]
         dy = _quantize_grad(dout_TN, ctx.pow2, need_dx, need_dw, token_S, weight_S, padded_rows, padded_scale)
         dx, dw = _grouped_backward(ctx, saved, *dy)
-        dweight = _slot_dots(dout_TN, y_SN, row_TK) if ctx.needs_input_grad[6] else None
+        dweight = modeling_dsv3._slot_dots(dout_TN, y_SN, row_TK) if ctx.needs_input_grad[6] else None
         return dx, dw, None, None, None, None, dweight, None, None, None, None
 
 
@@ -453,31 +451,6 @@ def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
     return order_S, token_S, row_S.view(topk_idx_TK.shape), offs_E
 
 
-def _sum_slots(y_SD, routing, weight_TK=None) -> torch.Tensor:
-    """The model's _sum_slots (modeling_dsv3: products in y's dtype, summed in fp32, rounded once; the top-k combine
-    and the gradient of the routed rows' gather), with topk_sum's kernel in eager mode, which computes what the
-    compiled path does (_sum_slots_in_slot_order) where the model takes one index_add (8.7 ms slower in a V3-size
-    layer's forward+backward on an H200, benchmarks/RESULTS.md). routing: (order_S, token_S, row_TK) as
-    _sort_by_expert returns them (order_S only for weights). topk_sum.SUM_SLOTS_KERNEL off restores the index_add."""
-    if not torch.compiler.is_compiling() and topk_sum.SUM_SLOTS_KERNEL:
-        tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y_SD, weight_TK))
-        if not tracked:  # the kernel has no backward: inside the Functions only
-            return topk_sum.sum_slots(y_SD, routing[2], weight_TK)
-    return modeling_dsv3._sum_slots(y_SD, routing, weight_TK)
-
-
-def _slot_dots(dout_TD, y_SD, row_TK) -> torch.Tensor:
-    """The routing weights' gradient of the weighted top-k sum: dweight[t, k] = dout[t] . y_SD[row_TK[t, k]], products
-    and sum in fp32, rounded once to y's dtype. In eager mode topk_sum's kernel; under torch.compile (or with
-    topk_sum.SLOT_DOTS_KERNEL off) each slot's gather, which inductor fuses into one reduction."""
-    if not torch.compiler.is_compiling() and topk_sum.SLOT_DOTS_KERNEL:
-        return topk_sum.slot_dots(dout_TD, y_SD, row_TK)
-    dout_TD = dout_TD.float()
-    return torch.stack([(dout_TD * y_SD[row_TK[:, k]].float()).sum(-1) for k in range(row_TK.shape[1])], 1).to(
-        y_SD.dtype
-    )
-
-
 def _gated(h_SF: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """act(gate) * up of the fused [S, 2I] projection: for F.silu in eager mode swiglu's kernels (one each way),
     otherwise torch ops (which inductor fuses under torch.compile)."""
@@ -539,7 +512,7 @@ def fp8_experts_inference(
     h_SF = fp8_grouped_gemm(x_q, x_s, gate_up_q_EFD, gate_up_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
     a_q, a_s = quantize_act(_gated(h_SF, act).contiguous(), False)
     y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
-    return _sum_slots(y_SD, (order_S, token_S, row_TK), topk_weight_TK)
+    return modeling_dsv3._sum_slots(y_SD, (order_S, token_S, row_TK), topk_weight_TK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,4 +606,4 @@ def experts_forward_ref(
     h_SF = linear(x_SD, gate_up_proj_EFD)
     gate_SI, up_SI = h_SF.chunk(2, dim=-1)
     y_SD = linear(act(gate_SI) * up_SI, down_proj_EDI)
-    return _sum_slots(y_SD, (order_S, token_S, row_TK), topk_weight_TK)
+    return modeling_dsv3._sum_slots(y_SD, (order_S, token_S, row_TK), topk_weight_TK)

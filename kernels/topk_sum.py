@@ -26,10 +26,10 @@ from . import _triton as tt
 triton, tl = tt.triton, tt.tl
 
 # On: timed on an H200 in the eager V3-size MoE layer's forward+backward, 56.97 ms against 65.72 with the index_add
-# it replaces (benchmarks/RESULTS.md, session 9; bench_moe_layer.py times both). fp8_linear._sum_slots reads it at
-# call time; False restores the index_add.
+# it replaces (benchmarks/RESULTS.md, session 9; bench_moe_layer.py times both). modeling_dsv3._sum_slots reads it
+# at call time, for the bf16 and the FP8 experts alike; False restores the index_add.
 SUM_SLOTS_KERNEL = True
-# The same for slot_dots (fp8_linear._slot_dots reads it at call time; False: the per-slot torch code).
+# The same for slot_dots (modeling_dsv3._slot_dots reads it at call time; False: the per-slot torch code).
 SLOT_DOTS_KERNEL = True
 
 if tt.HAS_TRITON:

@@ -11,6 +11,7 @@ G groups; `x_TD` is a [T, D] tensor.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
 import math
 import sys
@@ -464,15 +465,38 @@ def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
     return _Gather.apply(x_TD, token_of_row, row_of_slot), (order, token_of_row, row_of_slot), counts_E
 
 
+@functools.cache
+def _topk_sum_kernels(device: torch.device):
+    """kernels/topk_sum.py where its kernels run on `device` (the package with Triton, a CUDA GPU the FP8 kernels run
+    on), else None: eager mode's top-k sum and slot dots then stay in torch. Optional like every kernel here: the
+    model runs without the package (Hub remote code). Not on the CPU under Triton's interpreter, which the tests set:
+    every MoE call of the model's tests would run through it (the whole suite took three times as long)."""
+    if device.type != "cuda":
+        return None
+    try:
+        kernels = importlib.import_module("modeling_deepseek_v3.kernels")
+        kernels.require_fp8("topk_sum")
+    except (ImportError, RuntimeError):
+        return None
+    return kernels.topk_sum
+
+
 def _sum_slots(y_RD, routing, weight_TK=None):
     """out[t] = sum over slots k of (weight[t, k] *) y[row_of_slot[t, k]]: products in y's dtype, summed in fp32,
     rounded once to y's dtype; routing as _sort_by_expert returns it. Under torch.compile by gathering each slot's
     row (_sum_slots_in_slot_order; inductor fuses the loop into one kernel: no atomics, a fixed order; index_add's
-    fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md); in eager mode by one
-    index_add, as each slot's gather would be written out in full there. (The FP8 experts' eager mode has a kernel for
-    it: kernels/fp8_linear._sum_slots.)"""
+    fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md). In eager mode on a GPU
+    with the kernels, kernels/topk_sum.py's kernel, the same sum bit for bit (inside the autograd Functions only: it
+    has no backward); else one index_add, as each slot's gather would be written out in full there. On an H200 the
+    kernel was 8.7 ms faster in a V3-size FP8 layer's forward+backward, and deepseek-v3-small's eager bf16 step lost
+    6% when the index_add came in (benchmarks/RESULTS.md, sessions 9 and 12; the kernel there is not yet timed,
+    bench_topk_step.py). topk_sum.SUM_SLOTS_KERNEL off restores the index_add."""
     order, token_of_row, row_of_slot = routing
     if not torch.compiler.is_compiling():
+        topk_sum = _topk_sum_kernels(y_RD.device)
+        tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y_RD, weight_TK))
+        if topk_sum is not None and topk_sum.SUM_SLOTS_KERNEL and not tracked:
+            return topk_sum.sum_slots(y_RD, row_of_slot, weight_TK)
         rows_RD = y_RD if weight_TK is None else y_RD * weight_TK.reshape(-1)[order, None].to(y_RD.dtype)
         out_TD = y_RD.new_zeros(row_of_slot.shape[0], y_RD.shape[1], dtype=torch.float32)
         return out_TD.index_add_(0, token_of_row, rows_RD.float()).to(y_RD.dtype)
@@ -490,6 +514,19 @@ def _sum_slots_in_slot_order(y_RD, row_of_slot, weight_TK=None):
     # `.to` (an fp32 model) was traced by Dynamo with a zero output gradient, so every gradient through it came out
     # zero (benchmarks/RESULTS.md, session 9); torch 2.13 does not do this.
     return out_TD if out_TD.dtype == y_RD.dtype else out_TD.to(y_RD.dtype)
+
+
+def _slot_dots(dout_TD, y_RD, row_of_slot) -> torch.Tensor:
+    """The routing weights' gradient of the weighted top-k sum: dweight[t, k] = dout[t] . y[row_of_slot[t, k]],
+    products and sum in fp32, rounded once to y's dtype. In eager mode on a GPU with the kernels, topk_sum's kernel;
+    else (torch.compile, or topk_sum.SLOT_DOTS_KERNEL off) each slot's gather, which inductor fuses into one
+    reduction."""
+    topk_sum = None if torch.compiler.is_compiling() else _topk_sum_kernels(y_RD.device)
+    if topk_sum is not None and topk_sum.SLOT_DOTS_KERNEL:
+        return topk_sum.slot_dots(dout_TD, y_RD, row_of_slot)
+    dout_TD = dout_TD.float()
+    slots = range(row_of_slot.shape[1])
+    return torch.stack([(dout_TD * y_RD[row_of_slot[:, k]].float()).sum(-1) for k in slots], 1).to(y_RD.dtype)
 
 
 class _Gather(torch.autograd.Function):
@@ -526,9 +563,7 @@ class _Combine(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dy = dout_TD[token_of_row] * topk_weight_TK.reshape(-1)[order, None].to(y_RD.dtype)
         if ctx.needs_input_grad[1]:
-            slots = range(row_of_slot.shape[1])
-            dweight = torch.stack([(dout_TD * y_RD[row_of_slot[:, k]]).sum(-1) for k in slots], 1)
-            dweight = dweight.to(topk_weight_TK.dtype)
+            dweight = _slot_dots(dout_TD, y_RD, row_of_slot).to(topk_weight_TK.dtype)
         return dy, dweight, None, None, None
 
 

@@ -136,10 +136,15 @@ def test_fp8_experts_matches_reference(tol, rel):
 
 
 def test_fp8_experts_with_the_topk_sum_kernel(monkeypatch, rel):
-    """fp8_experts_forward in eager mode with topk_sum.SUM_SLOTS_KERNEL on (the default: its combine and its
+    """fp8_experts_forward in eager mode with topk_sum.SUM_SLOTS_KERNEL on (the default on a GPU: its combine and its
     gather's gradient through the kernel) against the same with index_add: equal up to the fp32 sum's order, output
-    and every gradient."""
+    and every gradient. The model takes the kernels on CUDA tensors only (modeling_dsv3._topk_sum_kernels); here they
+    are forced onto the CPU's interpreter."""
     from modeling_deepseek_v3.kernels import topk_sum
+
+    from modeling_deepseek_v3 import modeling_dsv3 as M
+
+    monkeypatch.setattr(M, "_topk_sum_kernels", lambda device: topk_sum)
 
     h, idx, wt, gu, dn = _experts_case(5, T=21, Kt=3, E=6, D=256, I=128)
     h, wt, gu, dn = (t.detach().to(torch.bfloat16).requires_grad_() for t in (h, wt, gu, dn))
@@ -170,6 +175,8 @@ def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # 
     (exact in fp64, its bound)) for _agrees."""
     from modeling_deepseek_v3.kernels import fp8_linear as FL
 
+    from modeling_deepseek_v3 import modeling_dsv3 as M
+
     h, idx, wt, gu, dn = _experts_case(seed, T=T, Kt=Kt, E=E, D=D, I=I)
     h, wt, gu, dn = (t.detach().to(device, torch.bfloat16).requires_grad_() for t in (h, wt, gu, dn))
     idx = idx.to(device)
@@ -183,12 +190,12 @@ def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # 
     # (SwiGLU as fp8_experts_forward runs it: this compares the rows' layout, not the activation's kernels)
     y_SD = FL.FP8GroupedLinearFunction.apply(FL._gated(h_SF, F.silu), dn2, offs_E, False, None, True, None, None,
                                              padded)  # fmt: skip
-    y2 = FL._sum_slots(y_SD, (order_S, token_S, row_TK), wt2)  # autograd differentiates the combine
+    y2 = M._sum_slots(y_SD, (order_S, token_S, row_TK), wt2)  # autograd differentiates the combine
 
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
     y.backward(g)
     y2.backward(g)
-    h2.grad = FL._sum_slots(x_SD.grad, (order_S, token_S, row_TK))
+    h2.grad = M._sum_slots(x_SD.grad, (order_S, token_S, row_TK))
     assert wt2.grad.abs().sum() > 0  # autograd's, to show the routing weights' gradient flows in the reference too
     products = g.double()[:, None, :] * y_SD.detach().double()[row_TK]  # [T, Kt, D]
     exact = products.sum(-1)

@@ -38,11 +38,11 @@ def test_topk_sum_equals_the_slot_order_bit_for_bit(T, KT, S, D, dtype, weighted
 @pytest.mark.parametrize("T, KT, S, D", [(13, 3, 40, 300), (5, 8, 12, 1100), (7, 6, 9, 513), (1, 1, 1, 7)])
 def test_slot_dots_within_one_rounding_of_the_exact_dot(T, KT, S, D, dtype, monkeypatch):
     """dweight[t, k] = dout[t] . y[row[t, k]] from the kernel, and from the per-slot torch code that runs under
-    torch.compile (fp8_linear._slot_dots with the switch off), against the exact value in fp64. Bound: one rounding
+    torch.compile (modeling_dsv3._slot_dots with the switch off), against the exact value in fp64. Bound: one rounding
     to the output dtype (half an ulp) over an fp32 sum of D products, each exact for bf16 inputs and rounded once
     for fp32 (at most (D + 1) * 2^-24 of the sum of their magnitudes). Rows repeat across tokens and slots; D is
     ragged against the 512-wide block and Kt is not a power of two in one case."""
-    from modeling_deepseek_v3.kernels import fp8_linear
+    from modeling_deepseek_v3 import modeling_dsv3 as M
 
     g = torch.Generator().manual_seed(T * 100 + KT * 10 + D)
     y = (torch.randn(S, D, generator=g) * torch.logspace(-1, 1, D)).to(dtype)
@@ -54,7 +54,7 @@ def test_slot_dots_within_one_rounding_of_the_exact_dot(T, KT, S, D, dtype, monk
     bound = half_ulp * exact.abs() + (D + 1) * 2**-24 * products.abs().sum(-1)
     out = topk_sum.slot_dots(dout, y, rows)
     monkeypatch.setattr(topk_sum, "SLOT_DOTS_KERNEL", False)
-    fallback = fp8_linear._slot_dots(dout, y, rows)
+    fallback = M._slot_dots(dout, y, rows)
     for got in (out, fallback):
         assert got.dtype == dtype and got.shape == (T, KT)
         assert ((got.double() - exact).abs() <= bound).all()
