@@ -476,9 +476,10 @@ def _topk_sum_kernels(device: torch.device):
     try:
         kernels = importlib.import_module("modeling_deepseek_v3.kernels")
         kernels.require_fp8("topk_sum")
+        # imported by name: the package does not import this submodule, so it is no attribute of it until then
+        return importlib.import_module("modeling_deepseek_v3.kernels.topk_sum")
     except (ImportError, RuntimeError):
         return None
-    return kernels.topk_sum
 
 
 def _sum_slots(y_RD, routing, weight_TK=None):

@@ -104,3 +104,24 @@ def test_eager_moe_kernels_compile_for_sm90():
     if "ptxas" in out.stderr and "No such file" in out.stderr:
         pytest.skip("this Triton ships no ptxas")
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+_CHOOSE_ON_A_GPU = """
+import torch
+import modeling_deepseek_v3.kernels as kernels
+from modeling_deepseek_v3 import modeling_dsv3
+
+kernels.require_fp8 = lambda what: None  # as where the FP8 kernels run: a Hopper GPU with Triton
+chosen = modeling_dsv3._topk_sum_kernels(torch.device("cuda"))
+assert chosen is not None and chosen.__name__ == "modeling_deepseek_v3.kernels.topk_sum", chosen
+assert modeling_dsv3._topk_sum_kernels(torch.device("cpu")) is None
+print("ok")
+"""
+
+
+def test_model_finds_the_topk_sum_kernels_where_they_run():
+    """Where the kernels can run, the model's eager MoE takes kernels/topk_sum.py even when nothing imported that
+    submodule before (a fresh interpreter: here other tests have imported it). It once read it as an attribute of the
+    package, which it is only after an import, and a V3 layer on the H200 failed with AttributeError."""
+    out = subprocess.run([sys.executable, "-c", _CHOOSE_ON_A_GPU], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
