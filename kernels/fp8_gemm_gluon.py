@@ -134,6 +134,10 @@ GLUON_CONFIGS = {
     # read their rows' and columns' scales from shared memory when they retire the step, with no pointers held,
     # no global load in the loop and no barrier of their own. 128x128 with WARPS_N = 2 as above.
     "128x128s4t": (128, 128, 4, 8, 1, dict(WARPS_N=2, PRODUCER_REGS=24, SCALES_TMA=True)),
+    # The same with WARPS_N = 1: m64n128k32 wgmmas, as the forward's. With the scales read from the ring when a step
+    # retires, the column-scale vector (32 registers a thread) lives only there, and ptxas fits it without spills
+    # (the 128x128 WARPS_N = 1 form of session 4, with that vector loaded a step ahead, spilled).
+    "128x128s4t1": (128, 128, 4, 8, 1, dict(WARPS_N=1, PRODUCER_REGS=24, SCALES_TMA=True)),
 }
 _KERNEL_OPTS = dict(WARPS_N=1, B_COLS=False, PRODUCER_REGS=40)
 # The configurations built for wgrad (B per row), checked on the CPU to compile without spills and with
@@ -141,7 +145,7 @@ _KERNEL_OPTS = dict(WARPS_N=1, B_COLS=False, PRODUCER_REGS=40)
 # bench_fp8_gemm.py --gluon, M = 4096, fp32 out): 128x128s4w 517-587 TFLOPS, 128x64s8 424-471, 128x64s8c
 # 404-441, against the Triton kernel's 568-645 on the same shapes: none won. 128x128s4t (session 10) did, see
 # WGRAD_DEFAULT_CONFIG.
-WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c", "128x128s4t")
+WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c", "128x128s4t", "128x128s4t1")
 DEFAULT_CONFIG = "128x128s4"
 # Dispatch policy (fp8_gemm._launch asks gluon_config). Measured on an H200 (2026-11-30, torch 2.11,
 # triton 3.6, benchmarks/bench_fp8_gemm.py --gluon), V3 shapes at M = 4096 and 16384, bf16 out:
@@ -161,8 +165,12 @@ GLUON_MIN_M = 4096
 # (2026-11-30, session 10, benchmarks/bench_wgrad_split.py --gluon, against the dispatch before it, the one-expert
 # grouped wgrad or split-K; results bit-identical): 724-845 TFLOPS on the V3 shapes, 1.13-1.44x, and 1.08-1.20x
 # at deepseek-v3-small's dW of 256 and 512 tiles of 128x128; at 128 tiles and below 0.36-1.35x, mostly slower (no
-# split-K here), so split-K or the Triton kernel stay there.
-WGRAD_DEFAULT_CONFIG = "128x128s4t"
+# split-K here), so split-K or the Triton kernel stay there. Since session 13 its WARPS_N = 1 form, 128x128s4t1 (same
+# bits): in one process on an H200 (2026-12-01) the grouped wgrad at V3 size took 7906 against 8121 us (gate_up, 256
+# tokens an expert), 20432 against 21782 us (1024 tokens an expert) and about the same for down; the dense wgrad at
+# M = 4096 was 0.96-0.90x the time on four of the V3 shapes and within the noise on the fifth; the cached
+# V3 MoE layer's forward+backward 33.8-34.7 ms against 34.9-37.1 (benchmarks/RESULTS.md, session 13).
+WGRAD_DEFAULT_CONFIG = "128x128s4t1"
 GLUON_WGRAD_MIN_TILES = 256
 
 
