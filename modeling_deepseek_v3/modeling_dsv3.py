@@ -489,9 +489,9 @@ def _sum_slots(y_RD, routing, weight_TK=None):
     fp32 atomics took 228 us a deepseek-v3-small MoE layer on an H200, benchmarks/RESULTS.md). In eager mode on a GPU
     with the kernels, kernels/topk_sum.py's kernel, the same sum bit for bit (inside the autograd Functions only: it
     has no backward); else one index_add, as each slot's gather would be written out in full there. On an H200 the
-    kernel was 8.7 ms faster in a V3-size FP8 layer's forward+backward, and deepseek-v3-small's eager bf16 step lost
-    6% when the index_add came in (benchmarks/RESULTS.md, sessions 9 and 12; the kernel there is not yet timed,
-    bench_topk_step.py). topk_sum.SUM_SLOTS_KERNEL off restores the index_add."""
+    kernel was 8.7 ms faster in a V3-size FP8 layer's forward+backward, and deepseek-v3-small's eager bf16 step ran
+    1.42x the built-in with it and slot_dots against 1.10x with the torch code (benchmarks/RESULTS.md, sessions 9 and
+    13, bench_topk_step.py). topk_sum.SUM_SLOTS_KERNEL off restores the index_add."""
     order, token_of_row, row_of_slot = routing
     if not torch.compiler.is_compiling():
         topk_sum = _topk_sum_kernels(y_RD.device)
