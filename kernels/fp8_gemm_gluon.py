@@ -168,8 +168,8 @@ GLUON_MIN_M = 4096
 # split-K here), so split-K or the Triton kernel stay there. Since session 13 its WARPS_N = 1 form, 128x128s4t1 (same
 # bits): in one process on an H200 (2026-12-01) the grouped wgrad at V3 size took 7906 against 8121 us (gate_up, 256
 # tokens an expert), 20432 against 21782 us (1024 tokens an expert) and about the same for down; the dense wgrad at
-# M = 4096 was 0.96-0.90x the time on four of the V3 shapes and within the noise on the fifth; the cached
-# V3 MoE layer's forward+backward 33.8-34.7 ms against 34.9-37.1 (benchmarks/RESULTS.md, session 13).
+# M = 4096, the lower of two timings, 0.89-1.00x the time on the five V3 shapes timed; the cached V3 MoE layer's
+# forward+backward 33.8-34.7 ms against 34.9-37.1 (benchmarks/RESULTS.md, session 13).
 WGRAD_DEFAULT_CONFIG = "128x128s4t1"
 GLUON_WGRAD_MIN_TILES = 256
 
