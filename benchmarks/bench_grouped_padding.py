@@ -15,6 +15,7 @@ import importlib
 import json
 import sys
 
+import bench_grouped_wgrad  # beside this file: the script's folder is on sys.path
 import torch
 from triton.testing import do_bench
 
@@ -28,17 +29,14 @@ GEMMS = (("gate_up", 4096, 7168), ("down", 7168, 2048))  # (name, N, K) of the e
 
 
 def routing(even: bool) -> torch.Tensor:
-    """int32 end offsets [E]: every expert PER rows, or S rows spread unevenly, none empty."""
+    """int32 end offsets [E]: every expert PER rows, or bench_grouped_wgrad's uneven routing of S rows."""
     if even:
         return torch.full((E,), PER).cumsum(0).to(torch.int32).cuda()
-    counts = torch.distributions.Dirichlet(torch.full((E,), 20.0)).sample() * S
-    counts = counts.round().long().clamp(min=1)
-    counts[-1] += S - counts.sum()
-    return counts.cumsum(0).to(torch.int32).cuda()
+    return bench_grouped_wgrad._routing(E, S)
 
 
 def operands(N: int, K: int, even: bool):
-    """(forward call, wgrad call taking config and out_dtype, padded token count) on fresh random data."""
+    """(forward call, wgrad call taking out_dtype and config, padded token count) on fresh random data."""
     torch.manual_seed(0)
     offs = routing(even)
     x = torch.randn(S, K, device="cuda", dtype=torch.bfloat16)
