@@ -606,7 +606,7 @@ def gluon_bench() -> None:
     if GLM is None:
         log("gluon kernel cannot run here")
         return
-    cfgs = list(GLM.GLUON_CONFIGS)
+    cfgs = list(GLM.DENSE_CONFIGS)
     ms = lambda fn: do_bench(fn, warmup=10, rep=60, return_mode="median")
 
     # Correctness: fresh random inputs (scaled per column so the scales vary), NaN-poisoned outputs.

@@ -2,8 +2,8 @@
 rows, ~256 an expert): the forward (launch_gluon_grouped, rows cut into 128-row tiles an expert) and the wgrad
 (launch_gluon_grouped_wgrad, each expert's tokens padded to whole 128-token tiles) timed with random routing
 (Dirichlet(20) counts, as bench_grouped_wgrad.py: ~25% padding) and with every expert at exactly 256 rows (none).
-Also the wgrad with fp32 out (twice the dW bytes), and, with --configs, every wgrad configuration of WGRAD_CONFIGS that
-uses TMA scales, interleaved twice, with its relative difference to the default's result.
+Also the wgrad with fp32 out (twice the dW bytes), and, with --configs, every configuration of GROUPED_WGRAD_CONFIGS
+(the cooperative and the ping-pong kernel), interleaved twice, with its relative difference to the default's result.
 
     PYTHONPATH=. python benchmarks/bench_grouped_padding.py [--configs]
 """
@@ -65,7 +65,7 @@ def main(configs: bool) -> None:
             r["fwd_tflops"] = round(flop / r["fwd_us"] / 1e6)
             r["wgrad_bf16_tflops"] = round(flop / r["wgrad_bf16_us"] / 1e6)
             if configs:
-                names = [c for c in GL.WGRAD_CONFIGS if GL._scales_tma(c)]
+                names = GL.GROUPED_WGRAD_CONFIGS
                 ref = wgrad(out_dtype=torch.bfloat16).float()
                 for c in names:
                     f = functools.partial(wgrad, out_dtype=torch.bfloat16, config=c)

@@ -130,6 +130,17 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
             finally:
                 GL.GROUPED_WGRAD_GLUON = True
             results[kind]["fwdbwd_ms_triton_grouped_wgrad"] = fb
+            # Each Gluon grouped-wgrad configuration, interleaved twice with the default (drift shows as a spread).
+            default = GL.GROUPED_WGRAD_CONFIG
+            for _ in range(2):
+                for c in GL.GROUPED_WGRAD_CONFIGS:
+                    GL.GROUPED_WGRAD_CONFIG = c
+                    try:
+                        fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median",
+                                      grad_to_none=[xg, *moe.parameters()])  # fmt: skip
+                    finally:
+                        GL.GROUPED_WGRAD_CONFIG = default
+                    results[kind].setdefault(f"fwdbwd_ms_grouped_wgrad_{c}", []).append(fb)
         print(kind, json.dumps(results[kind]), flush=True)
         moe = None
         torch.cuda.empty_cache()

@@ -138,14 +138,21 @@ GLUON_CONFIGS = {
     # retires, the column-scale vector (32 registers a thread) lives only there, and ptxas fits it without spills
     # (the 128x128 WARPS_N = 1 form of session 4, with that vector loaded a step ahead, spilled).
     "128x128s4t1": (128, 128, 4, 8, 1, dict(WARPS_N=1, PRODUCER_REGS=24, SCALES_TMA=True)),
+    # The grouped wgrad's ping-pong kernel (_pingpong_wgrad_gluon_kernel): two one-warpgroup consumer
+    # partitions taking turns, each with a 64x128 half of every item.
+    "128x128pp": (128, 128, 4, 8, 1, dict(PINGPONG=True, PRODUCER_REGS=24, CONSUMER_REGS=240, SCALES_TMA=True)),
 }
 _KERNEL_OPTS = dict(WARPS_N=1, B_COLS=False, PRODUCER_REGS=40)
+# What launch_gluon runs (the ping-pong configurations are the grouped wgrad's kernel only).
+DENSE_CONFIGS = tuple(name for name, c in GLUON_CONFIGS.items() if not (c[5:] and c[5].get("PINGPONG")))
 # The configurations built for wgrad (B per row), checked on the CPU to compile without spills and with
 # the overlap (tests/kernels/test_fp8_gemm_gluon.py). Timed on an H200 (2026-11-30, session 4,
 # bench_fp8_gemm.py --gluon, M = 4096, fp32 out): 128x128s4w 517-587 TFLOPS, 128x64s8 424-471, 128x64s8c
 # 404-441, against the Triton kernel's 568-645 on the same shapes: none won. 128x128s4t (session 10) did, see
 # WGRAD_DEFAULT_CONFIG.
 WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c", "128x128s4t", "128x128s4t1")
+# The grouped wgrad's (launch_gluon_grouped_wgrad): the scales by TMA, the cooperative kernel or the ping-pong one.
+GROUPED_WGRAD_CONFIGS = ("128x128s4t1", "128x128pp")
 DEFAULT_CONFIG = "128x128s4"
 # Dispatch policy (fp8_gemm._launch asks gluon_config). Measured on an H200 (2026-11-30, torch 2.11,
 # triton 3.6, benchmarks/bench_fp8_gemm.py --gluon), V3 shapes at M = 4096 and 16384, bf16 out:
@@ -190,15 +197,17 @@ def gluon_config(M: int, N: int, K: int, b_blockwise: bool, out_dtype: torch.dty
 # 1.18-1.49x at V3's 896 and 1792; at 32 (deepseek-v3-small's down) 0.66x at 256 tokens an expert, 1.20x at 1024.
 GROUPED_WGRAD_GLUON = True
 GLUON_GROUPED_WGRAD_MIN_TILES = 64
+# Which of GROUPED_WGRAD_CONFIGS it runs (benchmarks switch it to time the others in the same process).
+GROUPED_WGRAD_CONFIG = WGRAD_DEFAULT_CONFIG
 
 
 def gluon_grouped_wgrad_config(N: int, K: int, out_dtype: torch.dtype) -> str | None:
     """The configuration fp8_grouped_gemm_wgrad (tokens_aligned) should run for dW [E, N, K], or None to keep the
     Triton kernel: N a multiple of the tile's rows (dW is addressed as [E * N, K]) and enough tiles an expert."""
-    bm, bn = GLUON_CONFIGS[WGRAD_DEFAULT_CONFIG][:2]
+    bm, bn = GLUON_CONFIGS[GROUPED_WGRAD_CONFIG][:2]
     if not GROUPED_WGRAD_GLUON or N % bm or out_dtype not in (torch.bfloat16, torch.float32):
         return None
-    return WGRAD_DEFAULT_CONFIG if (N // bm) * triton.cdiv(K, bn) >= GLUON_GROUPED_WGRAD_MIN_TILES else None
+    return GROUPED_WGRAD_CONFIG if (N // bm) * triton.cdiv(K, bn) >= GLUON_GROUPED_WGRAD_MIN_TILES else None
 
 
 def gluon_grouped_config(S: int, out_dtype: torch.dtype) -> str | None:
@@ -269,12 +278,14 @@ if HAS_GLUON:
         return it
 
     @gluon.jit
-    def _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES: gl.constexpr):
+    def _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES: gl.constexpr, HALF: gl.constexpr = -1):
         # Wait until ring slot `it` holds its operands, then start its wgmma. use_acc=False: the result
         # overwrites `zero`'s registers (the partial being replaced), nothing is read from them.
+        # HALF >= 0: a_bufs viewed as [2 NUM_STAGES, 64, 128], the A tile's 64-row half HALF (ping-pong consumers).
         s = it % NUM_STAGES
         mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
-        return warpgroup_mma(a_bufs.index(s), b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        a = a_bufs.index(2 * s + HALF) if HALF >= 0 else a_bufs.index(s)
+        return warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
 
     @gluon.jit
     def _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, ki, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr,
@@ -330,11 +341,16 @@ if HAS_GLUON:
 
     @gluon.jit
     def _retire(acc, part, sa, sb, empty, it, sa_bufs, sb_bufs, rows_l: gl.constexpr, cols_l: gl.constexpr,
-                B_BLOCKWISE: gl.constexpr, NUM_STAGES: gl.constexpr, SCALES_TMA: gl.constexpr):  # fmt: skip
+                B_BLOCKWISE: gl.constexpr, NUM_STAGES: gl.constexpr, SCALES_TMA: gl.constexpr,
+                HALF: gl.constexpr = -1):  # fmt: skip
         # Step `it` is off the tensor cores: release its ring slot (the scales kept in it are read first) and
-        # promote its partial into acc while the next step's wgmma runs.
+        # promote its partial into acc while the next step's wgmma runs. HALF >= 0: acc holds only that 64-row
+        # half of the slot's rows (the ping-pong consumers).
         if SCALES_TMA:
-            sa = sa_bufs.index(it % NUM_STAGES).load(rows_l)
+            if HALF >= 0:  # sa_bufs viewed as [2 NUM_STAGES, 64]: a slot's two halves
+                sa = sa_bufs.index(2 * (it % NUM_STAGES) + HALF).load(rows_l)
+            else:
+                sa = sa_bufs.index(it % NUM_STAGES).load(rows_l)
             sb = sb_bufs.index(it % NUM_STAGES).load(cols_l)
         mbarrier.arrive(empty.index(it % NUM_STAGES))
         return _promote(acc, part, sa, sb, B_BLOCKWISE)
@@ -343,48 +359,62 @@ if HAS_GLUON:
     def _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr, bs_ptrs,
                          cols_l: gl.constexpr, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr,
                          NUM_STAGES: gl.constexpr, sa_bufs=None, sb_bufs=None,
-                         rows_l: gl.constexpr = None, SCALES_TMA: gl.constexpr = False):  # fmt: skip
+                         rows_l: gl.constexpr = None, SCALES_TMA: gl.constexpr = False, turn_next=None,
+                         PINGPONG: gl.constexpr = False, HALF: gl.constexpr = -1):  # fmt: skip
         # One tile's kb 128-K steps from ring slot `it` on, promoted into acc; returns (acc, next slot).
         # Two partials alternate, unrolled by two steps. Each new wgmma writes into the registers of
         # the partial it replaces (passed as its accumulator with use_acc=False), so the loop needs
         # no register copies: a copy that read a partial whose wgmma is still in flight would make
         # ptxas serialize every wgmma (warning C7514). sa_bufs / sb_bufs: the scales arrive in the ring
-        # (SCALES_TMA) and are read at each step's retirement.
+        # (SCALES_TMA) and are read at each step's retirement. PINGPONG: once the tile's first two wgmmas (or its
+        # only one) are issued, hand the tensor cores to the other consumer partition (arrive on turn_next).
         T: gl.constexpr = SCALES_TMA
-        p0 = _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES)
+        p0 = _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES, HALF)
+        if PINGPONG:
+            if kb == 1:
+                mbarrier.arrive(turn_next)
         sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 0, B_BLOCKWISE, B_COLS, T)
         p1w = zero
         for j in range((kb - 1) // 2):
             # in flight on entry: step 2j (p0). Issue 2j+1, retire 2j; issue 2j+2, retire 2j+1.
-            p1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
+            p1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES, HALF)
+            if PINGPONG:
+                if j == 0:
+                    mbarrier.arrive(turn_next)
             sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 1, B_BLOCKWISE, B_COLS, T)
             sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             p0w = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
             # step 2j's operands are consumed; its promotion runs while step 2j+1 is on the tensor cores
-            acc = _retire(acc, p0w, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES, T)
-            p0 = _issue(a_bufs, b_bufs, ready, it + 2, p0w, NUM_STAGES)
+            acc = _retire(acc, p0w, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES,
+                          T, HALF)  # fmt: skip
+            p0 = _issue(a_bufs, b_bufs, ready, it + 2, p0w, NUM_STAGES, HALF)
             sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 2, B_BLOCKWISE, B_COLS, T)
             sb = _b_scale(bs_ptrs, 2 * j + 1, sb1, B_BLOCKWISE, B_COLS, cols_l, T)
             p1w = warpgroup_mma_wait(num_outstanding=1, deps=(p1,))
             acc = _retire(acc, p1w, sa1, sb, empty, it + 1, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE,
-                          NUM_STAGES, T)  # fmt: skip
+                          NUM_STAGES, T, HALF)  # fmt: skip
             it += 2
         # (branch-local names: p0 may not change type inside an if)
         if kb % 2 == 0:  # one step left to issue behind the in-flight p0
-            q1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES)
+            q1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES, HALF)
+            if PINGPONG:
+                if kb == 2:
+                    mbarrier.arrive(turn_next)
             sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, kb - 1, B_BLOCKWISE, B_COLS, T)
             sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             q0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
-            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES, T)
+            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES,
+                          T, HALF)  # fmt: skip
             sb = _b_scale(bs_ptrs, kb - 1, sb1, B_BLOCKWISE, B_COLS, cols_l, T)
             q1 = warpgroup_mma_wait(num_outstanding=0, deps=(q1,))
             acc = _retire(acc, q1, sa1, sb, empty, it + 1, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE,
-                          NUM_STAGES, T)  # fmt: skip
+                          NUM_STAGES, T, HALF)  # fmt: skip
             it += 2
         else:
             sb = _b_scale(bs_ptrs, kb - 1, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             q0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
-            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES, T)
+            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES,
+                          T, HALF)  # fmt: skip
             it += 1
         return acc, it
 
@@ -433,17 +463,20 @@ if HAS_GLUON:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES: gl.constexpr):
-        # The operand ring (NUM_STAGES slots of A and B tiles), the epilogue tile, and each slot's ready
-        # (TMA landed) and empty (consumers done) mbarriers.
+    def _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 1):
+        # The operand ring (NUM_STAGES slots of A and B tiles), an epilogue tile a consumer partition, and each
+        # slot's ready (TMA landed) and empty (every consumer partition done) mbarriers.
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [NUM_STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [NUM_STAGES] + b_desc.block_type.shape, b_desc.layout)
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        if CONSUMERS == 1:
+            c_smem = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        else:
+            c_smem = gl.allocate_shared_memory(c_desc.dtype, [CONSUMERS] + c_desc.block_type.shape, c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
+            mbarrier.init(empty.index(i), count=CONSUMERS)
         return a_bufs, b_bufs, c_smem, ready, empty
 
     @gluon.jit
@@ -697,6 +730,84 @@ if HAS_GLUON:
         )  # fmt: skip
 
 
+    # Ping-pong form of the grouped wgrad (configurations with PINGPONG): two consumer partitions of one warpgroup
+    # each, partition h owning rows [64 h, 64 h + 64) of every 128x128 item, with its own accumulator, epilogue
+    # tile and TMA store; both read the same ring slots (a slot is free once both have arrived on its empty
+    # barrier). In the cooperative kernel both warpgroups issue, promote and store in lockstep (a barrier of all
+    # consumer warps before each slot's release and each store), so at two or three steps an item the tensor cores
+    # idle during every promotion and epilogue (tensor pipe 33.5% busy). Here the partitions take turns on the
+    # tensor cores: a partition starts an item only when the other has issued the same item's first two wgmmas
+    # (turn barriers), so one's promotion and epilogue run while the other's wgmmas do. The turn is handed after
+    # two issues, not after the whole item, so that an item longer than the ring never waits for itself.
+
+    @gluon.jit
+    def _pingpong_wgrad_consumer(HALF: gl.constexpr, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, turn, offs_ptr, N,
+                                 K, E, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                                 NUM_STAGES: gl.constexpr, sa_bufs, sb_bufs):  # fmt: skip
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])  # fmt: skip
+        rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+        cols_l: gl.constexpr = gl.SliceLayout(0, mma)
+        # Each slot's A tile and row scales viewed as two 64-row halves, [2 NUM_STAGES, 64, ...] (slicing the
+        # ring's rows instead, memdesc slice on dim 1, aborts Triton 3.6 in a layout conversion).
+        a_halves = a_bufs._reinterpret(a_bufs.dtype, [2 * NUM_STAGES, HALF_M, _BK], a_bufs.layout)
+        sa_halves = sa_bufs._reinterpret(gl.float32, [2 * NUM_STAGES, HALF_M], sa_bufs.layout)
+        c_smem = c_bufs.index(HALF)
+        num_m = gl.cdiv(N, BLOCK_M)
+        num_n = gl.cdiv(K, BLOCK_N)
+        tiles = num_m * num_n
+        zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
+        it = 0
+        n = 0
+        k0_next, k1_next = _expert_steps(offs_ptr, gl.program_id(0), tiles, E)
+        for item in range(gl.program_id(0), E * tiles, gl.num_programs(0)):
+            steps = k1_next - k0_next
+            k0_next, k1_next = _expert_steps(offs_ptr, item + gl.num_programs(0), tiles, E)
+            e = item // tiles
+            off_m, off_n = _tile_offsets(item % tiles, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
+            # Partition 0's first turn passes at once (parity of the phase before the first); after that each
+            # partition waits for the other's hand-over of the same item (0) or of the previous one (1).
+            mbarrier.wait(turn.index(HALF), (n & 1) ^ (1 - HALF))
+            acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
+            if steps > 0:
+                acc, it = _scaled_mainloop(a_halves, b_bufs, ready, empty, it, steps, zero, acc, 0, 0, 0, 0, cols_l,
+                                           False, False, NUM_STAGES, sa_halves, sb_bufs, rows_l, True,
+                                           turn.index(1 - HALF), True, HALF)  # fmt: skip
+            else:
+                mbarrier.arrive(turn.index(1 - HALF))
+            tma.store_wait(pendings=0)  # this partition's previous TMA store has read its c_smem
+            c_smem.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            _tma_store(c_desc, [e * N + off_m + HALF * HALF_M, off_n], c_smem)
+            n += 1
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _pingpong_wgrad_gluon_kernel(a_desc, b_desc, c_desc, as_desc, bs_desc, offs_ptr, N, K, E,
+                                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                                     NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                     CONSUMER_REGS: gl.constexpr):  # fmt: skip
+        # c_desc: one partition's [BLOCK_M / 2, BLOCK_N] half of an item.
+        a_bufs, b_bufs, c_bufs, ready, empty = _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES, 2)
+        sa_bufs, sb_bufs = _allocate_scale_ring(as_desc, bs_desc, NUM_STAGES, True)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        gl.warp_specialize(
+            [
+                (_pingpong_wgrad_consumer, (0, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, turn, offs_ptr, N, K, E,
+                                            BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, sa_bufs, sb_bufs)),
+                (_pingpong_wgrad_consumer, (1, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, turn, offs_ptr, N, K, E,
+                                            BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, sa_bufs, sb_bufs)),
+                (_grouped_wgrad_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, N, K, E, BLOCK_M,
+                                           BLOCK_N, GROUP_M, NUM_STAGES, as_desc, bs_desc, sa_bufs, sb_bufs)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
@@ -736,6 +847,7 @@ def _num_sms(device_index: int) -> int:
 
 def launch_gluon(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, config: str | None = None, out=None):
     """C = A B^T block-scaled (see module docstring). Same argument convention as fp8_gemm._launch."""
+    assert config is None or config in DENSE_CONFIGS, f"{config}: not a configuration of the dense kernel"
     bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config or DEFAULT_CONFIG]
     M, K = a.shape
     N = b.shape[0]
@@ -820,8 +932,8 @@ def launch_gluon_grouped_wgrad(dyT_NP, dyT_s, xT_KP, xT_s, offs_P, out_dtype, co
     to whole tiles, pad_experts_to_tiles; not checked, it would sync), both operands in the 128x1 tiling along the P
     padded tokens: dyT_NP [N, P] with dyT_s [N, Pb], xT_KP [K, P] with xT_s [K, Pb]. A SCALES_TMA configuration
     (WGRAD_DEFAULT_CONFIG); N must be a multiple of its BLOCK_M."""
-    config = config or WGRAD_DEFAULT_CONFIG
-    assert _scales_tma(config), f"{config}: not a SCALES_TMA configuration"
+    config = config or GROUPED_WGRAD_CONFIG
+    assert config in GROUPED_WGRAD_CONFIGS, f"{config}: not one of GROUPED_WGRAD_CONFIGS"
     bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
     (N, P), K, E = dyT_NP.shape, xT_KP.shape[0], offs_P.numel()
     assert N % bm == 0, f"N = {N} must be a multiple of {bm}"
@@ -836,6 +948,14 @@ def launch_gluon_grouped_wgrad(dyT_NP, dyT_s, xT_KP, xT_s, offs_P, out_dtype, co
         raise ValueError("launch_gluon_grouped_wgrad: needs CUDA cc 9.0, Gluon, no interpreter, 16-byte aligned rows")
     grid = (min(_num_sms(dyT_NP.device.index or 0) * occ, E * (N // bm) * triton.cdiv(K, bn)),)
     opts = _kernel_opts(config)
+    if opts.get("PINGPONG"):  # a consumer partition a 64-row half; the kernel's own warps are the first
+        _pingpong_wgrad_gluon_kernel[grid](
+            _desc(dyT_NP, [bm, BLOCK_K]), _desc(xT_KP, [bn, BLOCK_K]), _desc(c.view(E * N, K), [bm // 2, bn]),
+            _scale_desc(dyT_s, bm), _scale_desc(xT_s, bn), offs_P, N, K, E, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m,
+            NUM_STAGES=stages, PRODUCER_REGS=opts["PRODUCER_REGS"], CONSUMER_REGS=opts["CONSUMER_REGS"], num_warps=4,
+            maxnreg=_maxnreg(bm, occ),
+        )  # fmt: skip
+        return c
     _grouped_wgrad_gluon_kernel[grid](
         _desc(dyT_NP, [bm, BLOCK_K]), _desc(xT_KP, [bn, BLOCK_K]), _desc(c.view(E * N, K), [bm, bn]),
         _scale_desc(dyT_s, bm), _scale_desc(xT_s, bn), offs_P, N, K, E, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m,
@@ -871,7 +991,7 @@ def _maxnreg(bm: int, occ: int = 1) -> int:
 _SIG_DTYPE = {torch.float8_e4m3fn: "fp8e4nv", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
 
 
-def _compile(kernel, config: str, constexprs: dict, signature: dict, divisible: tuple[str, ...]):
+def _compile(kernel, config: str, constexprs: dict, signature: dict, divisible: tuple[str, ...], num_warps=None):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -879,7 +999,7 @@ def _compile(kernel, config: str, constexprs: dict, signature: dict, divisible: 
     signature = signature | {name: "constexpr" for name in constexprs}
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
     src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=bm // 16, maxnreg=_maxnreg(bm, occ))
+    options = dict(num_warps=num_warps or bm // 16, maxnreg=_maxnreg(bm, occ))
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=options)
 
 
@@ -922,14 +1042,17 @@ def compile_sm90_grouped(config: str, out_dtype: torch.dtype = torch.float32):
     return _compile(_fp8_grouped_gluon_kernel, config, constexprs, signature, (*ptrs, "N", "K"))
 
 
-def compile_sm90_grouped_wgrad(config: str = WGRAD_DEFAULT_CONFIG, out_dtype: torch.dtype = torch.bfloat16):
+def compile_sm90_grouped_wgrad(config: str = GROUPED_WGRAD_CONFIG, out_dtype: torch.dtype = torch.bfloat16):
     """compile_sm90 for the grouped wgrad as launch_gluon_grouped_wgrad would launch `config`."""
     bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
     opts = _kernel_opts(config)
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
-                      PRODUCER_REGS=opts["PRODUCER_REGS"], WARPS_N=opts["WARPS_N"])  # fmt: skip
+    pingpong = opts.get("PINGPONG", False)
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages, PRODUCER_REGS=opts["PRODUCER_REGS"])
+    constexprs |= dict(CONSUMER_REGS=opts["CONSUMER_REGS"]) if pingpong else dict(WARPS_N=opts["WARPS_N"])
     fp8, layout = torch.float8_e4m3fn, repr(_scale_layout())
     signature = dict(a_desc=_desc_sig([bm, BLOCK_K], fp8), b_desc=_desc_sig([bn, BLOCK_K], fp8),
-                     c_desc=_desc_sig([bm, bn], out_dtype), as_desc=f"tensordesc<fp32[{bm}],{layout}>",
-                     bs_desc=f"tensordesc<fp32[{bn}],{layout}>", offs_ptr="*i32", N="i32", K="i32", E="i32")  # fmt: skip
-    return _compile(_grouped_wgrad_gluon_kernel, config, constexprs, signature, ("offs_ptr", "N", "K"))
+                     c_desc=_desc_sig([bm // 2 if pingpong else bm, bn], out_dtype),
+                     as_desc=f"tensordesc<fp32[{bm}],{layout}>", bs_desc=f"tensordesc<fp32[{bn}],{layout}>",
+                     offs_ptr="*i32", N="i32", K="i32", E="i32")  # fmt: skip
+    kernel = _pingpong_wgrad_gluon_kernel if pingpong else _grouped_wgrad_gluon_kernel
+    return _compile(kernel, config, constexprs, signature, ("offs_ptr", "N", "K"), num_warps=4 if pingpong else None)

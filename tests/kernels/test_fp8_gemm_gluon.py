@@ -84,7 +84,7 @@ FWD_SHAPES = [(777, 1000, 1040), (777, 2112, 7168), (256, 1000, 2112), (64, 128,
 @gpu
 @pytest.mark.parametrize("M,N,K", FWD_SHAPES)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("config", list(GL.GLUON_CONFIGS) if GL.HAS_GLUON else [None])
+@pytest.mark.parametrize("config", list(GL.DENSE_CONFIGS) if GL.HAS_GLUON else [None])
 def test_forward_blockwise(M, N, K, out_dtype, config, rel):
     xq, xs = quantize_act_ref(_rand(M, K, seed=M + K))
     wq, ws = quantize_weight_ref(_rand(N, K, seed=N) * 0.02)
@@ -115,8 +115,8 @@ def test_wgrad_rowwise(M, N, K, out_dtype, rel):
     tail), 4096: 32 (even); dW is N x K: N = 1000 ragged rows, K = 1000 ragged 64- and 128-column tiles."""
     dyTq, dyTs = quantize_act_t_ref(_rand(M, N, seed=M + 2))
     xTq, xTs = quantize_act_t_ref(_rand(M, K, seed=K + 2))
-    assert set(GL.WGRAD_CONFIGS) <= set(GL.GLUON_CONFIGS)
-    for config in GL.GLUON_CONFIGS:
+    assert set(GL.WGRAD_CONFIGS) <= set(GL.DENSE_CONFIGS)
+    for config in GL.DENSE_CONFIGS:
         dw = GL.launch_gluon(dyTq, dyTs, xTq, xTs, False, out_dtype, config=config, out=_nan_out(N, K, out_dtype))
         assert not dw.isnan().any()
         assert rel(dw, fp8_gemm_wgrad_ref(dyTq, dyTs, xTq, xTs)) < TOL_GPU[out_dtype], config
@@ -327,7 +327,9 @@ def test_grouped_wgrad_compiles_for_sm90_without_spills():
     wgrad test's checks, and its producer loading each work item's token range (a Triton 3.6 miscompile once kept
     the first item's, which stalled the ring on the GPU wherever an expert's step count changed). Numbers: the
     GPU test in test_fp8_grouped_gemm.py."""
-    _run_sass_check("grouped_wgrad", GL.WGRAD_DEFAULT_CONFIG)
+    assert set(GL.GROUPED_WGRAD_CONFIGS) <= set(GL.GLUON_CONFIGS)
+    assert GL.GROUPED_WGRAD_CONFIG in GL.GROUPED_WGRAD_CONFIGS
+    _run_sass_check("grouped_wgrad", *GL.GROUPED_WGRAD_CONFIGS)
 
 
 # ---------------------------------------------------------------------------------------------
