@@ -3,7 +3,7 @@ rows, ~256 an expert): the forward (launch_gluon_grouped, rows cut into 128-row 
 (launch_gluon_grouped_wgrad, each expert's tokens padded to whole 128-token tiles) timed with random routing
 (Dirichlet(20) counts, as bench_grouped_wgrad.py: ~25% padding) and with every expert at exactly 256 rows (none).
 Also the wgrad with fp32 out (twice the dW bytes), and, with --configs, every configuration of GROUPED_WGRAD_CONFIGS
-(the cooperative and the ping-pong kernel), interleaved twice, with its relative difference to the default's result.
+(the cooperative and the two-consumer kernel), interleaved twice, with its relative difference to the default's result.
 
     PYTHONPATH=. python benchmarks/bench_grouped_padding.py [--configs]
 """

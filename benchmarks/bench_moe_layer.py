@@ -130,17 +130,19 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
             finally:
                 GL.GROUPED_WGRAD_GLUON = True
             results[kind]["fwdbwd_ms_triton_grouped_wgrad"] = fb
-            # Each Gluon grouped-wgrad configuration, interleaved twice with the default (drift shows as a spread).
-            default = GL.GROUPED_WGRAD_CONFIG
+            # The experts' Gluon kernels, cooperative (the forward and dgrad's 128x128s4, the wgrad's 128x128s4t1) or
+            # two-consumer (128x128h2), in each combination, interleaved twice (drift shows as a spread).
+            default = GL.GROUPED_DEFAULT_CONFIG, GL.GROUPED_WGRAD_CONFIG
             for _ in range(2):
-                for c in GL.GROUPED_WGRAD_CONFIGS:
-                    GL.GROUPED_WGRAD_CONFIG = c
-                    try:
-                        fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median",
-                                      grad_to_none=[xg, *moe.parameters()])  # fmt: skip
-                    finally:
-                        GL.GROUPED_WGRAD_CONFIG = default
-                    results[kind].setdefault(f"fwdbwd_ms_grouped_wgrad_{c}", []).append(fb)
+                for fwd_cfg in ("128x128s4", "128x128h2"):
+                    for wgrad_cfg in ("128x128s4t1", "128x128h2"):
+                        GL.GROUPED_DEFAULT_CONFIG, GL.GROUPED_WGRAD_CONFIG = fwd_cfg, wgrad_cfg
+                        try:
+                            fb = do_bench(fwd_bwd, warmup=2, rep=10, return_mode="median",
+                                          grad_to_none=[xg, *moe.parameters()])  # fmt: skip
+                        finally:
+                            GL.GROUPED_DEFAULT_CONFIG, GL.GROUPED_WGRAD_CONFIG = default
+                        results[kind].setdefault(f"fwdbwd_ms_fwd_{fwd_cfg}_wgrad_{wgrad_cfg}", []).append(fb)
         print(kind, json.dumps(results[kind]), flush=True)
         moe = None
         torch.cuda.empty_cache()

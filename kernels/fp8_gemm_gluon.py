@@ -138,21 +138,21 @@ GLUON_CONFIGS = {
     # retires, the column-scale vector (32 registers a thread) lives only there, and ptxas fits it without spills
     # (the 128x128 WARPS_N = 1 form of session 4, with that vector loaded a step ahead, spilled).
     "128x128s4t1": (128, 128, 4, 8, 1, dict(WARPS_N=1, PRODUCER_REGS=24, SCALES_TMA=True)),
-    # The grouped wgrad's ping-pong kernel (_pingpong_wgrad_gluon_kernel): two one-warpgroup consumer
-    # partitions taking turns, each with a 64x128 half of every item.
-    "128x128pp": (128, 128, 4, 8, 1, dict(PINGPONG=True, PRODUCER_REGS=24, CONSUMER_REGS=240, SCALES_TMA=True)),
+    # The grouped wgrad's two-consumer kernel (_split_wgrad_gluon_kernel): two one-warpgroup consumer partitions,
+    # each with a 64x128 half of every item, not in lockstep.
+    "128x128h2": (128, 128, 4, 8, 1, dict(SPLIT_CONSUMERS=True, PRODUCER_REGS=24, CONSUMER_REGS=240, SCALES_TMA=True)),
 }
 _KERNEL_OPTS = dict(WARPS_N=1, B_COLS=False, PRODUCER_REGS=40)
-# What launch_gluon runs (the ping-pong configurations are the grouped wgrad's kernel only).
-DENSE_CONFIGS = tuple(name for name, c in GLUON_CONFIGS.items() if not (c[5:] and c[5].get("PINGPONG")))
+# What launch_gluon runs (the SPLIT_CONSUMERS configurations are the grouped wgrad's kernel only).
+DENSE_CONFIGS = tuple(name for name, c in GLUON_CONFIGS.items() if not (c[5:] and c[5].get("SPLIT_CONSUMERS")))
 # The configurations built for wgrad (B per row), checked on the CPU to compile without spills and with
 # the overlap (tests/kernels/test_fp8_gemm_gluon.py). Timed on an H200 (2026-11-30, session 4,
 # bench_fp8_gemm.py --gluon, M = 4096, fp32 out): 128x128s4w 517-587 TFLOPS, 128x64s8 424-471, 128x64s8c
 # 404-441, against the Triton kernel's 568-645 on the same shapes: none won. 128x128s4t (session 10) did, see
 # WGRAD_DEFAULT_CONFIG.
 WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c", "128x128s4t", "128x128s4t1")
-# The grouped wgrad's (launch_gluon_grouped_wgrad): the scales by TMA, the cooperative kernel or the ping-pong one.
-GROUPED_WGRAD_CONFIGS = ("128x128s4t1", "128x128pp")
+# The grouped wgrad's (launch_gluon_grouped_wgrad): scales by TMA, the cooperative kernel or the two-consumer one.
+GROUPED_WGRAD_CONFIGS = ("128x128s4t1", "128x128h2")
 DEFAULT_CONFIG = "128x128s4"
 # Dispatch policy (fp8_gemm._launch asks gluon_config). Measured on an H200 (2026-11-30, torch 2.11,
 # triton 3.6, benchmarks/bench_fp8_gemm.py --gluon), V3 shapes at M = 4096 and 16384, bf16 out:
@@ -281,7 +281,7 @@ if HAS_GLUON:
     def _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES: gl.constexpr, HALF: gl.constexpr = -1):
         # Wait until ring slot `it` holds its operands, then start its wgmma. use_acc=False: the result
         # overwrites `zero`'s registers (the partial being replaced), nothing is read from them.
-        # HALF >= 0: a_bufs viewed as [2 NUM_STAGES, 64, 128], the A tile's 64-row half HALF (ping-pong consumers).
+        # HALF >= 0: a_bufs viewed as [2 NUM_STAGES, 64, 128], the A tile's 64-row half HALF (_split_wgrad_consumer).
         s = it % NUM_STAGES
         mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
         a = a_bufs.index(2 * s + HALF) if HALF >= 0 else a_bufs.index(s)
@@ -345,7 +345,7 @@ if HAS_GLUON:
                 HALF: gl.constexpr = -1):  # fmt: skip
         # Step `it` is off the tensor cores: release its ring slot (the scales kept in it are read first) and
         # promote its partial into acc while the next step's wgmma runs. HALF >= 0: acc holds only that 64-row
-        # half of the slot's rows (the ping-pong consumers).
+        # half of the slot's rows (_split_wgrad_consumer).
         if SCALES_TMA:
             if HALF >= 0:  # sa_bufs viewed as [2 NUM_STAGES, 64]: a slot's two halves
                 sa = sa_bufs.index(2 * (it % NUM_STAGES) + HALF).load(rows_l)
@@ -359,28 +359,22 @@ if HAS_GLUON:
     def _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr, bs_ptrs,
                          cols_l: gl.constexpr, B_BLOCKWISE: gl.constexpr, B_COLS: gl.constexpr,
                          NUM_STAGES: gl.constexpr, sa_bufs=None, sb_bufs=None,
-                         rows_l: gl.constexpr = None, SCALES_TMA: gl.constexpr = False, turn_next=None,
-                         PINGPONG: gl.constexpr = False, HALF: gl.constexpr = -1):  # fmt: skip
+                         rows_l: gl.constexpr = None, SCALES_TMA: gl.constexpr = False,
+                         HALF: gl.constexpr = -1):  # fmt: skip
         # One tile's kb 128-K steps from ring slot `it` on, promoted into acc; returns (acc, next slot).
         # Two partials alternate, unrolled by two steps. Each new wgmma writes into the registers of
         # the partial it replaces (passed as its accumulator with use_acc=False), so the loop needs
         # no register copies: a copy that read a partial whose wgmma is still in flight would make
         # ptxas serialize every wgmma (warning C7514). sa_bufs / sb_bufs: the scales arrive in the ring
-        # (SCALES_TMA) and are read at each step's retirement. PINGPONG: once the tile's first two wgmmas (or its
-        # only one) are issued, hand the tensor cores to the other consumer partition (arrive on turn_next).
+        # (SCALES_TMA) and are read at each step's retirement. HALF >= 0: one 64-row half of the ring's A tiles and
+        # row scales (the grouped wgrad's two-consumer kernel; _issue, _retire).
         T: gl.constexpr = SCALES_TMA
         p0 = _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES, HALF)
-        if PINGPONG:
-            if kb == 1:
-                mbarrier.arrive(turn_next)
         sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 0, B_BLOCKWISE, B_COLS, T)
         p1w = zero
         for j in range((kb - 1) // 2):
             # in flight on entry: step 2j (p0). Issue 2j+1, retire 2j; issue 2j+2, retire 2j+1.
             p1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES, HALF)
-            if PINGPONG:
-                if j == 0:
-                    mbarrier.arrive(turn_next)
             sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 1, B_BLOCKWISE, B_COLS, T)
             sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             p0w = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
@@ -397,9 +391,6 @@ if HAS_GLUON:
         # (branch-local names: p0 may not change type inside an if)
         if kb % 2 == 0:  # one step left to issue behind the in-flight p0
             q1 = _issue(a_bufs, b_bufs, ready, it + 1, p1w, NUM_STAGES, HALF)
-            if PINGPONG:
-                if kb == 2:
-                    mbarrier.arrive(turn_next)
             sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, kb - 1, B_BLOCKWISE, B_COLS, T)
             sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             q0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
@@ -605,21 +596,69 @@ if HAS_GLUON:
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
             acc, it = _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr,
                                        bs_ptrs, cols_l, True, False, NUM_STAGES)  # fmt: skip
-            tma.store_wait(pendings=0)  # the previous tile's TMA store has read c_smem
-            c_smem.store(acc.to(c_desc.dtype))
-            if (row0 + BLOCK_M <= row_end) & (off_n + BLOCK_N <= N):
-                # Every row is this expert's and every column < N: the asynchronous TMA store, waited
-                # for at the next tile's epilogue (overlaps the next main loop).
-                fence_async_shared()
-                _tma_store(c_desc, [row0, off_n], c_smem)
+            _grouped_epilogue(c_desc, c_ptr, c_smem, acc, row0, row_end, off_n, N, BLOCK_M, BLOCK_N, store_l)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _grouped_epilogue(c_desc, c_ptr, c_smem, acc, row0, row_end, off_n, N, ROWS: gl.constexpr,
+                          BLOCK_N: gl.constexpr, store_l: gl.constexpr):  # fmt: skip
+        # acc holds output rows [row0, row0 + ROWS) of expert rows ending at row_end.
+        tma.store_wait(pendings=0)  # the previous tile's TMA store has read c_smem
+        c_smem.store(acc.to(c_desc.dtype))
+        if (row0 + ROWS <= row_end) & (off_n + BLOCK_N <= N):
+            # Every row is this expert's and every column < N: the asynchronous TMA store, waited
+            # for at the next tile's epilogue (overlaps the next main loop).
+            fence_async_shared()
+            _tma_store(c_desc, [row0, off_n], c_smem)
+        else:
+            # The expert's last tile (or the last N tile of a ragged N): a TMA store would write the
+            # next expert's rows, so masked 16-byte stores from registers instead.
+            out = c_smem.load(store_l)
+            rows = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, store_l))
+            cols = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, store_l))
+            mask = (rows < row_end)[:, None] & (cols < N)[None, :]
+            gl.store(c_ptr + (rows.to(gl.int64) * N)[:, None] + cols[None, :], out, mask=mask)
+
+    @gluon.jit
+    def _grouped_split_consumer(HALF: gl.constexpr, c_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr,
+                                tile_row_ptr, ntiles_ptr, a_bufs, b_bufs, ready, empty, c_bufs, S, N, K,
+                                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                                NUM_STAGES: gl.constexpr):  # fmt: skip
+        # _grouped_consumer as one of two one-warpgroup partitions (SPLIT_CONSUMERS; see _split_wgrad_consumer):
+        # rows [64 HALF, 64 HALF + 64) of every tile. A half whose rows all lie past its expert's end (the second
+        # half of an expert's last tile, when at most 64 rows are left) issues no wgmma: it only releases the
+        # tile's ring slots, and the other half has the tensor cores to itself.
+        HALF_M: gl.constexpr = BLOCK_M // 2
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BLOCK_N, 32])  # fmt: skip
+        rows_l: gl.constexpr = gl.SliceLayout(1, mma)
+        cols_l: gl.constexpr = gl.SliceLayout(0, mma)
+        VEC: gl.constexpr = 128 // c_desc.dtype.primitive_bitwidth
+        store_l: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // BLOCK_N, BLOCK_N // VEC], [4, 1], [1, 0])
+        a_halves = a_bufs._reinterpret(a_bufs.dtype, [2 * NUM_STAGES, HALF_M, _BK], a_bufs.layout)
+        c_smem = c_bufs.index(HALF)
+        num_n = gl.cdiv(N, BLOCK_N)
+        num_t = gl.load(ntiles_ptr)
+        kb = gl.cdiv(K, _BK)
+        nb = gl.cdiv(N, _BK)
+        zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
+        it = 0
+        for tile_id in range(gl.program_id(0), num_t * num_n, gl.num_programs(0)):
+            e, row0, off_n = _grouped_tile(tile_id, num_t, num_n, tile_expert_ptr, tile_row_ptr, BLOCK_N, GROUP_M)
+            row_end = gl.load(offs_ptr + e)
+            first = row0 + HALF * HALF_M
+            if first < row_end:
+                as_ptrs = as_ptr + gl.minimum(first + gl.arange(0, HALF_M, rows_l), S - 1) * kb
+                bs_ptrs = bs_ptr + (e * nb + off_n // _BK) * kb
+                acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
+                acc, it = _scaled_mainloop(a_halves, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr,
+                                           bs_ptrs, cols_l, True, False, NUM_STAGES, HALF=HALF)  # fmt: skip
+                _grouped_epilogue(c_desc, c_ptr, c_smem, acc, first, row_end, off_n, N, HALF_M, BLOCK_N, store_l)
             else:
-                # The expert's last tile (or the last N tile of a ragged N): a TMA store would write the
-                # next expert's rows, so masked 16-byte stores from registers instead.
-                out = c_smem.load(store_l)
-                rows = row0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, store_l))
-                cols = off_n + gl.arange(0, BLOCK_N, gl.SliceLayout(0, store_l))
-                mask = (rows < row_end)[:, None] & (cols < N)[None, :]
-                gl.store(c_ptr + (rows.to(gl.int64) * N)[:, None] + cols[None, :], out, mask=mask)
+                for _ in range(kb):  # the slot must have landed before it is handed back
+                    mbarrier.wait(ready.index(it % NUM_STAGES), (it // NUM_STAGES) & 1)
+                    mbarrier.arrive(empty.index(it % NUM_STAGES))
+                    it += 1
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -641,6 +680,28 @@ if HAS_GLUON:
             [PRODUCER_REGS],
         )  # fmt: skip
 
+
+    @gluon.jit
+    def _fp8_grouped_split_kernel(a_desc, b_desc, c_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr,
+                                  tile_row_ptr, ntiles_ptr, S, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                  GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                  CONSUMER_REGS: gl.constexpr):  # fmt: skip
+        # c_desc: one partition's [BLOCK_M / 2, BLOCK_N] half of a tile.
+        a_bufs, b_bufs, c_bufs, ready, empty = _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES, 2)
+        gl.warp_specialize(
+            [
+                (_grouped_split_consumer, (0, c_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr,
+                                           ntiles_ptr, a_bufs, b_bufs, ready, empty, c_bufs, S, N, K, BLOCK_M,
+                                           BLOCK_N, GROUP_M, NUM_STAGES)),
+                (_grouped_split_consumer, (1, c_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr,
+                                           ntiles_ptr, a_bufs, b_bufs, ready, empty, c_bufs, S, N, K, BLOCK_M,
+                                           BLOCK_N, GROUP_M, NUM_STAGES)),
+                (_grouped_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_expert_ptr, tile_row_ptr,
+                                     ntiles_ptr, N, K, BLOCK_N, GROUP_M, NUM_STAGES)),
+            ],
+            [4, 1],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )  # fmt: skip
 
     # -----------------------------------------------------------------------------------------
     # Grouped wgrad for the MoE experts padded to whole 128-token tiles (fp8_grouped_gemm_wgrad with
@@ -730,20 +791,19 @@ if HAS_GLUON:
         )  # fmt: skip
 
 
-    # Ping-pong form of the grouped wgrad (configurations with PINGPONG): two consumer partitions of one warpgroup
-    # each, partition h owning rows [64 h, 64 h + 64) of every 128x128 item, with its own accumulator, epilogue
-    # tile and TMA store; both read the same ring slots (a slot is free once both have arrived on its empty
+    # Two-consumer form of the grouped wgrad (configurations with SPLIT_CONSUMERS): two consumer partitions of one
+    # warpgroup each, partition h owning rows [64 h, 64 h + 64) of every 128x128 item, with its own accumulator,
+    # epilogue tile and TMA store; both read the same ring slots (a slot is free once both have arrived on its empty
     # barrier). In the cooperative kernel both warpgroups issue, promote and store in lockstep (a barrier of all
     # consumer warps before each slot's release and each store), so at two or three steps an item the tensor cores
-    # idle during every promotion and epilogue (tensor pipe 33.5% busy). Here the partitions take turns on the
-    # tensor cores: a partition starts an item only when the other has issued the same item's first two wgmmas
-    # (turn barriers), so one's promotion and epilogue run while the other's wgmmas do. The turn is handed after
-    # two issues, not after the whole item, so that an item longer than the ring never waits for itself.
+    # idle during every promotion and epilogue (tensor pipe 33.5% busy). Here nothing ties the two partitions
+    # together but the ring, so one's promotion and epilogue can run while the other's wgmmas do. (Strict turns, a
+    # partition starting an item only once the other had issued its first two wgmmas, were slower than this.)
 
     @gluon.jit
-    def _pingpong_wgrad_consumer(HALF: gl.constexpr, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, turn, offs_ptr, N,
-                                 K, E, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                                 NUM_STAGES: gl.constexpr, sa_bufs, sb_bufs):  # fmt: skip
+    def _split_wgrad_consumer(HALF: gl.constexpr, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, offs_ptr, N, K, E,
+                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                              NUM_STAGES: gl.constexpr, sa_bufs, sb_bufs):  # fmt: skip
         HALF_M: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])  # fmt: skip
@@ -759,47 +819,38 @@ if HAS_GLUON:
         tiles = num_m * num_n
         zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
         it = 0
-        n = 0
         k0_next, k1_next = _expert_steps(offs_ptr, gl.program_id(0), tiles, E)
         for item in range(gl.program_id(0), E * tiles, gl.num_programs(0)):
             steps = k1_next - k0_next
             k0_next, k1_next = _expert_steps(offs_ptr, item + gl.num_programs(0), tiles, E)
             e = item // tiles
             off_m, off_n = _tile_offsets(item % tiles, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-            # Partition 0's first turn passes at once (parity of the phase before the first); after that each
-            # partition waits for the other's hand-over of the same item (0) or of the previous one (1).
-            mbarrier.wait(turn.index(HALF), (n & 1) ^ (1 - HALF))
             acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
             if steps > 0:
                 acc, it = _scaled_mainloop(a_halves, b_bufs, ready, empty, it, steps, zero, acc, 0, 0, 0, 0, cols_l,
                                            False, False, NUM_STAGES, sa_halves, sb_bufs, rows_l, True,
-                                           turn.index(1 - HALF), True, HALF)  # fmt: skip
-            else:
-                mbarrier.arrive(turn.index(1 - HALF))
+                                           HALF)  # fmt: skip
             tma.store_wait(pendings=0)  # this partition's previous TMA store has read its c_smem
             c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
             _tma_store(c_desc, [e * N + off_m + HALF * HALF_M, off_n], c_smem)
-            n += 1
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _pingpong_wgrad_gluon_kernel(a_desc, b_desc, c_desc, as_desc, bs_desc, offs_ptr, N, K, E,
-                                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                                     NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                                     CONSUMER_REGS: gl.constexpr):  # fmt: skip
-        # c_desc: one partition's [BLOCK_M / 2, BLOCK_N] half of an item.
+    def _split_wgrad_gluon_kernel(a_desc, b_desc, c_desc, as_desc, bs_desc, offs_ptr, N, K, E,
+                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
+                                  NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                  CONSUMER_REGS: gl.constexpr):  # fmt: skip
+        # c_desc: one partition's [BLOCK_M / 2, BLOCK_N] half of an item. The kernel's own warps (the default
+        # partition) are consumer 0; consumer 1 and the producer are workers.
         a_bufs, b_bufs, c_bufs, ready, empty = _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES, 2)
         sa_bufs, sb_bufs = _allocate_scale_ring(as_desc, bs_desc, NUM_STAGES, True)
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
         gl.warp_specialize(
             [
-                (_pingpong_wgrad_consumer, (0, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, turn, offs_ptr, N, K, E,
-                                            BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, sa_bufs, sb_bufs)),
-                (_pingpong_wgrad_consumer, (1, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, turn, offs_ptr, N, K, E,
-                                            BLOCK_M, BLOCK_N, GROUP_M, NUM_STAGES, sa_bufs, sb_bufs)),
+                (_split_wgrad_consumer, (0, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, offs_ptr, N, K, E, BLOCK_M,
+                                         BLOCK_N, GROUP_M, NUM_STAGES, sa_bufs, sb_bufs)),
+                (_split_wgrad_consumer, (1, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, offs_ptr, N, K, E, BLOCK_M,
+                                         BLOCK_N, GROUP_M, NUM_STAGES, sa_bufs, sb_bufs)),
                 (_grouped_wgrad_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, N, K, E, BLOCK_M,
                                            BLOCK_N, GROUP_M, NUM_STAGES, as_desc, bs_desc, sa_bufs, sb_bufs)),
             ],
@@ -886,7 +937,7 @@ def _scale_desc(s_rows_Kb: torch.Tensor, block: int):
 
 # Grouped (MoE) kernel: the 128x128-block configurations (WARPS_N = 1, no B_COLS); timings at
 # gluon_grouped_config. 64-row tiles pad an expert's rows less but lost at V3 size.
-GROUPED_CONFIGS = ("128x128s4", "128x128s5", "64x128s4o2", "64x128s6")
+GROUPED_CONFIGS = ("128x128s4", "128x128s5", "64x128s4o2", "64x128s6", "128x128h2")
 GROUPED_DEFAULT_CONFIG = "128x128s4"
 
 
@@ -919,10 +970,19 @@ def launch_gluon_grouped(x_SK, x_s, w_ENK, w_s, offs_E, out_dtype, config=None, 
     tile_expert, tile_row = _tile_map(offs_E, S, bm)
     ntiles = (tile_expert >= 0).sum(dtype=torch.int32)  # real row tiles, on the device: no host sync
     grid = (min(_num_sms(x_SK.device.index or 0) * occ, tile_expert.numel() * triton.cdiv(N, bn)),)
+    opts = _kernel_opts(config)
+    if opts.get("SPLIT_CONSUMERS"):
+        _fp8_grouped_split_kernel[grid](
+            _desc(x_SK, [bm, BLOCK_K]), _desc(w, [bn, BLOCK_K]), _desc(c, [bm // 2, bn]), c, x_s, w_s, offs_E,
+            tile_expert, tile_row, ntiles, S, N, K, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
+            PRODUCER_REGS=opts["PRODUCER_REGS"], CONSUMER_REGS=opts["CONSUMER_REGS"], num_warps=4,
+            maxnreg=_maxnreg(bm, occ),
+        )  # fmt: skip
+        return c
     _fp8_grouped_gluon_kernel[grid](
         _desc(x_SK, [bm, BLOCK_K]), _desc(w, [bn, BLOCK_K]), _desc(c, [bm, bn]), c, x_s, w_s, offs_E, tile_expert,
         tile_row, ntiles, S, N, K, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
-        PRODUCER_REGS=_kernel_opts(config)["PRODUCER_REGS"], num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
+        PRODUCER_REGS=opts["PRODUCER_REGS"], num_warps=bm // 16, maxnreg=_maxnreg(bm, occ),
     )  # fmt: skip
     return c
 
@@ -948,8 +1008,8 @@ def launch_gluon_grouped_wgrad(dyT_NP, dyT_s, xT_KP, xT_s, offs_P, out_dtype, co
         raise ValueError("launch_gluon_grouped_wgrad: needs CUDA cc 9.0, Gluon, no interpreter, 16-byte aligned rows")
     grid = (min(_num_sms(dyT_NP.device.index or 0) * occ, E * (N // bm) * triton.cdiv(K, bn)),)
     opts = _kernel_opts(config)
-    if opts.get("PINGPONG"):  # a consumer partition a 64-row half; the kernel's own warps are the first
-        _pingpong_wgrad_gluon_kernel[grid](
+    if opts.get("SPLIT_CONSUMERS"):  # a consumer partition a 64-row half; the kernel's own warps are the first
+        _split_wgrad_gluon_kernel[grid](
             _desc(dyT_NP, [bm, BLOCK_K]), _desc(xT_KP, [bn, BLOCK_K]), _desc(c.view(E * N, K), [bm // 2, bn]),
             _scale_desc(dyT_s, bm), _scale_desc(xT_s, bn), offs_P, N, K, E, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m,
             NUM_STAGES=stages, PRODUCER_REGS=opts["PRODUCER_REGS"], CONSUMER_REGS=opts["CONSUMER_REGS"], num_warps=4,
@@ -1031,28 +1091,31 @@ def compile_sm90_grouped(config: str, out_dtype: torch.dtype = torch.float32):
     """compile_sm90 for the grouped kernel as launch_gluon_grouped would launch `config` (S not assumed
     16-divisible: routed row counts are arbitrary)."""
     bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
-                      PRODUCER_REGS=_kernel_opts(config)["PRODUCER_REGS"])  # fmt: skip
+    opts = _kernel_opts(config)
+    split = opts.get("SPLIT_CONSUMERS", False)
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages, PRODUCER_REGS=opts["PRODUCER_REGS"])
+    constexprs |= dict(CONSUMER_REGS=opts["CONSUMER_REGS"]) if split else {}
     fp8 = torch.float8_e4m3fn
     ptrs = ("c_ptr", "as_ptr", "bs_ptr", "offs_ptr", "tile_expert_ptr", "tile_row_ptr", "ntiles_ptr")
     signature = dict(a_desc=_desc_sig([bm, BLOCK_K], fp8), b_desc=_desc_sig([bn, BLOCK_K], fp8),
-                     c_desc=_desc_sig([bm, bn], out_dtype), c_ptr="*" + _SIG_DTYPE[out_dtype], as_ptr="*fp32",
-                     bs_ptr="*fp32", offs_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32", ntiles_ptr="*i32",
-                     S="i32", N="i32", K="i32")  # fmt: skip
-    return _compile(_fp8_grouped_gluon_kernel, config, constexprs, signature, (*ptrs, "N", "K"))
+                     c_desc=_desc_sig([bm // 2 if split else bm, bn], out_dtype), c_ptr="*" + _SIG_DTYPE[out_dtype],
+                     as_ptr="*fp32", bs_ptr="*fp32", offs_ptr="*i32", tile_expert_ptr="*i32", tile_row_ptr="*i32",
+                     ntiles_ptr="*i32", S="i32", N="i32", K="i32")  # fmt: skip
+    kernel = _fp8_grouped_split_kernel if split else _fp8_grouped_gluon_kernel
+    return _compile(kernel, config, constexprs, signature, (*ptrs, "N", "K"), num_warps=4 if split else None)
 
 
 def compile_sm90_grouped_wgrad(config: str = GROUPED_WGRAD_CONFIG, out_dtype: torch.dtype = torch.bfloat16):
     """compile_sm90 for the grouped wgrad as launch_gluon_grouped_wgrad would launch `config`."""
     bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
     opts = _kernel_opts(config)
-    pingpong = opts.get("PINGPONG", False)
+    split = opts.get("SPLIT_CONSUMERS", False)
     constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages, PRODUCER_REGS=opts["PRODUCER_REGS"])
-    constexprs |= dict(CONSUMER_REGS=opts["CONSUMER_REGS"]) if pingpong else dict(WARPS_N=opts["WARPS_N"])
+    constexprs |= dict(CONSUMER_REGS=opts["CONSUMER_REGS"]) if split else dict(WARPS_N=opts["WARPS_N"])
     fp8, layout = torch.float8_e4m3fn, repr(_scale_layout())
     signature = dict(a_desc=_desc_sig([bm, BLOCK_K], fp8), b_desc=_desc_sig([bn, BLOCK_K], fp8),
-                     c_desc=_desc_sig([bm // 2 if pingpong else bm, bn], out_dtype),
+                     c_desc=_desc_sig([bm // 2 if split else bm, bn], out_dtype),
                      as_desc=f"tensordesc<fp32[{bm}],{layout}>", bs_desc=f"tensordesc<fp32[{bn}],{layout}>",
                      offs_ptr="*i32", N="i32", K="i32", E="i32")  # fmt: skip
-    kernel = _pingpong_wgrad_gluon_kernel if pingpong else _grouped_wgrad_gluon_kernel
-    return _compile(kernel, config, constexprs, signature, ("offs_ptr", "N", "K"), num_warps=4 if pingpong else None)
+    kernel = _split_wgrad_gluon_kernel if split else _grouped_wgrad_gluon_kernel
+    return _compile(kernel, config, constexprs, signature, ("offs_ptr", "N", "K"), num_warps=4 if split else None)

@@ -365,12 +365,15 @@ GROUPED_SHAPES = [(1000, 1040), (2112, 7168), (256, 2112)]
 
 def _check_grouped_configs(a, a_s, w, w_s, offs, out_dtype, ref, rel):
     """launch_gluon_grouped in every GROUPED_CONFIGS entry against `ref`, into a NaN-poisoned output: every routed
-    element written, none left NaN, within the output dtype's tolerance."""
+    element written, none left NaN, within the output dtype's tolerance; the two-consumer kernel (128x128h2, whose
+    second half skips an expert's rows that are all padding) bit for bit as the cooperative one (128x128s4)."""
+    ys = {}
     for config in GL.GROUPED_CONFIGS:
-        y = GL.launch_gluon_grouped(a, a_s, w, w_s, offs, out_dtype, config=config,
-                                    out=_nan_out(a.shape[0], w.shape[1], out_dtype))  # fmt: skip
+        y = ys[config] = GL.launch_gluon_grouped(a, a_s, w, w_s, offs, out_dtype, config=config,
+                                                 out=_nan_out(a.shape[0], w.shape[1], out_dtype))  # fmt: skip
         assert not y.isnan().any(), config
         assert rel(y, ref) < TOL_GPU[out_dtype], config
+    assert torch.equal(ys["128x128h2"], ys["128x128s4"])
 
 
 @gpu

@@ -230,7 +230,7 @@ GL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
 GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
 if torch.cuda.get_device_capability() == (9, 0) and GL.HAS_GLUON:
     for counts, N, K in [([0, 384, 128, 0, 1024, 256, 0], 384, 2960), ([256] * 5, 7168 // 4, 2048),
-                         ([128, 640, 0, 1152, 384, 128, 256], 256, 1024)]:
+                         ([128, 640, 0, 1152, 384, 128, 256], 1024, 1024)]:
         S = sum(counts)
         offs = torch.tensor(counts).cumsum(0).to(torch.int32).cuda()
         dyTq, dyTs = quantize_act_t_ref(torch.randn(S, N, device="cuda") * (1 + 10 * torch.rand(N, device="cuda")))
@@ -246,7 +246,7 @@ if torch.cuda.get_device_capability() == (9, 0) and GL.HAS_GLUON:
             assert rel(dw, triton_dw) < 1e-6, (counts, "gluon vs triton", out_dtype, rel(dw, triton_dw))
             for e, c in enumerate(counts):
                 assert c or not dw[e].any(), (counts, "gluon", e)
-            # Every configuration (the ping-pong kernel too) sums the same step products in the same order.
+            # Every configuration (the two-consumer kernel too) sums the same step products in the same order.
             for config in GL.GROUPED_WGRAD_CONFIGS:
                 other = GL.launch_gluon_grouped_wgrad(dyTq, dyTs, xTq, xTs, offs, out_dtype, config)
                 assert torch.equal(other, dw), (counts, config, out_dtype, rel(other, dw))
