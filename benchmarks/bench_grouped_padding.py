@@ -2,8 +2,9 @@
 rows, ~256 an expert): the forward (launch_gluon_grouped, rows cut into 128-row tiles an expert) and the wgrad
 (launch_gluon_grouped_wgrad, each expert's tokens padded to whole 128-token tiles) timed with random routing
 (Dirichlet(20) counts, as bench_grouped_wgrad.py: ~25% padding) and with every expert at exactly 256 rows (none).
-Also the wgrad with fp32 out (twice the dW bytes), and, with --configs, every configuration of GROUPED_WGRAD_CONFIGS
-(the cooperative and the two-consumer kernel), interleaved twice, with its relative difference to the default's result.
+Also the wgrad with fp32 out (twice the dW bytes), and, with --configs, the forward's and every wgrad configuration
+(GROUPED_WGRAD_CONFIGS) of the cooperative and the two-consumer kernel, interleaved twice, with their relative
+differences to the default's result.
 
     PYTHONPATH=. python benchmarks/bench_grouped_padding.py [--configs]
 """
@@ -65,6 +66,12 @@ def main(configs: bool) -> None:
             r["fwd_tflops"] = round(flop / r["fwd_us"] / 1e6)
             r["wgrad_bf16_tflops"] = round(flop / r["wgrad_bf16_us"] / 1e6)
             if configs:
+                ref = fwd().float()
+                for c in ("128x128s4", "128x128h2"):  # the forward's cooperative and two-consumer kernels
+                    r[f"fwd_rel_diff_{c}"] = ((fwd(config=c).float() - ref).norm() / ref.norm()).item()
+                for _ in range(2):
+                    for c in ("128x128s4", "128x128h2"):
+                        r.setdefault(f"fwd_us_{c}", []).append(us(functools.partial(fwd, config=c)))
                 names = GL.GROUPED_WGRAD_CONFIGS
                 ref = wgrad(out_dtype=torch.bfloat16).float()
                 for c in names:
