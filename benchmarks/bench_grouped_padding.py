@@ -2,9 +2,9 @@
 rows, ~256 an expert): the forward (launch_gluon_grouped, rows cut into 128-row tiles an expert) and the wgrad
 (launch_gluon_grouped_wgrad, each expert's tokens padded to whole 128-token tiles) timed with random routing
 (Dirichlet(20) counts, as bench_grouped_wgrad.py: ~25% padding) and with every expert at exactly 256 rows (none).
-Also the wgrad with fp32 out (twice the dW bytes), and, with --configs, the forward's and every wgrad configuration
-(GROUPED_WGRAD_CONFIGS) of the cooperative and the two-consumer kernel, interleaved twice, with their relative
-differences to the default's result.
+Also the wgrad with fp32 out (twice the dW bytes), and, with --configs, the forward's cooperative and two-consumer
+kernels (128x128s4, 128x128h2) and every wgrad configuration of WGRAD_CONFIGS that uses TMA scales, each interleaved
+twice, with its relative difference to the default's result.
 
     PYTHONPATH=. python benchmarks/bench_grouped_padding.py [--configs]
 """
@@ -72,7 +72,7 @@ def main(configs: bool) -> None:
                 for _ in range(2):
                     for c in ("128x128s4", "128x128h2"):
                         r.setdefault(f"fwd_us_{c}", []).append(us(functools.partial(fwd, config=c)))
-                names = GL.GROUPED_WGRAD_CONFIGS
+                names = [c for c in GL.WGRAD_CONFIGS if GL._scales_tma(c)]
                 ref = wgrad(out_dtype=torch.bfloat16).float()
                 for c in names:
                     f = functools.partial(wgrad, out_dtype=torch.bfloat16, config=c)

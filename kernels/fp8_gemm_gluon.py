@@ -138,12 +138,12 @@ GLUON_CONFIGS = {
     # retires, the column-scale vector (32 registers a thread) lives only there, and ptxas fits it without spills
     # (the 128x128 WARPS_N = 1 form of session 4, with that vector loaded a step ahead, spilled).
     "128x128s4t1": (128, 128, 4, 8, 1, dict(WARPS_N=1, PRODUCER_REGS=24, SCALES_TMA=True)),
-    # The grouped wgrad's two-consumer kernel (_split_wgrad_gluon_kernel): two one-warpgroup consumer partitions,
-    # each with a 64x128 half of every item, not in lockstep.
-    "128x128h2": (128, 128, 4, 8, 1, dict(SPLIT_CONSUMERS=True, PRODUCER_REGS=24, CONSUMER_REGS=240, SCALES_TMA=True)),
+    # The grouped forward and dgrad's two-consumer kernel (_fp8_grouped_split_kernel): two one-warpgroup consumer
+    # partitions, each with a 64x128 half of every tile, not in lockstep.
+    "128x128h2": (128, 128, 4, 8, 1, dict(SPLIT_CONSUMERS=True, PRODUCER_REGS=24, CONSUMER_REGS=240)),
 }
 _KERNEL_OPTS = dict(WARPS_N=1, B_COLS=False, PRODUCER_REGS=40)
-# What launch_gluon runs (the SPLIT_CONSUMERS configurations are the grouped wgrad's kernel only).
+# What launch_gluon runs (the SPLIT_CONSUMERS configurations are the grouped kernel's only).
 DENSE_CONFIGS = tuple(name for name, c in GLUON_CONFIGS.items() if not (c[5:] and c[5].get("SPLIT_CONSUMERS")))
 # The configurations built for wgrad (B per row), checked on the CPU to compile without spills and with
 # the overlap (tests/kernels/test_fp8_gemm_gluon.py). Timed on an H200 (2026-11-30, session 4,
@@ -151,8 +151,6 @@ DENSE_CONFIGS = tuple(name for name, c in GLUON_CONFIGS.items() if not (c[5:] an
 # 404-441, against the Triton kernel's 568-645 on the same shapes: none won. 128x128s4t (session 10) did, see
 # WGRAD_DEFAULT_CONFIG.
 WGRAD_CONFIGS = ("128x128s4w", "128x64s8", "128x64s8c", "128x128s4t", "128x128s4t1")
-# The grouped wgrad's (launch_gluon_grouped_wgrad): scales by TMA, the cooperative kernel or the two-consumer one.
-GROUPED_WGRAD_CONFIGS = ("128x128s4t1", "128x128h2")
 DEFAULT_CONFIG = "128x128s4"
 # Dispatch policy (fp8_gemm._launch asks gluon_config). Measured on an H200 (2026-11-30, torch 2.11,
 # triton 3.6, benchmarks/bench_fp8_gemm.py --gluon), V3 shapes at M = 4096 and 16384, bf16 out:
@@ -197,17 +195,15 @@ def gluon_config(M: int, N: int, K: int, b_blockwise: bool, out_dtype: torch.dty
 # 1.18-1.49x at V3's 896 and 1792; at 32 (deepseek-v3-small's down) 0.66x at 256 tokens an expert, 1.20x at 1024.
 GROUPED_WGRAD_GLUON = True
 GLUON_GROUPED_WGRAD_MIN_TILES = 64
-# Which of GROUPED_WGRAD_CONFIGS it runs (benchmarks switch it to time the others in the same process).
-GROUPED_WGRAD_CONFIG = WGRAD_DEFAULT_CONFIG
 
 
 def gluon_grouped_wgrad_config(N: int, K: int, out_dtype: torch.dtype) -> str | None:
     """The configuration fp8_grouped_gemm_wgrad (tokens_aligned) should run for dW [E, N, K], or None to keep the
     Triton kernel: N a multiple of the tile's rows (dW is addressed as [E * N, K]) and enough tiles an expert."""
-    bm, bn = GLUON_CONFIGS[GROUPED_WGRAD_CONFIG][:2]
+    bm, bn = GLUON_CONFIGS[WGRAD_DEFAULT_CONFIG][:2]
     if not GROUPED_WGRAD_GLUON or N % bm or out_dtype not in (torch.bfloat16, torch.float32):
         return None
-    return GROUPED_WGRAD_CONFIG if (N // bm) * triton.cdiv(K, bn) >= GLUON_GROUPED_WGRAD_MIN_TILES else None
+    return WGRAD_DEFAULT_CONFIG if (N // bm) * triton.cdiv(K, bn) >= GLUON_GROUPED_WGRAD_MIN_TILES else None
 
 
 def gluon_grouped_config(S: int, out_dtype: torch.dtype) -> str | None:
@@ -215,7 +211,9 @@ def gluon_grouped_config(S: int, out_dtype: torch.dtype) -> str | None:
     the Triton kernels. Measured on an H200 (2026-11-30, session 4, benchmarks/bench_moe_layer.py --kernels,
     V3 experts, 65,536 rows, bf16 out): 128x128s4 forward 857 / 791 TFLOPS (gate_up / down) against the
     Triton TMA kernel's 703 / 717, dgrad 754 / 836 against 724 / 673; 128x128s5 within 4% of it, 64-row
-    tiles 623-766. Small S keeps Triton's 64-row tiles, as the dense policy does below GLUON_MIN_M."""
+    tiles 623-766. Small S keeps Triton's 64-row tiles, as the dense policy does below GLUON_MIN_M. Since session
+    14 the two-consumer form of 128x128s4, 128x128h2: at V3's random routing 3-5% faster (gate_up forward 4.90-5.09
+    ms against 5.05-5.62, down 2.67-2.72 against 2.70-2.84; bench_grouped_padding.py --configs and RESULTS.md)."""
     if S < GLUON_MIN_M or out_dtype not in (torch.bfloat16, torch.float32):
         return None
     return GROUPED_DEFAULT_CONFIG
@@ -281,7 +279,7 @@ if HAS_GLUON:
     def _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES: gl.constexpr, HALF: gl.constexpr = -1):
         # Wait until ring slot `it` holds its operands, then start its wgmma. use_acc=False: the result
         # overwrites `zero`'s registers (the partial being replaced), nothing is read from them.
-        # HALF >= 0: a_bufs viewed as [2 NUM_STAGES, 64, 128], the A tile's 64-row half HALF (_split_wgrad_consumer).
+        # HALF >= 0: a_bufs viewed as [2 NUM_STAGES, 64, 128], the A tile's 64-row half HALF (_grouped_split_consumer).
         s = it % NUM_STAGES
         mbarrier.wait(ready.index(s), (it // NUM_STAGES) & 1)
         a = a_bufs.index(2 * s + HALF) if HALF >= 0 else a_bufs.index(s)
@@ -341,16 +339,11 @@ if HAS_GLUON:
 
     @gluon.jit
     def _retire(acc, part, sa, sb, empty, it, sa_bufs, sb_bufs, rows_l: gl.constexpr, cols_l: gl.constexpr,
-                B_BLOCKWISE: gl.constexpr, NUM_STAGES: gl.constexpr, SCALES_TMA: gl.constexpr,
-                HALF: gl.constexpr = -1):  # fmt: skip
+                B_BLOCKWISE: gl.constexpr, NUM_STAGES: gl.constexpr, SCALES_TMA: gl.constexpr):  # fmt: skip
         # Step `it` is off the tensor cores: release its ring slot (the scales kept in it are read first) and
-        # promote its partial into acc while the next step's wgmma runs. HALF >= 0: acc holds only that 64-row
-        # half of the slot's rows (_split_wgrad_consumer).
+        # promote its partial into acc while the next step's wgmma runs.
         if SCALES_TMA:
-            if HALF >= 0:  # sa_bufs viewed as [2 NUM_STAGES, 64]: a slot's two halves
-                sa = sa_bufs.index(2 * (it % NUM_STAGES) + HALF).load(rows_l)
-            else:
-                sa = sa_bufs.index(it % NUM_STAGES).load(rows_l)
+            sa = sa_bufs.index(it % NUM_STAGES).load(rows_l)
             sb = sb_bufs.index(it % NUM_STAGES).load(cols_l)
         mbarrier.arrive(empty.index(it % NUM_STAGES))
         return _promote(acc, part, sa, sb, B_BLOCKWISE)
@@ -366,8 +359,8 @@ if HAS_GLUON:
         # the partial it replaces (passed as its accumulator with use_acc=False), so the loop needs
         # no register copies: a copy that read a partial whose wgmma is still in flight would make
         # ptxas serialize every wgmma (warning C7514). sa_bufs / sb_bufs: the scales arrive in the ring
-        # (SCALES_TMA) and are read at each step's retirement. HALF >= 0: one 64-row half of the ring's A tiles and
-        # row scales (the grouped wgrad's two-consumer kernel; _issue, _retire).
+        # (SCALES_TMA) and are read at each step's retirement. HALF >= 0: one 64-row half of the ring's A tiles (the
+        # two-consumer grouped kernel, _issue).
         T: gl.constexpr = SCALES_TMA
         p0 = _issue(a_bufs, b_bufs, ready, it, zero, NUM_STAGES, HALF)
         sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 0, B_BLOCKWISE, B_COLS, T)
@@ -379,14 +372,13 @@ if HAS_GLUON:
             sb = _b_scale(bs_ptrs, 2 * j, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             p0w = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
             # step 2j's operands are consumed; its promotion runs while step 2j+1 is on the tensor cores
-            acc = _retire(acc, p0w, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES,
-                          T, HALF)  # fmt: skip
+            acc = _retire(acc, p0w, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES, T)
             p0 = _issue(a_bufs, b_bufs, ready, it + 2, p0w, NUM_STAGES, HALF)
             sa0, sb0 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, 2 * j + 2, B_BLOCKWISE, B_COLS, T)
             sb = _b_scale(bs_ptrs, 2 * j + 1, sb1, B_BLOCKWISE, B_COLS, cols_l, T)
             p1w = warpgroup_mma_wait(num_outstanding=1, deps=(p1,))
             acc = _retire(acc, p1w, sa1, sb, empty, it + 1, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE,
-                          NUM_STAGES, T, HALF)  # fmt: skip
+                          NUM_STAGES, T)  # fmt: skip
             it += 2
         # (branch-local names: p0 may not change type inside an if)
         if kb % 2 == 0:  # one step left to issue behind the in-flight p0
@@ -394,18 +386,16 @@ if HAS_GLUON:
             sa1, sb1 = _step_scale(as_ptr, as_ptrs, bs_ptr, bs_ptrs, kb - 1, B_BLOCKWISE, B_COLS, T)
             sb = _b_scale(bs_ptrs, kb - 2, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             q0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0,))
-            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES,
-                          T, HALF)  # fmt: skip
+            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES, T)
             sb = _b_scale(bs_ptrs, kb - 1, sb1, B_BLOCKWISE, B_COLS, cols_l, T)
             q1 = warpgroup_mma_wait(num_outstanding=0, deps=(q1,))
             acc = _retire(acc, q1, sa1, sb, empty, it + 1, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE,
-                          NUM_STAGES, T, HALF)  # fmt: skip
+                          NUM_STAGES, T)  # fmt: skip
             it += 2
         else:
             sb = _b_scale(bs_ptrs, kb - 1, sb0, B_BLOCKWISE, B_COLS, cols_l, T)
             q0 = warpgroup_mma_wait(num_outstanding=0, deps=(p0,))
-            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES,
-                          T, HALF)  # fmt: skip
+            acc = _retire(acc, q0, sa0, sb, empty, it, sa_bufs, sb_bufs, rows_l, cols_l, B_BLOCKWISE, NUM_STAGES, T)
             it += 1
         return acc, it
 
@@ -624,10 +614,16 @@ if HAS_GLUON:
                                 tile_row_ptr, ntiles_ptr, a_bufs, b_bufs, ready, empty, c_bufs, S, N, K,
                                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
                                 NUM_STAGES: gl.constexpr):  # fmt: skip
-        # _grouped_consumer as one of two one-warpgroup partitions (SPLIT_CONSUMERS; see _split_wgrad_consumer):
-        # rows [64 HALF, 64 HALF + 64) of every tile. A half whose rows all lie past its expert's end (the second
-        # half of an expert's last tile, when at most 64 rows are left) issues no wgmma: it only releases the
-        # tile's ring slots, and the other half has the tensor cores to itself.
+        # _grouped_consumer as one of two one-warpgroup partitions (SPLIT_CONSUMERS): rows [64 HALF, 64 HALF + 64)
+        # of every tile, with its own accumulator, epilogue tile and store; both read the same ring slots (a slot is
+        # free once both have arrived on its empty barrier). Two things this buys over the cooperative kernel:
+        # a half whose rows all lie past its expert's end (the second half of an expert's last tile, when at most
+        # 64 rows are left: about half the experts at random routing) issues no wgmma, it only hands the tile's
+        # ring slots back, and the other half has the tensor cores to itself; and nothing but the ring ties the
+        # two halves together (the cooperative consumers meet at a barrier of all their warps before every slot's
+        # release and every store). Measured (benchmarks/RESULTS.md, session 14): 3-5% faster at V3's random
+        # routing, 2-3% slower where every expert fills whole tiles. Same products summed in the same order: results
+        # bit-identical to the cooperative kernel's.
         HALF_M: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])  # fmt: skip
@@ -680,7 +676,6 @@ if HAS_GLUON:
             [PRODUCER_REGS],
         )  # fmt: skip
 
-
     @gluon.jit
     def _fp8_grouped_split_kernel(a_desc, b_desc, c_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr,
                                   tile_row_ptr, ntiles_ptr, S, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -702,6 +697,7 @@ if HAS_GLUON:
             [4, 1],
             [CONSUMER_REGS, PRODUCER_REGS],
         )  # fmt: skip
+
 
     # -----------------------------------------------------------------------------------------
     # Grouped wgrad for the MoE experts padded to whole 128-token tiles (fp8_grouped_gemm_wgrad with
@@ -791,74 +787,6 @@ if HAS_GLUON:
         )  # fmt: skip
 
 
-    # Two-consumer form of the grouped wgrad (configurations with SPLIT_CONSUMERS): two consumer partitions of one
-    # warpgroup each, partition h owning rows [64 h, 64 h + 64) of every 128x128 item, with its own accumulator,
-    # epilogue tile and TMA store; both read the same ring slots (a slot is free once both have arrived on its empty
-    # barrier). In the cooperative kernel both warpgroups issue, promote and store in lockstep (a barrier of all
-    # consumer warps before each slot's release and each store), so at two or three steps an item the tensor cores
-    # idle during every promotion and epilogue (tensor pipe 33.5% busy). Here nothing ties the two partitions
-    # together but the ring, so one's promotion and epilogue can run while the other's wgmmas do. (Strict turns, a
-    # partition starting an item only once the other had issued its first two wgmmas, were slower than this.)
-
-    @gluon.jit
-    def _split_wgrad_consumer(HALF: gl.constexpr, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, offs_ptr, N, K, E,
-                              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                              NUM_STAGES: gl.constexpr, sa_bufs, sb_bufs):  # fmt: skip
-        HALF_M: gl.constexpr = BLOCK_M // 2
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N, 32])  # fmt: skip
-        rows_l: gl.constexpr = gl.SliceLayout(1, mma)
-        cols_l: gl.constexpr = gl.SliceLayout(0, mma)
-        # Each slot's A tile and row scales viewed as two 64-row halves, [2 NUM_STAGES, 64, ...] (slicing the
-        # ring's rows instead, memdesc slice on dim 1, aborts Triton 3.6 in a layout conversion).
-        a_halves = a_bufs._reinterpret(a_bufs.dtype, [2 * NUM_STAGES, HALF_M, _BK], a_bufs.layout)
-        sa_halves = sa_bufs._reinterpret(gl.float32, [2 * NUM_STAGES, HALF_M], sa_bufs.layout)
-        c_smem = c_bufs.index(HALF)
-        num_m = gl.cdiv(N, BLOCK_M)
-        num_n = gl.cdiv(K, BLOCK_N)
-        tiles = num_m * num_n
-        zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
-        it = 0
-        k0_next, k1_next = _expert_steps(offs_ptr, gl.program_id(0), tiles, E)
-        for item in range(gl.program_id(0), E * tiles, gl.num_programs(0)):
-            steps = k1_next - k0_next
-            k0_next, k1_next = _expert_steps(offs_ptr, item + gl.num_programs(0), tiles, E)
-            e = item // tiles
-            off_m, off_n = _tile_offsets(item % tiles, num_m, num_n, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
-            if steps > 0:
-                acc, it = _scaled_mainloop(a_halves, b_bufs, ready, empty, it, steps, zero, acc, 0, 0, 0, 0, cols_l,
-                                           False, False, NUM_STAGES, sa_halves, sb_bufs, rows_l, True,
-                                           HALF)  # fmt: skip
-            tma.store_wait(pendings=0)  # this partition's previous TMA store has read its c_smem
-            c_smem.store(acc.to(c_desc.dtype))
-            fence_async_shared()
-            _tma_store(c_desc, [e * N + off_m + HALF * HALF_M, off_n], c_smem)
-        tma.store_wait(pendings=0)
-
-    @gluon.jit
-    def _split_wgrad_gluon_kernel(a_desc, b_desc, c_desc, as_desc, bs_desc, offs_ptr, N, K, E,
-                                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr,
-                                  NUM_STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                                  CONSUMER_REGS: gl.constexpr):  # fmt: skip
-        # c_desc: one partition's [BLOCK_M / 2, BLOCK_N] half of an item. The kernel's own warps (the default
-        # partition) are consumer 0; consumer 1 and the producer are workers.
-        a_bufs, b_bufs, c_bufs, ready, empty = _allocate_ring(a_desc, b_desc, c_desc, NUM_STAGES, 2)
-        sa_bufs, sb_bufs = _allocate_scale_ring(as_desc, bs_desc, NUM_STAGES, True)
-        gl.warp_specialize(
-            [
-                (_split_wgrad_consumer, (0, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, offs_ptr, N, K, E, BLOCK_M,
-                                         BLOCK_N, GROUP_M, NUM_STAGES, sa_bufs, sb_bufs)),
-                (_split_wgrad_consumer, (1, c_desc, a_bufs, b_bufs, ready, empty, c_bufs, offs_ptr, N, K, E, BLOCK_M,
-                                         BLOCK_N, GROUP_M, NUM_STAGES, sa_bufs, sb_bufs)),
-                (_grouped_wgrad_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, offs_ptr, N, K, E, BLOCK_M,
-                                           BLOCK_N, GROUP_M, NUM_STAGES, as_desc, bs_desc, sa_bufs, sb_bufs)),
-            ],
-            [4, 1],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )  # fmt: skip
-
-
 # ---------------------------------------------------------------------------------------------
 # Launcher
 
@@ -935,10 +863,11 @@ def _scale_desc(s_rows_Kb: torch.Tensor, block: int):
     return GluonTensorDescriptor(flat, [flat.numel()], [1], [block], _scale_layout())
 
 
-# Grouped (MoE) kernel: the 128x128-block configurations (WARPS_N = 1, no B_COLS); timings at
-# gluon_grouped_config. 64-row tiles pad an expert's rows less but lost at V3 size.
+# Grouped (MoE) kernel: the 128x128-block configurations (WARPS_N = 1, no B_COLS), the cooperative kernel and the
+# two-consumer one (128x128h2, _grouped_split_consumer); timings at gluon_grouped_config. 64-row tiles pad an
+# expert's rows less but lost at V3 size.
 GROUPED_CONFIGS = ("128x128s4", "128x128s5", "64x128s4o2", "64x128s6", "128x128h2")
-GROUPED_DEFAULT_CONFIG = "128x128s4"
+GROUPED_DEFAULT_CONFIG = "128x128h2"
 
 
 def launch_gluon_grouped(x_SK, x_s, w_ENK, w_s, offs_E, out_dtype, config=None, out=None):
@@ -992,8 +921,8 @@ def launch_gluon_grouped_wgrad(dyT_NP, dyT_s, xT_KP, xT_s, offs_P, out_dtype, co
     to whole tiles, pad_experts_to_tiles; not checked, it would sync), both operands in the 128x1 tiling along the P
     padded tokens: dyT_NP [N, P] with dyT_s [N, Pb], xT_KP [K, P] with xT_s [K, Pb]. A SCALES_TMA configuration
     (WGRAD_DEFAULT_CONFIG); N must be a multiple of its BLOCK_M."""
-    config = config or GROUPED_WGRAD_CONFIG
-    assert config in GROUPED_WGRAD_CONFIGS, f"{config}: not one of GROUPED_WGRAD_CONFIGS"
+    config = config or WGRAD_DEFAULT_CONFIG
+    assert _scales_tma(config), f"{config}: not a SCALES_TMA configuration"
     bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
     (N, P), K, E = dyT_NP.shape, xT_KP.shape[0], offs_P.numel()
     assert N % bm == 0, f"N = {N} must be a multiple of {bm}"
@@ -1008,14 +937,6 @@ def launch_gluon_grouped_wgrad(dyT_NP, dyT_s, xT_KP, xT_s, offs_P, out_dtype, co
         raise ValueError("launch_gluon_grouped_wgrad: needs CUDA cc 9.0, Gluon, no interpreter, 16-byte aligned rows")
     grid = (min(_num_sms(dyT_NP.device.index or 0) * occ, E * (N // bm) * triton.cdiv(K, bn)),)
     opts = _kernel_opts(config)
-    if opts.get("SPLIT_CONSUMERS"):  # a consumer partition a 64-row half; the kernel's own warps are the first
-        _split_wgrad_gluon_kernel[grid](
-            _desc(dyT_NP, [bm, BLOCK_K]), _desc(xT_KP, [bn, BLOCK_K]), _desc(c.view(E * N, K), [bm // 2, bn]),
-            _scale_desc(dyT_s, bm), _scale_desc(xT_s, bn), offs_P, N, K, E, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m,
-            NUM_STAGES=stages, PRODUCER_REGS=opts["PRODUCER_REGS"], CONSUMER_REGS=opts["CONSUMER_REGS"], num_warps=4,
-            maxnreg=_maxnreg(bm, occ),
-        )  # fmt: skip
-        return c
     _grouped_wgrad_gluon_kernel[grid](
         _desc(dyT_NP, [bm, BLOCK_K]), _desc(xT_KP, [bn, BLOCK_K]), _desc(c.view(E * N, K), [bm, bn]),
         _scale_desc(dyT_s, bm), _scale_desc(xT_s, bn), offs_P, N, K, E, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m,
@@ -1105,17 +1026,14 @@ def compile_sm90_grouped(config: str, out_dtype: torch.dtype = torch.float32):
     return _compile(kernel, config, constexprs, signature, (*ptrs, "N", "K"), num_warps=4 if split else None)
 
 
-def compile_sm90_grouped_wgrad(config: str = GROUPED_WGRAD_CONFIG, out_dtype: torch.dtype = torch.bfloat16):
+def compile_sm90_grouped_wgrad(config: str = WGRAD_DEFAULT_CONFIG, out_dtype: torch.dtype = torch.bfloat16):
     """compile_sm90 for the grouped wgrad as launch_gluon_grouped_wgrad would launch `config`."""
     bm, bn, stages, group_m, occ, *_ = GLUON_CONFIGS[config]
     opts = _kernel_opts(config)
-    split = opts.get("SPLIT_CONSUMERS", False)
-    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages, PRODUCER_REGS=opts["PRODUCER_REGS"])
-    constexprs |= dict(CONSUMER_REGS=opts["CONSUMER_REGS"]) if split else dict(WARPS_N=opts["WARPS_N"])
+    constexprs = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
+                      PRODUCER_REGS=opts["PRODUCER_REGS"], WARPS_N=opts["WARPS_N"])  # fmt: skip
     fp8, layout = torch.float8_e4m3fn, repr(_scale_layout())
     signature = dict(a_desc=_desc_sig([bm, BLOCK_K], fp8), b_desc=_desc_sig([bn, BLOCK_K], fp8),
-                     c_desc=_desc_sig([bm // 2 if split else bm, bn], out_dtype),
-                     as_desc=f"tensordesc<fp32[{bm}],{layout}>", bs_desc=f"tensordesc<fp32[{bn}],{layout}>",
-                     offs_ptr="*i32", N="i32", K="i32", E="i32")  # fmt: skip
-    kernel = _split_wgrad_gluon_kernel if split else _grouped_wgrad_gluon_kernel
-    return _compile(kernel, config, constexprs, signature, ("offs_ptr", "N", "K"), num_warps=4 if split else None)
+                     c_desc=_desc_sig([bm, bn], out_dtype), as_desc=f"tensordesc<fp32[{bm}],{layout}>",
+                     bs_desc=f"tensordesc<fp32[{bn}],{layout}>", offs_ptr="*i32", N="i32", K="i32", E="i32")  # fmt: skip
+    return _compile(_grouped_wgrad_gluon_kernel, config, constexprs, signature, ("offs_ptr", "N", "K"))
