@@ -56,7 +56,9 @@ pointers held, no global load and no barrier of their own in the loop. On an H20
 Grouped variant for the MoE experts (`launch_gluon_grouped`, fp8_grouped_gemm's forward/dgrad contract,
 B in 128x128 blocks): the same producer, ring and main loop (`_produce_tile`, `_scaled_mainloop`) over
 tiles of one expert's rows (fp8_grouped_gemm._tile_map), with a row-masked epilogue for each expert's
-last tile. Dispatched by fp8_grouped_gemm for forward and dgrad from 4096 rows (gluon_grouped_config).
+last tile. Dispatched by fp8_grouped_gemm for forward and dgrad from 4096 rows (gluon_grouped_config), in its
+two-consumer form (128x128h2, _grouped_split_consumer): each warpgroup its own partition and 64-row half of a tile,
+so that a half lying wholly past its expert's last row skips its wgmmas.
 
 Runs only on compute capability 9.0 (wgmma, setmaxnreg), with TMA-compatible operands, and never
 under TRITON_INTERPRET (the interpreter cannot run Gluon): `can_use_gluon` decides.
