@@ -95,7 +95,11 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
             out = moe(xg)
             (out[0] if kind != "builtin" else out).sum().backward()
 
-        fb = do_bench(fwd_bwd, warmup=WARMUP_MS, rep=REP_MS, return_mode="median", grad_to_none=[xg, *moe.parameters()])
+        def time_fwd_bwd(fwd_bwd=fwd_bwd, xg=xg, moe=moe) -> float:  # ms, median; fresh gradients each run
+            return do_bench(fwd_bwd, warmup=WARMUP_MS, rep=REP_MS, return_mode="median",
+                            grad_to_none=[xg, *moe.parameters()])  # fmt: skip
+
+        fb = time_fwd_bwd()
         results[kind] = dict(fwd_ms=fwd, fwd_tflops=FLOP_FWD / fwd / 1e9, fwdbwd_ms=fb,
                              fwdbwd_tflops=3 * FLOP_FWD / fb / 1e9, rel_err_vs_builtin=err)  # fmt: skip
         if profile:
@@ -121,8 +125,7 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
             FL._gated = lambda h, act: gated(h, lambda t: act(t))
             TS.SLOT_DOTS_KERNEL = False
             try:
-                fb = do_bench(fwd_bwd, warmup=WARMUP_MS, rep=REP_MS, return_mode="median",
-                              grad_to_none=[xg, *moe.parameters()])  # fmt: skip
+                fb = time_fwd_bwd()
             finally:
                 FL._gated, TS.SLOT_DOTS_KERNEL = gated, True
             results[kind]["fwdbwd_ms_unfused_swiglu_and_slot_dots"] = fb
@@ -130,8 +133,7 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
             GL = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemm_gluon")
             GL.GROUPED_WGRAD_GLUON = False
             try:
-                fb = do_bench(fwd_bwd, warmup=WARMUP_MS, rep=REP_MS, return_mode="median",
-                              grad_to_none=[xg, *moe.parameters()])  # fmt: skip
+                fb = time_fwd_bwd()
             finally:
                 GL.GROUPED_WGRAD_GLUON = True
             results[kind]["fwdbwd_ms_triton_grouped_wgrad"] = fb
@@ -142,8 +144,7 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
                 for config in ("128x128s4", "128x128h2"):
                     GL.GROUPED_DEFAULT_CONFIG = config
                     try:
-                        fb = do_bench(fwd_bwd, warmup=WARMUP_MS, rep=REP_MS, return_mode="median",
-                                      grad_to_none=[xg, *moe.parameters()])  # fmt: skip
+                        fb = time_fwd_bwd()
                     finally:
                         GL.GROUPED_DEFAULT_CONFIG = default
                     results[kind].setdefault(f"fwdbwd_ms_grouped_{config}", []).append(fb)
