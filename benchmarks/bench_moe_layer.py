@@ -137,8 +137,8 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
             finally:
                 GL.GROUPED_WGRAD_GLUON = True
             results[kind]["fwdbwd_ms_triton_grouped_wgrad"] = fb
-            # The experts' forward and dgrad on the cooperative Gluon kernel (128x128s4, the default) and on the
-            # two-consumer one (128x128h2), interleaved twice (drift shows as a spread).
+            # The experts' forward and dgrad on the cooperative Gluon kernel (128x128s4) and on the two-consumer one
+            # (128x128h2, the default), interleaved twice (drift shows as a spread).
             default = GL.GROUPED_DEFAULT_CONFIG
             for _ in range(2):
                 for config in ("128x128s4", "128x128h2"):

@@ -56,9 +56,9 @@ pointers held, no global load and no barrier of their own in the loop. On an H20
 Grouped variant for the MoE experts (`launch_gluon_grouped`, fp8_grouped_gemm's forward/dgrad contract,
 B in 128x128 blocks): the same producer, ring and main loop (`_produce_tile`, `_scaled_mainloop`) over
 tiles of one expert's rows (fp8_grouped_gemm._tile_map), with a row-masked epilogue for each expert's
-last tile. Dispatched by fp8_grouped_gemm for forward and dgrad from 4096 rows (gluon_grouped_config). A
-two-consumer form (config 128x128h2, _grouped_split_consumer; not the default) gives each warpgroup its own
-partition and 64-row half of a tile, so that a half lying wholly past its expert's last row skips its wgmmas.
+last tile. Dispatched by fp8_grouped_gemm for forward and dgrad from 4096 rows (gluon_grouped_config), in its
+two-consumer form (128x128h2, _grouped_split_consumer): each warpgroup its own partition and 64-row half of a tile,
+so that a half lying wholly past its expert's last row skips its wgmmas.
 
 Runs only on compute capability 9.0 (wgmma, setmaxnreg), with TMA-compatible operands, and never
 under TRITON_INTERPRET (the interpreter cannot run Gluon): `can_use_gluon` decides.
@@ -213,10 +213,10 @@ def gluon_grouped_config(S: int, out_dtype: torch.dtype) -> str | None:
     the Triton kernels. Measured on an H200 (2026-11-30, session 4, benchmarks/bench_moe_layer.py --kernels,
     V3 experts, 65,536 rows, bf16 out): 128x128s4 forward 857 / 791 TFLOPS (gate_up / down) against the
     Triton TMA kernel's 703 / 717, dgrad 754 / 836 against 724 / 673; 128x128s5 within 4% of it, 64-row
-    tiles 623-766. Small S keeps Triton's 64-row tiles, as the dense policy does below GLUON_MIN_M. The two-consumer
-    form, 128x128h2 (session 14), is 3-6% faster alone at V3's random routing (gate_up forward 4.77-5.09 ms against
-    4.93-5.62), but inside bench_moe_layer.py's layer it twice ran 3-6 ms slower a forward+backward than this one,
-    for reasons not found (RESULTS.md, session 14): not the default until they are."""
+    tiles 623-766. Small S keeps Triton's 64-row tiles, as the dense policy does below GLUON_MIN_M. Since session 14
+    the two-consumer form, 128x128h2: 3-6% faster in three separate A/Bs at V3's random routing (gate_up forward
+    4.77-5.09 ms against 4.93-5.62, down 2.52-2.72 against 2.65-2.84). The whole layer's forward+backward varies by
+    2-5 ms between identical runs and cannot tell the two apart (RESULTS.md, session 14)."""
     if S < GLUON_MIN_M or out_dtype not in (torch.bfloat16, torch.float32):
         return None
     return GROUPED_DEFAULT_CONFIG
@@ -625,8 +625,8 @@ if HAS_GLUON:
         # ring slots back, and the other half has the tensor cores to itself; and nothing but the ring ties the
         # two halves together (the cooperative consumers meet at a barrier of all their warps before every slot's
         # release and every store). Measured alone (benchmarks/RESULTS.md, session 14): 3-6% faster at V3's random
-        # routing, 1-3% slower where every expert fills whole tiles; see gluon_grouped_config for why it is not the
-        # default. Same products summed in the same order: results bit-identical to the cooperative kernel's.
+        # routing, 1-3% slower where every expert fills whole tiles. Same products summed in the same order: results
+        # bit-identical to the cooperative kernel's.
         HALF_M: gl.constexpr = BLOCK_M // 2
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                       instr_shape=[16, BLOCK_N, 32])  # fmt: skip
@@ -870,7 +870,7 @@ def _scale_desc(s_rows_Kb: torch.Tensor, block: int):
 # two-consumer one (128x128h2, _grouped_split_consumer); timings at gluon_grouped_config. 64-row tiles pad an
 # expert's rows less but lost at V3 size.
 GROUPED_CONFIGS = ("128x128s4", "128x128s5", "64x128s4o2", "64x128s6", "128x128h2")
-GROUPED_DEFAULT_CONFIG = "128x128s4"
+GROUPED_DEFAULT_CONFIG = "128x128h2"
 
 
 def launch_gluon_grouped(x_SK, x_s, w_ENK, w_s, offs_E, out_dtype, config=None, out=None):
