@@ -7,6 +7,7 @@ shared expert GEMMs only (the anchor's convention: 2 * T * 3 * D * F * (top-k + 
     PYTHONPATH=. python benchmarks/bench_moe_layer.py --compile   # each layer under torch.compile
     PYTHONPATH=. python benchmarks/bench_moe_layer.py --profile   # + every kernel of one fwd+bwd, $OUT/moe_profile_*.txt
     BENCH_KINDS=fp8,fp8_cached PYTHONPATH=. python benchmarks/bench_moe_layer.py   # the built-in and these only
+    BENCH_REP_MS=2000 PYTHONPATH=. python benchmarks/bench_moe_layer.py   # ~30 runs a median (default window 200 ms)
 """
 
 # ruff: noqa: B023, F821  (lambdas are timed inside their own loop iteration; names are deleted only after)
@@ -28,7 +29,8 @@ T, D, F, E, K = 8192, 7168, 2048, 256, 8
 FLOP_FWD = 2 * T * 3 * D * F * (K + 1)
 # do_bench windows (ms): a median of at least three runs of the built-in's 65 ms forward+backward. Before session 14
 # the forward+backward window was 10 ms, a single run each (their spread between identical runs: 1-3 ms).
-WARMUP_MS, REP_MS = 50, 200
+# BENCH_REP_MS=2000: about 30 runs each, timed in the GPU's sustained (power-capped) state.
+WARMUP_MS, REP_MS = 50, int(os.environ.get("BENCH_REP_MS", 200))
 
 
 def layer(kind: str) -> torch.nn.Module:
