@@ -54,6 +54,17 @@ def us(f) -> float:
     return round(do_bench(f, warmup=10, rep=40) * 1e3, 1)
 
 
+def compare_configs(r: dict, diff_key: str, time_key: str, call, names) -> None:
+    """Into r: each configuration's relative difference to call()'s result (the default's), and its time,
+    interleaved twice (drift shows as a spread within each)."""
+    ref = call().float()
+    for c in names:
+        r[f"{diff_key}_{c}"] = ((call(config=c).float() - ref).norm() / ref.norm()).item()
+    for _ in range(2):
+        for c in names:
+            r.setdefault(f"{time_key}_{c}", []).append(us(functools.partial(call, config=c)))
+
+
 def main(configs: bool) -> None:
     rows = []
     for name, N, K in GEMMS:
@@ -65,21 +76,10 @@ def main(configs: bool) -> None:
             r["wgrad_fp32_us"] = us(functools.partial(wgrad, out_dtype=torch.float32))
             r["fwd_tflops"] = round(flop / r["fwd_us"] / 1e6)
             r["wgrad_bf16_tflops"] = round(flop / r["wgrad_bf16_us"] / 1e6)
-            if configs:
-                ref = fwd().float()
-                for c in ("128x128s4", "128x128h2"):  # the forward's cooperative and two-consumer kernels
-                    r[f"fwd_rel_diff_{c}"] = ((fwd(config=c).float() - ref).norm() / ref.norm()).item()
-                for _ in range(2):
-                    for c in ("128x128s4", "128x128h2"):
-                        r.setdefault(f"fwd_us_{c}", []).append(us(functools.partial(fwd, config=c)))
-                names = [c for c in GL.WGRAD_CONFIGS if GL._scales_tma(c)]
-                ref = wgrad(out_dtype=torch.bfloat16).float()
-                for c in names:
-                    f = functools.partial(wgrad, out_dtype=torch.bfloat16, config=c)
-                    r[f"rel_diff_{c}"] = ((f().float() - ref).norm() / ref.norm()).item()
-                for _ in range(2):  # interleaved: drift shows as a spread within each
-                    for c in names:
-                        r.setdefault(f"wgrad_bf16_us_{c}", []).append(us(functools.partial(wgrad, torch.bfloat16, c)))
+            if configs:  # the forward's cooperative and two-consumer kernels; the wgrad's TMA-scale configurations
+                compare_configs(r, "fwd_rel_diff", "fwd_us", fwd, ("128x128s4", "128x128h2"))
+                compare_configs(r, "rel_diff", "wgrad_bf16_us", functools.partial(wgrad, torch.bfloat16),
+                                [c for c in GL.WGRAD_CONFIGS if GL._scales_tma(c)])  # fmt: skip
             rows.append(r)
             print(json.dumps(r), flush=True)
             fwd = wgrad = None  # free this case's operands before the next one's

@@ -221,8 +221,9 @@ for counts, N, K in [([0, 384, 128, 0, 1024, 256], 1000, 1040), ([4096], 256, 38
             assert c or not dw[e].any(), (counts, "aligned", e)
 # The same layout on the Gluon kernel (dispatched where N is a multiple of its 128-row tile and an expert has enough
 # tiles; an H100/H200 only): empty experts first, between and last, one expert of 1024 tokens (8 steps), the rest 1-3
-# steps; ragged K; then experts of 1, 5 and 9 steps (longer than the 4-slot ring) between shorter ones. 504 work items on at most 132 programs, so a program runs items of odd and even step counts in
+# steps; ragged K. 504 work items on at most 132 programs, so a program runs items of odd and even step counts in
 # turn (the first version hung there: the producer kept its first item's step count, see _grouped_wgrad_producer).
+# Then experts of 1, 5 and 9 steps (longer than the 4-slot ring) between shorter ones.
 # Against the reference and against the Triton kernel (an explicit config selects it), which sums the same step
 # products in the same order.
 import importlib
