@@ -68,6 +68,9 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
     torch.manual_seed(0)
     results = {}
     x = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
+    # The output gradient of the forward+backward: random, as a loss gives it. Until session 15 it came from
+    # `out.sum()`: all ones, broadcast (the backward first copied it out), each row of the experts' dy one value.
+    grad_out = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
     reference = None
     # fp8_cached: the FP8 layer with config.fp8_weight_cache, whose repeated calls reuse the quantised weights as
     # gradient-accumulation micro-batches after the first do (eager only: under torch.compile it quantises each call).
@@ -95,7 +98,7 @@ def main(compile_layer: bool = False, profile: bool = False) -> None:
 
         def fwd_bwd(moe=moe, kind=kind, xg=xg):
             out = moe(xg)
-            (out[0] if kind != "builtin" else out).sum().backward()
+            (out[0] if kind != "builtin" else out).backward(grad_out)
 
         def time_fwd_bwd(fwd_bwd=fwd_bwd, xg=xg, moe=moe) -> float:  # ms, median; fresh gradients each run
             return do_bench(fwd_bwd, warmup=WARMUP_MS, rep=REP_MS, return_mode="median",
