@@ -66,7 +66,6 @@ def compare_configs(r: dict, diff_key: str, time_key: str, call, names) -> None:
 
 
 def main(configs: bool) -> None:
-    rows = []
     for name, N, K in GEMMS:
         for even in (False, True):
             fwd, wgrad, padded = operands(N, K, even)
@@ -80,7 +79,6 @@ def main(configs: bool) -> None:
                 compare_configs(r, "fwd_rel_diff", "fwd_us", fwd, ("128x128s4", "128x128h2"))
                 compare_configs(r, "rel_diff", "wgrad_bf16_us", functools.partial(wgrad, torch.bfloat16),
                                 [c for c in GL.WGRAD_CONFIGS if GL._scales_tma(c)])  # fmt: skip
-            rows.append(r)
             print(json.dumps(r), flush=True)
             fwd = wgrad = None  # free this case's operands before the next one's
             torch.cuda.empty_cache()
