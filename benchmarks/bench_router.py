@@ -4,13 +4,20 @@ fp32 F.linear it replaces, in one process. Prints each one's distance from fp64 
 to the exact product rounded to bf16, the share of tokens whose top-8 experts agree, and both timings.
 
     PYTHONPATH=. python benchmarks/bench_router.py
+    PYTHONPATH=. python benchmarks/bench_router.py --topk   # the expert choice: kernels/router_topk.py vs torch
+
+--topk times the group-limited top-k that follows the logits (8 groups, 4 kept, top-8, a random correction bias):
+the one Triton kernel that eager mode on a GPU runs against the torch code it replaces, and checks that both choose
+the same experts.
 """
+
+import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from modeling_deepseek_v3.modeling_dsv3 import router_logits
+from modeling_deepseek_v3.modeling_dsv3 import _select_experts, router_logits
 
 
 def main() -> None:
@@ -46,5 +53,20 @@ def main() -> None:
     print("fwd+bwd ms: split", do_bench(fwd_bwd(True), warmup=5, rep=30), "fp32", do_bench(fwd_bwd(False), warmup=5, rep=30))
 
 
+def topk() -> None:
+    torch.manual_seed(0)
+    T, E = 8192, 256
+    scores = torch.randn(T, E, device="cuda").sigmoid()
+    bias = torch.randn(E, device="cuda") * 0.05
+    from modeling_deepseek_v3.kernels import router_topk
+
+    idx = router_topk.route_topk(scores, bias, 8, 4, 8)
+    ref = _select_experts(scores + bias, 8, 4, 8)
+    print("same experts, same order:", torch.equal(idx, ref))
+    kernel_us = do_bench(lambda: router_topk.route_topk(scores, bias, 8, 4, 8), warmup=25, rep=200) * 1e3
+    torch_us = do_bench(lambda: _select_experts(scores + bias, 8, 4, 8), warmup=25, rep=200) * 1e3
+    print(f"choice us: kernel {kernel_us:.1f}, torch {torch_us:.1f} ({torch_us / kernel_us:.1f}x)")
+
+
 if __name__ == "__main__":
-    main()
+    topk() if "--topk" in sys.argv else main()

@@ -362,6 +362,28 @@ class FP8Linear(nn.Linear):
         bias, hooks, or other scale formats) the layers run one by one. The forward computes what the layers apart
         compute (the same x tiles and weight blocks; equal outputs under the interpreter); the input gradient sums
         the layers' contributions in fp32 before its one rounding instead of after two."""
+        y = FP8Linear._stacked(x, layers)
+        if y is None:
+            return tuple(layer(x) for layer in layers)
+        return y.split([layer.out_features for layer in layers], dim=-1)
+
+    @staticmethod
+    def forward_gated(x: torch.Tensor, gate_proj: FP8Linear, up_proj: FP8Linear, act) -> torch.Tensor:
+        """act(gate_proj(x)) * up_proj(x), an MLP's input to its down projection: forward_shared_input's one GEMM,
+        whose [.., 2I] output (gate columns first) goes to _gated whole, so that SwiGLU (act F.silu) runs as
+        swiglu's one kernel each way in eager mode instead of five torch kernels (the shared expert of a V3-size
+        MoE layer: about 0.15 ms of its forward+backward on an H200, benchmarks/RESULTS.md, session 16)."""
+        width = gate_proj.out_features
+        y = FP8Linear._stacked(x, (gate_proj, up_proj)) if up_proj.out_features == width else None
+        if y is None:
+            gate, up = FP8Linear.forward_shared_input(x, (gate_proj, up_proj))
+            return act(gate) * up
+        return _gated(y.reshape(-1, 2 * width), act).view(*y.shape[:-1], width)
+
+    @staticmethod
+    def _stacked(x: torch.Tensor, layers) -> torch.Tensor | None:
+        """The layers' outputs side by side from one FP8 GEMM on their stacked weights, or None where they do not
+        stack (forward_shared_input's conditions)."""
         first = layers[0]
         stackable = (
             len(layers) > 1
@@ -370,12 +392,11 @@ class FP8Linear(nn.Linear):
             and all(layer.out_features % BLOCK == 0 for layer in layers[:-1])
         )  # fmt: skip
         if not stackable:
-            return tuple(layer(x) for layer in layers)
+            return None
         sources = tuple(layer.weight for layer in layers)
         x = modeling_dsv3.to_autocast_dtype(x)
-        y = FP8LinearFunction.apply(x, torch.cat(sources), first.pow2_scales, torch.is_grad_enabled(),
-                                    first.weight_cache, sources)  # fmt: skip
-        return y.split([layer.out_features for layer in layers], dim=-1)
+        return FP8LinearFunction.apply(x, torch.cat(sources), first.pow2_scales, torch.is_grad_enabled(),
+                                       first.weight_cache, sources)  # fmt: skip
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, pow2_scales: bool = False, cache_weight: bool = False) -> FP8Linear:

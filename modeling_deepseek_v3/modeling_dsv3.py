@@ -302,8 +302,12 @@ class DSV3MLP(nn.Module):
         self.up_proj = make_linear(config, config.hidden_size, width)
         self.down_proj = make_linear(config, width, config.hidden_size)
         self.act_fn = ACT2FN[config.hidden_act]
+        self._fused_act = F.silu if config.hidden_act == "silu" else self.act_fn  # F.silu itself: see forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gated = getattr(type(self.gate_proj), "forward_gated", None)
+        if gated is not None:  # FP8: one GEMM for gate and up, and for F.silu SwiGLU's kernels (FP8Linear)
+            return self.down_proj(gated(x, self.gate_proj, self.up_proj, self._fused_act))
         gate, up = shared_input_linears(x, self.gate_proj, self.up_proj)
         return self.down_proj(self.act_fn(gate) * up)
 
@@ -336,9 +340,12 @@ def _bf16_pieces(t: torch.Tensor, n: int) -> list[torch.Tensor]:
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): recent torch only
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b of bf16 operands with fp32 accumulation and output (each bf16 product is exact in fp32)."""
-    return torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else a.float() @ b.float()
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """a @ b of bf16 operands with fp32 accumulation (each bf16 product is exact in fp32), rounded once to out_dtype
+    (fp32, or the operands' bf16: the GEMM's own output, no fp32 result written out and converted after)."""
+    if not a.is_cuda:
+        return (a.float() @ b.float()).to(out_dtype)
+    return torch.mm(a, b) if out_dtype == a.dtype else torch.mm(a, b, out_dtype=out_dtype)
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -368,7 +375,7 @@ class _RouterLogits(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # g_i w_j for i + j <= 2; the three left out are below 2^-24
             w = _bf16_pieces(weight_ED, 3)
             g_T6E = torch.cat([g[0], g[1], g[0], g[2], g[1], g[0]], dim=1)
-            dx = _mm_fp32(g_T6E, torch.cat([w[0], w[0], w[1], w[0], w[1], w[2]])).to(x_TD.dtype)
+            dx = _mm_fp32(g_T6E, torch.cat([w[0], w[0], w[1], w[0], w[1], w[2]]), x_TD.dtype)
         if ctx.needs_input_grad[1]:
             parts_3ED = _mm_fp32(torch.cat(g, dim=1).t(), x_TD)
             dw = (parts_3ED[2 * E :] + parts_3ED[E : 2 * E]) + parts_3ED[:E]
@@ -419,18 +426,28 @@ class DSV3TopkRouter(nn.Module):
         """Returns router logits [T, E] (fp32), top-k weights [T, K] (fp32) and top-k expert indices [T, K]."""
         logits_TE = router_logits(x_TD, self.weight)
         scores_TE = logits_TE.sigmoid()
-        choice_TE = scores_TE + self.e_score_correction_bias
-        T = choice_TE.shape[0]
-        # Group score = sum of the group's two best experts; keep topk_group groups; mask the other experts out.
-        group_TG = _top_k(choice_TE.view(T, self.n_group, -1), 2)[0].sum(dim=-1)
-        group_idx = _top_k(group_TG, self.topk_group)[1]
-        group_mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, group_idx, True)
-        expert_mask_TE = group_mask_TG.repeat_interleave(self.n_routed_experts // self.n_group, dim=1)
-        topk_idx_TK = _top_k(choice_TE.masked_fill(~expert_mask_TE, float("-inf")), self.top_k)[1]
+        route = None if torch.compiler.is_compiling() else _eager_kernels(scores_TE.device, "router_topk")
+        if route is not None and route.supports(self.n_routed_experts, self.n_group):
+            topk_idx_TK = route.route_topk(scores_TE.detach(), self.e_score_correction_bias, self.n_group,
+                                           self.topk_group, self.top_k)  # fmt: skip
+        else:
+            topk_idx_TK = _select_experts(scores_TE + self.e_score_correction_bias, self.n_group, self.topk_group,
+                                          self.top_k)  # fmt: skip
         topk_weight_TK = scores_TE.gather(1, topk_idx_TK)
         if self.norm_topk_prob:
             topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return logits_TE, topk_weight_TK * self.routed_scaling_factor, topk_idx_TK
+
+
+def _select_experts(choice_TE: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
+    """The top_k experts of each token's choice, largest first, among the topk_group groups whose two best choices
+    sum highest (the torch form of kernels/router_topk.py, which eager mode on a GPU runs instead)."""
+    T, E = choice_TE.shape
+    group_TG = _top_k(choice_TE.view(T, n_group, -1), 2)[0].sum(dim=-1)
+    group_idx = _top_k(group_TG, topk_group)[1]
+    group_mask_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, group_idx, True)
+    expert_mask_TE = group_mask_TG.repeat_interleave(E // n_group, dim=1)
+    return _top_k(choice_TE.masked_fill(~expert_mask_TE, float("-inf")), top_k)[1]
 
 
 # ------------------------------------------------------------------------------------------------------- experts
@@ -466,18 +483,18 @@ def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
 
 
 @functools.cache
-def _topk_sum_kernels(device: torch.device):
-    """kernels/topk_sum.py where its kernels run on `device` (the package with Triton, a CUDA GPU the FP8 kernels run
-    on), else None: eager mode's top-k sum and slot dots then stay in torch. Optional like every kernel here: the
+def _eager_kernels(device: torch.device, module: str):
+    """kernels/<module>.py (topk_sum, router_topk) where its kernels run on `device` (the package with Triton, a CUDA
+    GPU the FP8 kernels run on), else None: eager mode then stays in torch. Optional like every kernel here: the
     model runs without the package (Hub remote code). Not on the CPU under Triton's interpreter, which the tests set:
     every MoE call of the model's tests would run through it (the whole suite took three times as long)."""
     if device.type != "cuda":
         return None
     try:
         kernels = importlib.import_module("modeling_deepseek_v3.kernels")
-        kernels.require_fp8("topk_sum")
-        # imported by name: the package does not import this submodule, so it is no attribute of it until then
-        return importlib.import_module("modeling_deepseek_v3.kernels.topk_sum")
+        kernels.require_fp8(module)
+        # imported by name: the package does not import these submodules, so they are no attributes of it until then
+        return importlib.import_module(f"modeling_deepseek_v3.kernels.{module}")
     except (ImportError, RuntimeError):
         return None
 
@@ -494,7 +511,7 @@ def _sum_slots(y_RD, routing, weight_TK=None):
     13, bench_topk_step.py). topk_sum.SUM_SLOTS_KERNEL off restores the index_add."""
     order, token_of_row, row_of_slot = routing
     if not torch.compiler.is_compiling():
-        topk_sum = _topk_sum_kernels(y_RD.device)
+        topk_sum = _eager_kernels(y_RD.device, "topk_sum")
         tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (y_RD, weight_TK))
         if topk_sum is not None and topk_sum.SUM_SLOTS_KERNEL and not tracked:
             return topk_sum.sum_slots(y_RD, row_of_slot, weight_TK)
@@ -522,7 +539,7 @@ def _slot_dots(dout_TD, y_RD, row_of_slot) -> torch.Tensor:
     products and sum in fp32, rounded once to y's dtype. In eager mode on a GPU with the kernels, topk_sum's kernel;
     else (torch.compile, or topk_sum.SLOT_DOTS_KERNEL off) each slot's gather, which inductor fuses into one
     reduction."""
-    topk_sum = None if torch.compiler.is_compiling() else _topk_sum_kernels(y_RD.device)
+    topk_sum = None if torch.compiler.is_compiling() else _eager_kernels(y_RD.device, "topk_sum")
     if topk_sum is not None and topk_sum.SLOT_DOTS_KERNEL:
         return topk_sum.slot_dots(dout_TD, y_RD, row_of_slot)
     dout_TD = dout_TD.float()

@@ -138,13 +138,13 @@ def test_fp8_experts_matches_reference(tol, rel):
 def test_fp8_experts_with_the_topk_sum_kernel(monkeypatch, rel):
     """fp8_experts_forward in eager mode with topk_sum.SUM_SLOTS_KERNEL on (the default on a GPU: its combine and its
     gather's gradient through the kernel) against the same with index_add: equal up to the fp32 sum's order, output
-    and every gradient. The model takes the kernels on CUDA tensors only (modeling_dsv3._topk_sum_kernels); here they
+    and every gradient. The model takes the kernels on CUDA tensors only (modeling_dsv3._eager_kernels); here they
     are forced onto the CPU's interpreter."""
     from modeling_deepseek_v3.kernels import topk_sum
 
     from modeling_deepseek_v3 import modeling_dsv3 as M
 
-    monkeypatch.setattr(M, "_topk_sum_kernels", lambda device: topk_sum)
+    monkeypatch.setattr(M, "_eager_kernels", lambda device, module: topk_sum if module == "topk_sum" else None)
 
     h, idx, wt, gu, dn = _experts_case(5, T=21, Kt=3, E=6, D=256, I=128)
     h, wt, gu, dn = (t.detach().to(torch.bfloat16).requires_grad_() for t in (h, wt, gu, dn))

@@ -115,3 +115,35 @@ def test_fp8_experts_run_swiglu_in_eager_mode(monkeypatch):
     assert calls == [(22, 256)] and gu.grad.abs().sum() > 0
     y_gelu = fp8_experts_forward(h, idx, wt, gu, dn, act=F.gelu)
     assert len(calls) == 1 and not torch.equal(y_gelu, y)
+
+
+@pytest.mark.parametrize("act, kernel_calls", [(F.silu, 1), (F.gelu, 0)])
+def test_fp8_mlp_runs_swiglu_in_eager_mode(monkeypatch, act, kernel_calls):
+    """An FP8 MLP (dense, or the shared expert) runs gate and up as one GEMM and its SwiGLU as the kernel on that
+    GEMM's [T, 2I] output (FP8Linear.forward_gated), for hidden_act "silu" only; output and every gradient match the
+    projections run apart with torch's act(gate) * up (fp32: within the exp bound above, a few ulps)."""
+    from modeling_deepseek_v3.kernels import FP8Linear
+    from modeling_deepseek_v3.kernels import fp8_linear as FL
+
+    from modeling_deepseek_v3 import DSV3Config
+    from modeling_deepseek_v3.modeling_dsv3 import DSV3MLP
+
+    hidden_act = "silu" if act is F.silu else "gelu"
+    cfg = DSV3Config(hidden_size=256, intermediate_size=384, linear_implementation="fp8", hidden_act=hidden_act)
+    torch.manual_seed(0)
+    mlp = DSV3MLP(cfg)
+    x = torch.randn(2, 5, 256).requires_grad_()
+    dy = torch.randn(2, 5, 256)
+    calls = []
+    monkeypatch.setattr(FL, "swiglu", lambda h: calls.append(h.shape) or SW.swiglu(h))
+    y = mlp(x)
+    y.backward(dy)
+    grads = [x.grad] + [p.grad for p in mlp.parameters()]
+    assert calls == [(10, 768)] * kernel_calls
+    x2 = x.detach().clone().requires_grad_()
+    mlp.zero_grad()
+    monkeypatch.setattr(FP8Linear, "forward_gated", staticmethod(lambda x, gate, up, act: act(gate(x)) * up(x)))
+    y2 = mlp(x2)
+    y2.backward(dy)
+    for ours, apart in zip([y, *grads], [y2, x2.grad, *(p.grad for p in mlp.parameters())], strict=True):
+        assert apart.abs().sum() > 0 and ((ours - apart).norm() / apart.norm()).item() < 1e-5

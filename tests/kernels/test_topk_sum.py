@@ -84,6 +84,10 @@ for dtype in ("bf16", "fp32"):
                                            BLOCK_C="constexpr"), blocks),
               (SW._swiglu_bwd_kernel, dict(h_ptr="*" + dtype, da_ptr="*" + dtype, dh_ptr="*" + dtype, S="i32", I="i32",
                                            BLOCK_R="constexpr", BLOCK_C="constexpr"), blocks)]
+RT = importlib.import_module("modeling_deepseek_v3.kernels.router_topk")
+cases += [(RT._route_topk_kernel, dict(scores_ptr="*fp32", bias_ptr="*fp32", idx_ptr="*i64", T="i32", E="constexpr",
+                                       G="constexpr", TOPK_GROUP="constexpr", KT="constexpr", BLOCK_T="constexpr"),
+           dict(E=256, G=8, TOPK_GROUP=4, KT=8, BLOCK_T=16))]
 for k, sig, constexprs in cases:
     src = ASTSource(fn=k, signature=sig, constexprs=constexprs)
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4)).asm["ptx"]
@@ -97,7 +101,7 @@ print("ok")
 
 
 def test_eager_moe_kernels_compile_for_sm90():
-    """topk_sum's and swiglu's kernels have run only in the interpreter here: they must build for sm_90 (bf16 and
+    """topk_sum's, swiglu's and router_topk's kernels have run only in the interpreter here: they must build for sm_90 (bf16 and
     fp32, weighted or not) without spills (a subprocess without TRITON_INTERPRET, as in test_fp8_grouped_gemm.py)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=300, env=env)
@@ -112,16 +116,18 @@ import modeling_deepseek_v3.kernels as kernels
 from modeling_deepseek_v3 import modeling_dsv3
 
 kernels.require_fp8 = lambda what: None  # as where the FP8 kernels run: a Hopper GPU with Triton
-chosen = modeling_dsv3._topk_sum_kernels(torch.device("cuda"))
-assert chosen is not None and chosen.__name__ == "modeling_deepseek_v3.kernels.topk_sum", chosen
-assert modeling_dsv3._topk_sum_kernels(torch.device("cpu")) is None
+for module in ("topk_sum", "router_topk"):
+    chosen = modeling_dsv3._eager_kernels(torch.device("cuda"), module)
+    assert chosen is not None and chosen.__name__ == f"modeling_deepseek_v3.kernels.{module}", chosen
+    assert modeling_dsv3._eager_kernels(torch.device("cpu"), module) is None
 print("ok")
 """
 
 
-def test_model_finds_the_topk_sum_kernels_where_they_run():
-    """Where the kernels can run, the model's eager MoE takes kernels/topk_sum.py even when nothing imported that
-    submodule before (a fresh interpreter: here other tests have imported it). It once read it as an attribute of the
-    package, which it is only after an import, and a V3 layer on the H200 failed with AttributeError."""
+def test_model_finds_the_eager_kernels_where_they_run():
+    """Where the kernels can run, the model's eager MoE takes kernels/topk_sum.py and its router kernels/router_topk.py
+    even when nothing imported those submodules before (a fresh interpreter: here other tests have imported them). It
+    once read topk_sum as an attribute of the package, which it is only after an import, and a V3 layer on the H200
+    failed with AttributeError."""
     out = subprocess.run([sys.executable, "-c", _CHOOSE_ON_A_GPU], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
