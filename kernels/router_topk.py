@@ -25,6 +25,10 @@ from . import _triton as tt
 
 triton, tl = tt.triton, tt.tl
 
+# On: modeling_dsv3.DSV3TopkRouter reads it at call time in eager mode on a GPU; False restores the torch code
+# (benchmarks/bench_topk_step.py times both).
+ROUTE_TOPK_KERNEL = True
+
 if tt.HAS_TRITON:
 
     @triton.jit

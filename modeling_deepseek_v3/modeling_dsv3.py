@@ -427,7 +427,7 @@ class DSV3TopkRouter(nn.Module):
         logits_TE = router_logits(x_TD, self.weight)
         scores_TE = logits_TE.sigmoid()
         route = None if torch.compiler.is_compiling() else _eager_kernels(scores_TE.device, "router_topk")
-        if route is not None and route.supports(self.n_routed_experts, self.n_group):
+        if route is not None and route.ROUTE_TOPK_KERNEL and route.supports(self.n_routed_experts, self.n_group):
             topk_idx_TK = route.route_topk(scores_TE.detach(), self.e_score_correction_bias, self.n_group,
                                            self.topk_group, self.top_k)  # fmt: skip
         else:

@@ -56,3 +56,27 @@ def test_route_topk_rejects_what_it_cannot_take():
         router_topk.route_topk(scores, bias, 4, 2, 9)
     with pytest.raises(AssertionError, match="fp32"):
         router_topk.route_topk(scores.double(), bias, 4, 2, 2)
+
+
+def test_router_takes_the_kernel_where_it_runs(monkeypatch, tiny_config):
+    """DSV3TopkRouter in eager mode picks its experts with the kernel where the kernels run (forced onto the CPU's
+    interpreter here; the model takes them on CUDA tensors only), and with the torch code once ROUTE_TOPK_KERNEL is
+    off: same experts, same weights, and the weights' gradient reaches the router either way."""
+    monkeypatch.setattr(M, "_eager_kernels", lambda device, module: router_topk if module == "router_topk" else None)
+    calls = []
+    real = router_topk.route_topk
+    monkeypatch.setattr(router_topk, "route_topk", lambda *a: calls.append(1) or real(*a))
+    router = M.DSV3TopkRouter(tiny_config())
+    torch.nn.init.normal_(router.weight, std=0.1)
+    router.e_score_correction_bias.normal_(std=0.05)
+    x = torch.randn(23, router.weight.shape[1])
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(router_topk, "ROUTE_TOPK_KERNEL", on)
+        router.zero_grad()
+        _, weight, idx = router(x)
+        weight.sum().backward()
+        results.append((weight, idx, router.weight.grad.clone()))
+    assert calls == [1]
+    (w1, i1, g1), (w2, i2, g2) = results
+    assert torch.equal(i1, i2) and torch.equal(w1, w2) and torch.equal(g1, g2) and g1.abs().sum() > 0
