@@ -6,11 +6,13 @@ to the exact product rounded to bf16, the share of tokens whose top-8 experts ag
     PYTHONPATH=. python benchmarks/bench_router.py
     PYTHONPATH=. python benchmarks/bench_router.py --topk   # the expert choice: kernels/router_topk.py vs torch
 
---topk times the group-limited top-k that follows the logits (8 groups, 4 kept, top-8, a random correction bias):
-the one Triton kernel that eager mode on a GPU runs against the torch code it replaces, and checks that both choose
-the same experts.
+--topk times the group-limited top-k that follows the logits (8 groups, 4 kept, a random correction bias), at V3's
+shape (8192 tokens, 256 experts, top-8) and at deepseek-v3-small's train step (16,384 tokens, 64 experts, top-6): the
+one Triton kernel that eager mode on a GPU runs, the torch code it replaces, and that code under torch.compile (where
+_top_k sorts), and checks that all three choose the same experts.
 """
 
+import functools
 import sys
 
 import torch
@@ -53,19 +55,31 @@ def main() -> None:
     print("fwd+bwd ms: split", do_bench(fwd_bwd(True), warmup=5, rep=30), "fp32", do_bench(fwd_bwd(False), warmup=5, rep=30))
 
 
-def topk() -> None:
-    torch.manual_seed(0)
-    T, E = 8192, 256
-    scores = torch.randn(T, E, device="cuda").sigmoid()
-    bias = torch.randn(E, device="cuda") * 0.05
+def _choose(scores: torch.Tensor, bias: torch.Tensor, top_k: int) -> torch.Tensor:
+    return _select_experts(scores + bias, 8, 4, top_k)
+
+
+def topk_case(T: int, E: int, top_k: int) -> None:
     from modeling_deepseek_v3.kernels import router_topk
 
-    idx = router_topk.route_topk(scores, bias, 8, 4, 8)
-    ref = _select_experts(scores + bias, 8, 4, 8)
-    print("same experts, same order:", torch.equal(idx, ref))
-    kernel_us = do_bench(lambda: router_topk.route_topk(scores, bias, 8, 4, 8), warmup=25, rep=200) * 1e3
-    torch_us = do_bench(lambda: _select_experts(scores + bias, 8, 4, 8), warmup=25, rep=200) * 1e3
-    print(f"choice us: kernel {kernel_us:.1f}, torch {torch_us:.1f} ({torch_us / kernel_us:.1f}x)")
+    scores = torch.randn(T, E, device="cuda").sigmoid()
+    bias = torch.randn(E, device="cuda") * 0.05
+    runs = {
+        "kernel": lambda: router_topk.route_topk(scores, bias, 8, 4, top_k),
+        "torch": functools.partial(_choose, scores, bias, top_k),
+        "torch.compile": functools.partial(torch.compile(_choose), scores, bias, top_k),
+    }
+    chosen = {name: run() for name, run in runs.items()}
+    same = all(torch.equal(idx, chosen["kernel"]) for idx in chosen.values())
+    us = {name: do_bench(run, warmup=25, rep=200) * 1e3 for name, run in runs.items()}
+    print(f"T={T} E={E} top-{top_k}: same experts, same order: {same}; us: "
+          + ", ".join(f"{name} {t:.1f}" for name, t in us.items()))  # fmt: skip
+
+
+def topk() -> None:
+    torch.manual_seed(0)
+    topk_case(8192, 256, 8)
+    topk_case(16384, 64, 6)
 
 
 if __name__ == "__main__":
