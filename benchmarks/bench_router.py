@@ -9,7 +9,9 @@ to the exact product rounded to bf16, the share of tokens whose top-8 experts ag
 --topk times the group-limited top-k that follows the logits (8 groups, 4 kept, a random correction bias), at V3's
 shape (8192 tokens, 256 experts, top-8) and at deepseek-v3-small's train step (16,384 tokens, 64 experts, top-6): the
 one Triton kernel that eager mode on a GPU runs, the torch code it replaces, and that code under torch.compile (where
-_top_k sorts), and checks that all three choose the same experts.
+_top_k sorts), and checks that all three choose the same experts. do_bench times each call alone, launches included:
+the torch forms launch several small kernels, so their times are host-bound here, and inside a train step (where the
+host runs ahead) they may cost less.
 """
 
 import functools

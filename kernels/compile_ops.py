@@ -14,9 +14,7 @@ differed from the kernels' at 256 x 672 (a ragged last tile; not traced further)
 code miscomputed such a tile outright (torch 2.13).
 
 FP8LinearFunction / FP8GroupedLinearFunction (fp8_linear.py) call these, so their forward and
-backward trace without a break. The router's expert choice (router_topk.py) is one too, for bf16 models as
-well: compiled, the torch code it replaces sorts, and took 8-39x the kernel's time on an H200
-(benchmarks/RESULTS.md, session 16). Shape legend as in fp8_gemm.py; Xb = ceil(X / 128).
+backward trace without a break. Shape legend as in fp8_gemm.py; Xb = ceil(X / 128).
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import functools
 import torch
 
 from . import quant as _quant
-from . import router_topk as _router_topk
 from .fp8_gemm import fp8_gemm as _fp8_gemm
 from .fp8_gemm import fp8_gemm_dgrad as _fp8_gemm_dgrad
 from .fp8_gemm import fp8_gemm_wgrad as _fp8_gemm_wgrad
@@ -163,15 +160,3 @@ def fp8_grouped_gemm_wgrad(
     out_dtype: torch.dtype, tokens_aligned: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     return _fp8_grouped_gemm_wgrad(dyT_NS, dyT_scale, xT_KS, xT_scale, offs_E, out_dtype, tokens_aligned=tokens_aligned)
-
-
-# ---------------------------------------------------------------------------------------------
-# Router
-
-
-@_opaque("route_topk", lambda s, b, g, tg, k: s.new_empty(s.shape[0], k, dtype=torch.int64))
-def route_topk(
-    scores_TE: torch.Tensor, bias_E: torch.Tensor, n_group: int, topk_group: int, top_k: int
-) -> torch.Tensor:
-    # the module's attribute looked up at call time, so that a test's patch of it counts
-    return _router_topk.route_topk(scores_TE, bias_E, n_group, topk_group, top_k)

@@ -426,10 +426,10 @@ class DSV3TopkRouter(nn.Module):
         """Returns router logits [T, E] (fp32), top-k weights [T, K] (fp32) and top-k expert indices [T, K]."""
         logits_TE = router_logits(x_TD, self.weight)
         scores_TE = logits_TE.sigmoid()
-        if _route_topk_kernel_on(str(scores_TE.device), self.n_routed_experts, self.n_group):
-            ops = sys.modules["modeling_deepseek_v3.kernels.compile_ops"]  # imported by the check above
-            topk_idx_TK = ops.route_topk(scores_TE.detach(), self.e_score_correction_bias, self.n_group,
-                                         self.topk_group, self.top_k)  # fmt: skip
+        route = None if torch.compiler.is_compiling() else _eager_kernels(scores_TE.device, "router_topk")
+        if route is not None and route.ROUTE_TOPK_KERNEL and route.supports(self.n_routed_experts, self.n_group):
+            topk_idx_TK = route.route_topk(scores_TE.detach(), self.e_score_correction_bias, self.n_group,
+                                           self.topk_group, self.top_k)  # fmt: skip
         else:
             topk_idx_TK = _select_experts(scores_TE + self.e_score_correction_bias, self.n_group, self.topk_group,
                                           self.top_k)  # fmt: skip
@@ -437,15 +437,6 @@ class DSV3TopkRouter(nn.Module):
         if self.norm_topk_prob:
             topk_weight_TK = topk_weight_TK / (topk_weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return logits_TE, topk_weight_TK * self.routed_scaling_factor, topk_idx_TK
-
-
-@torch.compiler.assume_constant_result
-def _route_topk_kernel_on(device: str, num_experts: int, n_group: int) -> bool:
-    """Whether the router picks its experts with kernels/router_topk.py: where the kernels run (_eager_kernels), for a
-    router it takes, while router_topk.ROUTE_TOPK_KERNEL is on. Eager mode asks on every call; torch.compile once, at
-    trace time (a constant of the graph, which then calls the kernel as the opaque op compile_ops.route_topk)."""
-    route = _eager_kernels(torch.device(device), "router_topk")
-    return route is not None and route.ROUTE_TOPK_KERNEL and route.supports(num_experts, n_group)
 
 
 def _select_experts(choice_TE: torch.Tensor, n_group: int, topk_group: int, top_k: int) -> torch.Tensor:
@@ -494,7 +485,7 @@ def _sort_by_expert(x_TD, topk_idx_TK, num_experts):
 @functools.cache
 def _eager_kernels(device: torch.device, module: str):
     """kernels/<module>.py (topk_sum, router_topk) where its kernels run on `device` (the package with Triton, a CUDA
-    GPU the FP8 kernels run on), else None: the model then stays in torch. Optional like every kernel here: the
+    GPU the FP8 kernels run on), else None: eager mode then stays in torch. Optional like every kernel here: the
     model runs without the package (Hub remote code). Not on the CPU under Triton's interpreter, which the tests set:
     every MoE call of the model's tests would run through it (the whole suite took three times as long)."""
     if device.type != "cuda":

@@ -80,22 +80,3 @@ def test_router_takes_the_kernel_where_it_runs(monkeypatch, tiny_config):
     assert calls == [1]
     (w1, i1, g1), (w2, i2, g2) = results
     assert torch.equal(i1, i2) and torch.equal(w1, w2) and torch.equal(g1, g2) and g1.abs().sum() > 0
-
-
-def test_compiled_router_calls_the_kernel_as_one_op(monkeypatch, tiny_config):
-    """Under torch.compile (fullgraph) the router takes the kernel too, as the opaque op dsv3::route_topk (compiled,
-    the torch code sorts: 8-39x the kernel's time on an H200), with the eager router's result."""
-    monkeypatch.setattr(M, "_eager_kernels", lambda device, module: router_topk if module == "router_topk" else None)
-    calls = []
-    real = router_topk.route_topk
-    monkeypatch.setattr(router_topk, "route_topk", lambda *a: calls.append(1) or real(*a))
-    router = M.DSV3TopkRouter(tiny_config())
-    torch.nn.init.normal_(router.weight, std=0.1)
-    router.e_score_correction_bias.normal_(std=0.05)
-    x = torch.randn(23, router.weight.shape[1])
-    eager = router(x)
-    torch._dynamo.reset()
-    compiled = torch.compile(router, backend="aot_eager", fullgraph=True)(x)
-    assert len(calls) == 2
-    for a, b in zip(eager, compiled, strict=True):
-        assert torch.equal(a, b)
