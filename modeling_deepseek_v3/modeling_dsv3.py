@@ -302,12 +302,12 @@ class DSV3MLP(nn.Module):
         self.up_proj = make_linear(config, config.hidden_size, width)
         self.down_proj = make_linear(config, width, config.hidden_size)
         self.act_fn = ACT2FN[config.hidden_act]
-        self._fused_act = F.silu if config.hidden_act == "silu" else self.act_fn  # F.silu itself: see forward
+        self._silu = config.hidden_act == "silu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gated = getattr(type(self.gate_proj), "forward_gated", None)
-        if gated is not None:  # FP8: one GEMM for gate and up, and for F.silu SwiGLU's kernels (FP8Linear)
-            return self.down_proj(gated(x, self.gate_proj, self.up_proj, self._fused_act))
+        if gated is not None:  # FP8: one GEMM for gate and up, and given F.silu itself SwiGLU's kernels (FP8Linear)
+            return self.down_proj(gated(x, self.gate_proj, self.up_proj, F.silu if self._silu else self.act_fn))
         gate, up = shared_input_linears(x, self.gate_proj, self.up_proj)
         return self.down_proj(self.act_fn(gate) * up)
 
