@@ -371,8 +371,8 @@ class FP8Linear(nn.Linear):
     def forward_gated(x: torch.Tensor, gate_proj: FP8Linear, up_proj: FP8Linear, act) -> torch.Tensor:
         """act(gate_proj(x)) * up_proj(x), an MLP's input to its down projection: forward_shared_input's one GEMM,
         whose [.., 2I] output (gate columns first) goes to _gated whole, so that SwiGLU (act F.silu) runs as
-        swiglu's one kernel each way in eager mode instead of five torch kernels (the shared expert of a V3-size
-        MoE layer: about 0.15 ms of its forward+backward on an H200, benchmarks/RESULTS.md, session 16)."""
+        swiglu's one kernel each way in eager mode instead of five torch kernels (in a V3-size MoE layer's
+        forward+backward on an H200 the shared expert's took 0.22 ms, benchmarks/RESULTS.md, session 16)."""
         width = gate_proj.out_features
         y = FP8Linear._stacked(x, (gate_proj, up_proj)) if up_proj.out_features == width else None
         if y is None:
