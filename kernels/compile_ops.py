@@ -75,11 +75,12 @@ def quantize_act(
     return _quant.quantize_act(x_MK, pow2, rows=rows, row_scale=row_scale)
 
 
-@_opaque("quantize_act_t", lambda x, pow2, rows=None, row_scale=None: (x.new_empty(x.shape[1], _rows_of(x, rows), dtype=E4M3), x.new_empty(x.shape[1], _blocks(_rows_of(x, rows)), dtype=F32)))  # fmt: skip
+@_opaque("quantize_act_t", lambda x, pow2, rows=None, row_scale=None, skip_padding_tiles=False: (x.new_empty(x.shape[1], _rows_of(x, rows), dtype=E4M3), x.new_empty(x.shape[1], _blocks(_rows_of(x, rows)), dtype=F32)))  # fmt: skip
 def quantize_act_t(
-    x_MK: torch.Tensor, pow2: bool, rows: torch.Tensor | None = None, row_scale: torch.Tensor | None = None
+    x_MK: torch.Tensor, pow2: bool, rows: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+    skip_padding_tiles: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quant.quantize_act_t(x_MK, pow2, rows=rows, row_scale=row_scale)
+    return _quant.quantize_act_t(x_MK, pow2, rows=rows, row_scale=row_scale, skip_padding_tiles=skip_padding_tiles)
 
 
 def _quantize_act_both_fake(x, pow2, rows=None, row_scale=None):

@@ -74,7 +74,8 @@ def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool
     read; padded_rows / padded_row_scale: the 128x1 tiling's rows instead (as _quantize_input)."""
     if padded_rows is not None:
         dy_q = quantize_act(dy_MN, pow2, rows, row_scale) if need_dx else (None, None)
-        dyT_q = quantize_act_t(dy_MN, pow2, padded_rows, padded_row_scale) if need_dw else (None, None)
+        # The layout's trailing tiles of padding are never read by the wgrad: not written.
+        dyT_q = quantize_act_t(dy_MN, pow2, padded_rows, padded_row_scale, True) if need_dw else (None, None)
         return (*dy_q, *dyT_q)
     if need_dx and need_dw:
         return quantize_act_both(dy_MN, pow2, rows, row_scale)

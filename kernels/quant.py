@@ -101,7 +101,9 @@ if tt.HAS_TRITON:
             return v.to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def _load_rows(x_ptr, rows_ptr, mult_ptr, offs_m, offs_k, M, K, GATHER: tl.constexpr, MULT: tl.constexpr):
+    def _load_rows(
+        x_ptr, rows_ptr, mult_ptr, offs_m, offs_k, M, K, GATHER: tl.constexpr, MULT: tl.constexpr, EXACT: tl.constexpr
+    ):  # fmt: skip
         """Rows offs_m of X = x[rows] * mult[:, None] as fp32 (see _quant_launch); masked lanes are 0."""
         mask_m = offs_m < M
         mask = mask_m[:, None] & (offs_k[None, :] < K)  # ragged last tile: what the caller stores
@@ -114,8 +116,19 @@ if tt.HAS_TRITON:
         x = x.to(tl.float32)
         if MULT:  # the product rounded to x's dtype, as torch's `x * mult` stores it
             mult = tl.load(mult_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)
-            x = _round_to(x * mult[:, None], x_ptr.dtype.element_ty)
+            x = _round_mult(x * mult[:, None], x_ptr.dtype.element_ty, EXACT)
         return x, mask
+
+    @triton.jit
+    def _round_mult(v, DTYPE: tl.constexpr, EXACT: tl.constexpr):
+        """fp32 v rounded to DTYPE, as fp32: on a GPU by the hardware cast (round to nearest even), under the
+        interpreter (EXACT) by _round_to's integer arithmetic, the same bits. The cast is 2 instructions where the
+        arithmetic is 6 for bf16, and the activation quantisers are issue-bound: on an H200 it took the 128x1
+        tiling of the routed experts' scaled output gradient from 669 to 540 us at V3 size (benchmarks/RESULTS.md,
+        session 17)."""
+        if EXACT:
+            return _round_to(v, DTYPE)
+        return v.to(DTYPE).to(tl.float32)
 
     @triton.jit
     def _quant_act_kernel(
@@ -134,7 +147,7 @@ if tt.HAS_TRITON:
         pid_k = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        x, mask = _load_rows(x_ptr, rows_ptr, mult_ptr, offs_m, offs_k, M, K, GATHER, MULT)
+        x, mask = _load_rows(x_ptr, rows_ptr, mult_ptr, offs_m, offs_k, M, K, GATHER, MULT, EXACT)
         ax = tl.abs(x)
         if ROW:
             s = _scale_from_amax(tl.max(ax, axis=1), POW2)  # [BLOCK_M]
@@ -237,9 +250,10 @@ if HAS_GLUON:
     def _quant_act_gluon_kernel(
         x_ptr, rows_ptr, mult_ptr, yt_ptr, st_ptr, M, K, POW2: gl.constexpr, SPT_M: gl.constexpr,
         SPT_K: gl.constexpr, TPW_M: gl.constexpr, WARPS_M: gl.constexpr, WARPS_K: gl.constexpr,
-        GATHER: gl.constexpr = False, MULT: gl.constexpr = False,
+        GATHER: gl.constexpr = False, MULT: gl.constexpr = False, SKIP_PADDING: gl.constexpr = False,
     ):  # fmt: skip
         # One program: X[128 tokens, BLOCK_K channels] -> yT_KM and sT_KMb (see _quant_act_kernel, COL).
+        # SKIP_PADDING: a tile of padding rows only stores nothing (see quantize_act_t).
         LD: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, False)
         ST: gl.constexpr = _transpose_layout(SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K, True)
         BLOCK_K: gl.constexpr = SPT_K * (32 // TPW_M) * WARPS_K
@@ -251,20 +265,24 @@ if HAS_GLUON:
         load_mask = mask_m[:, None] & (offs_k[None, :] < K)
         src_m = offs_m
         if GATHER:  # as _load_rows: -1 is a padding row of zeros
-            src_m = gl.load(rows_ptr + offs_m, mask=mask_m, other=0)
+            src_m = gl.load(rows_ptr + offs_m, mask=mask_m, other=-1)
             load_mask = load_mask & (src_m >= 0)[:, None]
-        x = gl.load(x_ptr + src_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=load_mask, other=0.0)
-        x = x.to(gl.float32)
-        if MULT:  # as _load_rows
-            mult = gl.load(mult_ptr + offs_m, mask=mask_m, other=0.0).to(gl.float32)
-            x = _round_to(x * mult[:, None], x_ptr.dtype.element_ty)
-        st = _scale_from_amax(gl.max(gl.abs(x), axis=0), POW2)  # [BLOCK_K]
-        yt = gl.convert_layout(_div(x, st[None, :], gl.div_rn(1.0, st)[None, :], True).to(gl.float8e4nv), ST)
-        offs_m = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ST))
-        offs_kt = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ST))
-        mask = (offs_m[:, None] < M) & (offs_kt[None, :] < K)
-        gl.store(yt_ptr + offs_kt[None, :].to(gl.int64) * M + offs_m[:, None], yt, mask=mask)
-        gl.store(st_ptr + offs_k * gl.cdiv(M, 128) + pid_m, st, mask=offs_k < K)
+        store_tile = True
+        if SKIP_PADDING:  # the tile's quantisation skipped, not just its stores (compute costs here: _round_mult)
+            store_tile = gl.max(src_m, axis=0) >= 0
+        if store_tile:
+            x = gl.load(x_ptr + src_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=load_mask, other=0.0)
+            x = x.to(gl.float32)
+            if MULT:  # as _load_rows
+                mult = gl.load(mult_ptr + offs_m, mask=mask_m, other=0.0).to(gl.float32)
+                x = _round_mult(x * mult[:, None], x_ptr.dtype.element_ty, False)
+            st = _scale_from_amax(gl.max(gl.abs(x), axis=0), POW2)  # [BLOCK_K]
+            yt = gl.convert_layout(_div(x, st[None, :], gl.div_rn(1.0, st)[None, :], True).to(gl.float8e4nv), ST)
+            offs_m_st = pid_m * 128 + gl.arange(0, 128, layout=gl.SliceLayout(1, ST))
+            offs_k_st = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ST))
+            mask = (offs_m_st[:, None] < M) & (offs_k_st[None, :] < K)
+            gl.store(yt_ptr + offs_k_st[None, :].to(gl.int64) * M + offs_m_st[:, None], yt, mask=mask)
+            gl.store(st_ptr + offs_k * gl.cdiv(M, 128) + pid_m, st, mask=offs_k < K)
 
     @gluon.jit
     def _quant_weight_t_gluon_kernel(
@@ -362,12 +380,15 @@ def _quant_launch(
     impl: str | None = None,
     rows: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
+    skip_padding_tiles: bool = False,
 ):
     """Quantise X = x_MK, or X = x_MK[rows] * row_scale[:, None] rounded to x's dtype (either optional) read
     straight from x_MK: the routed experts' input (x's tokens repeated in expert order) and their output gradient
-    (the combined gradient's rows times the routing weights) are never written out in bf16."""
+    (the combined gradient's rows times the routing weights) are never written out in bf16.
+    skip_padding_tiles: see quantize_act_t (the Gluon kernel skips such tiles; the @triton.jit one writes them)."""
     tt.require_fp8("quantize_act" if row else "quantize_act_t")
     assert row != col, "one tiling a launch (quantize_act_both launches twice)"
+    assert not skip_padding_tiles or (col and rows is not None), "skip_padding_tiles: the 128x1 tiling of x[rows]"
     M = _gathered_rows(x_MK, rows, row_scale)
     K = x_MK.shape[1]
     dev = x_MK.device
@@ -385,7 +406,8 @@ def _quant_launch(
             grid = (triton.cdiv(M, 128), triton.cdiv(K, spt_k * (32 // tpw_m) * warps_k))
             _quant_act_gluon_kernel[grid](x_MK, rows, row_scale, yt, st, M, K, POW2=pow2, SPT_M=spt_m, SPT_K=spt_k,
                                           TPW_M=tpw_m, WARPS_M=warps_m, WARPS_K=warps_k,
-                                          num_warps=warps_m * warps_k, **gather)  # fmt: skip
+                                          SKIP_PADDING=skip_padding_tiles, num_warps=warps_m * warps_k,
+                                          **gather)  # fmt: skip
         return y, s, yt, st
     if tt.interpreting():
         block_m, block_k, warps = (128 if col else 16), (128 if row else 16), 4
@@ -425,12 +447,17 @@ def quantize_act_t(
     fast_div: bool | None = None,
     rows: torch.Tensor | None = None,
     row_scale: torch.Tensor | None = None,
+    skip_padding_tiles: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transposed 128x1 quantisation along tokens: returns (xT_fp8 [K, M] e4m3, scale [K, Mb] fp32).
 
     Equal to `quantize_act(x_MK.T.contiguous())`, without materialising the transpose.
+    skip_padding_tiles (with rows): the codes and scales of a 128-row tile whose rows are all padding (-1) may be
+    left unwritten (undefined). pad_experts_to_tiles's layout ends in such tiles (its static length bounds the
+    padding; at V3's routing about a sixth of its rows), and the weight-gradient GEMM never reads them.
     """
-    _, _, yt, st = _quant_launch(x_MK, False, True, pow2, fast_div=fast_div, rows=rows, row_scale=row_scale)
+    _, _, yt, st = _quant_launch(x_MK, False, True, pow2, fast_div=fast_div, rows=rows, row_scale=row_scale,
+                                 skip_padding_tiles=skip_padding_tiles)  # fmt: skip
     return yt, st
 
 

@@ -244,8 +244,11 @@ def test_import_without_triton():
 
 
 _GLUON_PTX_CHECK = """
+import subprocess
 import sys
+import tempfile
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from modeling_deepseek_v3.kernels import quant as Q
@@ -267,8 +270,8 @@ a = ptx(Q._quant_act_gluon_kernel,
 ag = ptx(Q._quant_act_gluon_kernel,
          {"x_ptr": "*bf16", "rows_ptr": "*i64", "mult_ptr": "*bf16", "yt_ptr": "*fp8e4nv", "st_ptr": "*fp32",
           "M": "i32", "K": "i32", "POW2": "constexpr", "GATHER": "constexpr", "MULT": "constexpr",
-          **{k: "constexpr" for k in layout}},
-         {"POW2": pow2, "GATHER": True, "MULT": True, **layout}, warps_m * warps_k)
+          "SKIP_PADDING": "constexpr", **{k: "constexpr" for k in layout}},
+         {"POW2": pow2, "GATHER": True, "MULT": True, "SKIP_PADDING": True, **layout}, warps_m * warps_k)
 spt_n, spt_kw, tpw_n, warps_n, warps_kw = Q.QUANT_WEIGHT_T_GLUON
 w = ptx(Q._quant_weight_t_gluon_kernel,
         {"w_ptr": "*bf16", "y_ptr": "*fp8e4nv", "s_ptr": "*fp32", "yt_ptr": "*fp8e4nv", "N": "i32", "K": "i32",
@@ -276,6 +279,12 @@ w = ptx(Q._quant_weight_t_gluon_kernel,
          "WARPS_N": "constexpr", "WARPS_K": "constexpr"},
         {"POW2": pow2, "SPT_N": spt_n, "SPT_K": spt_kw, "TPW_N": tpw_n, "WARPS_N": warps_n, "WARPS_K": warps_kw},
         warps_n * warps_kw)
+for p, warps in ((a, warps_m * warps_k), (ag, warps_m * warps_k), (w, warps_n * warps_kw)):
+    with tempfile.TemporaryDirectory() as d:  # the same ptxas Triton runs
+        open(f"{d}/k.ptx", "w").write(p)
+        v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
+                           capture_output=True, text=True).stderr
+    assert "0 bytes spill stores, 0 bytes spill loads" in v, v
 for p, spt in ((a, spt_m), (ag, spt_m), (w, spt_n)):
     assert "st.shared.b8" not in p and "st.shared.u8" not in p, "a byte-wise transpose through shared memory"
     assert "st.global.b8" not in p and "st.global.u8" not in p, "a byte-wise global store"
@@ -330,6 +339,16 @@ for shape in [(1024, 7168), (777, 1000), (130, 200)]:
         X = (torch.where((rows >= 0)[:, None], x[rows.clamp(min=0)], 0.0) * scale[:, None]).cpu()
         pairs += list(zip(Q.quantize_act_both(x, pow2, None, rows, scale),
                           (*Q.quantize_act_ref(X, pow2), *Q.quantize_act_t_ref(X, pow2))))
+        # the wgrad's padded layout ends in tiles of padding only, which skip_padding_tiles may leave unwritten:
+        # every other tile (the last real one holds some padding too) must still equal the reference
+        tail = 2 * 128 + 77
+        rows_p, scale_p = torch.cat([rows, rows.new_full((tail,), -1)]), torch.cat([scale, scale.new_ones(tail)])
+        qt, st = Q.quantize_act_t(x, pow2, rows=rows_p, row_scale=scale_p, skip_padding_tiles=True)
+        rt, rst = Q.quantize_act_t_ref(torch.cat([X, X.new_zeros(tail, shape[1])]), pow2)
+        live = torch.nn.functional.pad(rows_p.cpu(), (0, -rows_p.shape[0] % 128), value=-1).view(-1, 128).amax(1) >= 0
+        assert not live.all() and live.sum() == -(-rows.shape[0] // 128)  # tiles to skip, and the live ones
+        pairs += [(qt.cpu()[:, live.repeat_interleave(128)[: rows_p.shape[0]]],
+                   rt[:, live.repeat_interleave(128)[: rows_p.shape[0]]]), (st.cpu()[:, live], rst[:, live])]
         bad += [(shape, pow2, i) for i, (a, b) in enumerate(pairs)
                 if not torch.equal(a.cpu().view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a.cpu(),
                                    b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)]
