@@ -63,6 +63,12 @@ def _opaque(name: str, fake):
 # Quantisation
 
 
+def _step_major_scales(x, M):
+    """The 128x1 tiling's scales [K, Mb] as quant.quantize_act_t returns them: a view of [Mb, K] storage (a custom
+    op's fake must give its real output's strides)."""
+    return x.new_empty(_blocks(M), x.shape[1], dtype=F32).t()
+
+
 def _rows_of(x, rows):
     """Rows of the quantised X: x's, or as many as the gather index has (quant.quantize_act's rows)."""
     return x.shape[0] if rows is None else rows.shape[0]
@@ -75,9 +81,12 @@ def quantize_act(
     return _quant.quantize_act(x_MK, pow2, rows=rows, row_scale=row_scale)
 
 
-@_opaque("quantize_act_t", lambda x, pow2, rows=None, row_scale=None, skip_padding_tiles=False: (x.new_empty(x.shape[1], _rows_of(x, rows), dtype=E4M3), x.new_empty(x.shape[1], _blocks(_rows_of(x, rows)), dtype=F32)))  # fmt: skip
+@_opaque("quantize_act_t", lambda x, pow2, rows=None, row_scale=None, skip_padding_tiles=False: (x.new_empty(x.shape[1], _rows_of(x, rows), dtype=E4M3), _step_major_scales(x, _rows_of(x, rows))))  # fmt: skip
 def quantize_act_t(
-    x_MK: torch.Tensor, pow2: bool, rows: torch.Tensor | None = None, row_scale: torch.Tensor | None = None,
+    x_MK: torch.Tensor,
+    pow2: bool,
+    rows: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
     skip_padding_tiles: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _quant.quantize_act_t(x_MK, pow2, rows=rows, row_scale=row_scale, skip_padding_tiles=skip_padding_tiles)
@@ -86,7 +95,7 @@ def quantize_act_t(
 def _quantize_act_both_fake(x, pow2, rows=None, row_scale=None):
     M, K = _rows_of(x, rows), x.shape[1]
     return (x.new_empty(M, K, dtype=E4M3), x.new_empty(M, _blocks(K), dtype=F32),
-            x.new_empty(K, M, dtype=E4M3), x.new_empty(K, _blocks(M), dtype=F32))  # fmt: skip
+            x.new_empty(K, M, dtype=E4M3), _step_major_scales(x, M))  # fmt: skip
 
 
 @_opaque("quantize_act_both", _quantize_act_both_fake)

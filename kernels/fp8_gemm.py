@@ -307,6 +307,12 @@ def _check_fp8(x: torch.Tensor, s: torch.Tensor, name: str) -> None:
     _check_operand(s, f"{name} scales", s.dim())
 
 
+def _check_wgrad_fp8(x: torch.Tensor, s: torch.Tensor, name: str) -> None:
+    """_check_fp8 for a weight-gradient operand: its 128x1 scales [rows, Tb] may also be a transposed view of
+    step-major [Tb, rows] storage (quant.quantize_act_t's layout)."""
+    _check_fp8(x, s.t() if s.dim() == 2 and s.t().is_contiguous() else s, name)
+
+
 def m_bucket(m: int) -> int:
     """Autotune key for the token count: its power of two, so a new batch size rarely re-tunes."""
     return 1 << max(int(m) - 1, 0).bit_length()
@@ -431,6 +437,7 @@ def _launch(
 
             offs = torch.full((1,), K, dtype=torch.int32, device=a.device)
             return fp8_grouped_gemm_wgrad(a, a_s, b, b_s, offs, out_dtype, tokens_aligned=True)[0]
+    a_s, b_s = a_s.contiguous(), b_s.contiguous()  # [rows, Kb] as the kernels below index them (a wgrad's may not be)
     if use_tma:
         nsm = num_sms()
         if split_k is None and not b_blockwise:  # the wgrad (B scaled per row): split when its tiles are few
@@ -520,8 +527,8 @@ def fp8_gemm_wgrad(
     kernel for large outputs (gluon_config), else the grouped wgrad as one expert over whole 128-token steps
     (WGRAD_AS_ONE_EXPERT_MIN_TILES), else split_k_of(N, K, tokens) decides)."""
     tt.require_fp8("fp8_gemm_wgrad")
-    _check_fp8(dyT_NM, dyT_scale_NMb, "dyT_NM")
-    _check_fp8(xT_KM, xT_scale_KMb, "xT_KM")
+    _check_wgrad_fp8(dyT_NM, dyT_scale_NMb, "dyT_NM")
+    _check_wgrad_fp8(xT_KM, xT_scale_KMb, "xT_KM")
     return _launch(dyT_NM, dyT_scale_NMb, xT_KM, xT_scale_KMb, False, out_dtype, split_k=split_k)
 
 

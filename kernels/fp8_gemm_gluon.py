@@ -845,6 +845,8 @@ def launch_gluon(a, a_s, b, b_s, b_blockwise: bool, out_dtype: torch.dtype, conf
     scale_descs = {}
     if _scales_tma(config or DEFAULT_CONFIG) and not b_blockwise:
         scale_descs = dict(as_desc=_scale_desc(a_s, bm), bs_desc=_scale_desc(b_s, bn))
+    else:  # read by pointer as [rows, Kb] (a wgrad's 128x1 scales may come step-major: quant.quantize_act_t)
+        a_s, b_s = a_s.contiguous(), b_s.contiguous()
     _fp8_gemm_gluon_kernel[grid](
         _desc(a, [bm, BLOCK_K]), _desc(b, [bn, BLOCK_K]), _desc(c, [bm, bn]), a_s, b_s, M, N, K,
         B_BLOCKWISE=b_blockwise, BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, NUM_STAGES=stages,
@@ -861,7 +863,8 @@ def _scale_layout():
 
 def _scale_desc(s_rows_Kb: torch.Tensor, block: int):
     """SCALES_TMA: per-row scales [rows, Kb] as the producer loads them, transposed and flattened to [Kb * rows] (a
-    step's vector contiguous) under a 1-D TMA descriptor of one tile's vector."""
+    step's vector contiguous) under a 1-D TMA descriptor of one tile's vector. quant.quantize_act_t's scales are
+    already a view of that storage: no copy then."""
     flat = s_rows_Kb.t().contiguous().view(-1)
     return GluonTensorDescriptor(flat, [flat.numel()], [1], [block], _scale_layout())
 

@@ -24,7 +24,7 @@ import torch
 
 from . import _triton as tt
 from . import fp8_gemm_gluon as _gluon
-from .fp8_gemm import _check_fp8, can_use_tma
+from .fp8_gemm import _check_fp8, _check_wgrad_fp8, can_use_tma
 from .quant import BLOCK, dequantize_act_ref, expand_block_scale
 
 triton, tl = tt.triton, tt.tl
@@ -400,8 +400,8 @@ def fp8_grouped_gemm_wgrad(
     offs_E is a multiple of 128 (each expert's tokens padded to whole scale tiles), so the persistent TMA kernel
     runs whole steps only, unmasked, in one loop. Not checked here (that would sync with the device)."""
     tt.require_fp8("fp8_grouped_gemm_wgrad")
-    _check_fp8(dyT_NS, dyT_scale_NSb, "dyT_NS")
-    _check_fp8(xT_KS, xT_scale_KSb, "xT_KS")
+    _check_wgrad_fp8(dyT_NS, dyT_scale_NSb, "dyT_NS")
+    _check_wgrad_fp8(xT_KS, xT_scale_KSb, "xT_KS")
     (N, S), K, E = dyT_NS.shape, xT_KS.shape[0], offs_E.numel()
     Sb = triton.cdiv(S, BLOCK)
     assert xT_KS.shape[1] == S and dyT_scale_NSb.shape == (N, Sb) and xT_scale_KSb.shape == (K, Sb)
@@ -428,8 +428,12 @@ def fp8_grouped_gemm_wgrad(
         )
         tma_store = bool(extra and extra[0])
         c_desc = TensorDescriptor(c, [E, N, K], [N * K, K, 1], [1, bm, bn]) if tma_store else None
-        if tokens_aligned:  # the aligned loop reads the scales as [Sb, N] / [Sb, K] (a few MB at V3 size)
+        # The aligned loop reads the scales step-major, [Sb, N] / [Sb, K] (quant.quantize_act_t's storage: no copy);
+        # the others as [N, Sb] / [K, Sb].
+        if tokens_aligned:
             dyT_scale_NSb, xT_scale_KSb = dyT_scale_NSb.t().contiguous(), xT_scale_KSb.t().contiguous()
+        else:
+            dyT_scale_NSb, xT_scale_KSb = dyT_scale_NSb.contiguous(), xT_scale_KSb.contiguous()
         from .fp8_gemm import num_sms
 
         progs = min(num_sms() * occ, E * triton.cdiv(N, bm) * triton.cdiv(K, bn))
@@ -447,7 +451,7 @@ def fp8_grouped_gemm_wgrad(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), E)
 
-    _grouped_wgrad_kernel[grid](dyT_NS, xT_KS, c, dyT_scale_NSb, xT_scale_KSb, offs_E, S, N, K)
+    _grouped_wgrad_kernel[grid](dyT_NS, xT_KS, c, dyT_scale_NSb.contiguous(), xT_scale_KSb.contiguous(), offs_E, S, N, K)
     return c
 
 

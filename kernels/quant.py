@@ -141,7 +141,7 @@ if tt.HAS_TRITON:
         # ROW: the 1x128 tiling (BLOCK_K = 128): y_MK and s_MKb, a scale per token.
         # COL: the 128x1 tiling (BLOCK_M = 128): yT_KM transposed, so that the wgrad GEMM reads its
         #      reduction dim (tokens) contiguously (fp8 tensor-core operands must be K-major), and
-        #      sT_KMb, a scale per channel.
+        #      sT_KMb, a scale per channel, stored step-major (sT_MbK: see quantize_act_t).
         # The launchers set one of the two (see quantize_act_both for why not both).
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -158,7 +158,7 @@ if tt.HAS_TRITON:
             st = _scale_from_amax(tl.max(ax, axis=0), POW2)  # [BLOCK_K]
             yt = _to_e4m3(_div(x, st[None, :], tl.math.div_rn(1.0, st)[None, :], FAST_DIV), EXACT)
             tl.store(yt_ptr + offs_k[None, :].to(tl.int64) * M + offs_m[:, None], yt, mask=mask)
-            tl.store(st_ptr + offs_k * tl.cdiv(M, 128) + pid_m, st, mask=offs_k < K)
+            tl.store(st_ptr + pid_m * K + offs_k, st, mask=offs_k < K)  # step-major: see quantize_act_t
 
     @triton.jit
     def _quant_weight_kernel(
@@ -282,7 +282,7 @@ if HAS_GLUON:
             offs_k_st = pid_k * BLOCK_K + gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, ST))
             mask = (offs_m_st[:, None] < M) & (offs_k_st[None, :] < K)
             gl.store(yt_ptr + offs_k_st[None, :].to(gl.int64) * M + offs_m_st[:, None], yt, mask=mask)
-            gl.store(st_ptr + offs_k * gl.cdiv(M, 128) + pid_m, st, mask=offs_k < K)
+            gl.store(st_ptr + pid_m * K + offs_k, st, mask=offs_k < K)  # step-major: see quantize_act_t
 
     @gluon.jit
     def _quant_weight_t_gluon_kernel(
@@ -398,7 +398,7 @@ def _quant_launch(
         s = torch.empty(M, triton.cdiv(K, BLOCK), dtype=torch.float32, device=dev)
     if col:
         yt = torch.empty(K, M, dtype=torch.float8_e4m3fn, device=dev)
-        st = torch.empty(K, triton.cdiv(M, BLOCK), dtype=torch.float32, device=dev)
+        st = torch.empty(triton.cdiv(M, BLOCK), K, dtype=torch.float32, device=dev).t()  # see quantize_act_t
     gather = dict(GATHER=rows is not None, MULT=row_scale is not None)
     if col and _use_gluon(impl, fast_div, tile is not None and len(tile) == 3):
         spt_m, spt_k, tpw_m, warps_m, warps_k = tile or QUANT_T_GLUON
@@ -451,7 +451,10 @@ def quantize_act_t(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Transposed 128x1 quantisation along tokens: returns (xT_fp8 [K, M] e4m3, scale [K, Mb] fp32).
 
-    Equal to `quantize_act(x_MK.T.contiguous())`, without materialising the transpose.
+    Equal to `quantize_act(x_MK.T.contiguous())`, without materialising the transpose. The scale is a transposed
+    view: its storage is step-major, [Mb, K] contiguous, one 128-token step's scales side by side, as the
+    weight-gradient GEMMs read them (by TMA on Hopper); the kernels store it so, coalesced, and no transpose is
+    copied between them (fp8_gemm_wgrad and fp8_grouped_gemm_wgrad take either layout).
     skip_padding_tiles (with rows): the codes and scales of a 128-row tile whose rows are all padding (-1) may be
     left unwritten (undefined). pad_experts_to_tiles's layout ends in such tiles (its static length bounds the
     padding; at V3's routing about a sixth of its rows), and the weight-gradient GEMM never reads them.

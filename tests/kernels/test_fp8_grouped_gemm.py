@@ -107,6 +107,23 @@ def test_persistent_wgrad_tokens_aligned(counts, tma_store, tol, rel):
             assert torch.equal(dw[e], torch.zeros(80, 144)), "an expert with no tokens has a zero gradient"
 
 
+def test_wgrads_take_the_quantisers_step_major_scales():
+    """quantize_act_t returns its scales [K, Tb] as a view of step-major [Tb, K] storage (what the Hopper kernels
+    read, with no transpose copied between). Every weight-gradient path (the grouped pointer kernel, the persistent
+    TMA one masked and aligned, the dense one) gives the same bits from that view as from the contiguous scales."""
+    from modeling_deepseek_v3.kernels import fp8_gemm_wgrad, quantize_act_t
+
+    offs, x, _, dy = _case([128, 0, 256, 128], 80, 144, seed=11)  # whole 128-token tiles, an empty expert
+    dyTq, dyTs = quantize_act_t(dy.bfloat16())
+    xTq, xTs = quantize_act_t(x.bfloat16())
+    assert dyTs.shape == (80, 4) and dyTs.t().is_contiguous() and not dyTs.is_contiguous()
+    assert torch.equal(dyTs, quantize_act_t_ref(dy.bfloat16())[1])
+    for kw in (dict(use_tma=False), dict(use_tma=True), dict(use_tma=True, tokens_aligned=True)):
+        dw = fp8_grouped_gemm_wgrad(dyTq, dyTs, xTq, xTs, offs, **kw)
+        assert torch.equal(dw, fp8_grouped_gemm_wgrad(dyTq, dyTs.contiguous(), xTq, xTs.contiguous(), offs, **kw))
+    assert torch.equal(fp8_gemm_wgrad(dyTq, dyTs, xTq, xTs), fp8_gemm_wgrad(dyTq, dyTs.contiguous(), xTq, xTs.contiguous()))
+
+
 @pytest.mark.parametrize("counts", COUNTS)
 def test_grouped_wgrad(counts, tol, rel):
     N, K = 200, 300
