@@ -56,16 +56,25 @@ from .quant import (
     quantize_act_t_ref,
     quantize_weight_ref,
 )
-from .swiglu import swiglu
+from .swiglu import quantizes as swiglu_quantizes
+from .swiglu import swiglu, swiglu_backward, swiglu_forward
+
+# The routed experts' SwiGLU fused with the 1x128 quantisations around it (swiglu_forward / swiglu_backward with
+# pow2): the forward's a for the down projection, the backward's dh for gate_up's dgrad, each written by the SwiGLU
+# kernel instead of a quantiser pass over it. Eager mode, F.silu, and I a multiple of 128 (swiglu_quantizes); the
+# same bits either way (test_fp8_linear.py). False: SwiGLU and the quantisers apart.
+FUSE_SWIGLU_QUANT = True
 
 # ---------------------------------------------------------------------------------------------
 # autograd.Functions
 
 
-def _quantize_input(x_MK: torch.Tensor, pow2: bool, need_t: bool, rows=None, padded_rows=None):
+def _quantize_input(x_MK: torch.Tensor, pow2: bool, need_t: bool, rows=None, padded_rows=None, x_1x128=None):
     """x (or x[rows], gathered by the quantisers) in the 1x128 tiling, and (if need_t) in the 128x1 tiling too;
-    padded_rows: the 128x1 tiling's rows instead (experts padded to whole tiles, pad_experts_to_tiles)."""
-    return _quantize_grad(x_MK, pow2, True, need_t, rows, None, padded_rows)
+    padded_rows: the 128x1 tiling's rows instead (experts padded to whole tiles, pad_experts_to_tiles). x_1x128:
+    x's 1x128 tiling (codes, scales), quantised already."""
+    x_q = _quantize_grad(x_MK, pow2, x_1x128 is None, need_t, rows, None, padded_rows)
+    return x_q if x_1x128 is None else (*x_1x128, *x_q[2:])
 
 
 def _quantize_grad(dy_MN: torch.Tensor, pow2: bool, need_dx: bool, need_dw: bool, rows=None, row_scale=None,
@@ -227,13 +236,14 @@ def _rows_at(row_P: torch.Tensor, index_S: torch.Tensor) -> torch.Tensor:
     return torch.where(row_P >= 0, index_S[row_P.clamp(min=0)], -1)
 
 
-def _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, weight_cache, grad_enabled, rows_S=None, padded=None):
+def _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, weight_cache, grad_enabled, rows_S=None, padded=None,
+                     x_1x128=None):  # fmt: skip
     """The FP8 grouped GEMM of both grouped Functions: y_SN; saves on ctx what _grouped_backward needs.
     padded: (x's row at each padded position, offs_P), the wgrad's layout (pad_experts_to_tiles), or None for the
-    rows as they are."""
+    rows as they are. x_1x128: as _quantize_input's."""
     need_dx, need_dw = _needs_grads(ctx, grad_enabled)
     x_rows_P, offs_W = padded if padded is not None else (None, offs_E)
-    x_q, x_s, xT_q, xT_s = _quantize_input(x, pow2, need_dw, rows_S, x_rows_P)
+    x_q, x_s, xT_q, xT_s = _quantize_input(x, pow2, need_dw, rows_S, x_rows_P, x_1x128)
     w_q, w_s, wT_q = _quantize_master_weight(weight_ENK, pow2, need_dx, weight_cache)
     y_SN = fp8_grouped_gemm(x_q, x_s, w_q, w_s, offs_E, out_dtype=x.dtype)
     ctx.pow2, ctx.x_dtype, ctx.w_dtype, ctx.tokens_aligned = pow2, x.dtype, weight_ENK.dtype, padded is not None
@@ -266,32 +276,47 @@ class FP8GroupedLinearFunction(torch.autograd.Function):
     `padded`, if given, is (row_P, offs_P) of pad_experts_to_tiles: the wgrad's operands are quantised in that
     layout (each expert's rows padded to whole 128-token tiles) and its GEMM runs whole steps only. Without it the
     128x1 tiles run over all S rows, a tile at an expert boundary shared by two experts.
+
+    `swiglu_out`: apply SwiGLU to y (N = 2I, gate columns first) and return (a, a_fp8, a_scale), a's 1x128
+    tiling from the SwiGLU kernel (swiglu_forward; not differentiable) for the next projection to take; the
+    backward takes da, and the SwiGLU backward kernel quantises dh for the dgrad (FUSE_SWIGLU_QUANT).
     """
 
     @staticmethod
     def forward(
         ctx, x: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, pow2: bool = False,
         weight_cache: QuantizedWeightCache | None = None, grad_enabled: bool = True, rows_S: torch.Tensor | None = None,
-        slots_TK: torch.Tensor | None = None, padded: tuple | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        slots_TK: torch.Tensor | None = None, padded: tuple | None = None, swiglu_out: bool = False,
+    ):  # fmt: skip
         assert (rows_S is None) == (slots_TK is None), "a gathered input needs both rows_S and slots_TK"
         x = x.contiguous()
         row_P, offs_P = padded if padded is not None else (None, None)
         x_padded = None if row_P is None else (row_P if rows_S is None else _rows_at(row_P, rows_S), offs_P)
         y_SN, saved = _grouped_forward(ctx, x, weight_ENK, offs_E, pow2, weight_cache, grad_enabled, rows_S,
                                        x_padded)  # fmt: skip
-        ctx.save_for_backward(*saved, rows_S, slots_TK, row_P)
-        return y_SN
+        ctx.swiglu_out = swiglu_out
+        h_SF = y_SN if swiglu_out else None  # SwiGLU's backward reads it
+        ctx.save_for_backward(*saved, rows_S, slots_TK, row_P, h_SF)
+        if not swiglu_out:
+            return y_SN
+        a_SI, a_q, a_s = swiglu_forward(y_SN, pow2)
+        ctx.mark_non_differentiable(a_q, a_s)
+        ctx.set_materialize_grads(False)  # no zero gradients made for a_q and a_s
+        return a_SI, a_q, a_s
 
     @staticmethod
-    def backward(ctx, dy_SN: torch.Tensor):
-        *saved, rows_S, slots_TK, row_P = ctx.saved_tensors
+    def backward(ctx, dy_SN: torch.Tensor, *_):
+        *saved, rows_S, slots_TK, row_P, h_SF = ctx.saved_tensors
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dy = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw, padded_rows=row_P)
+        if ctx.swiglu_out:  # dy is da: dh, and its 1x128 tiling from the same kernel
+            dh_SF, dh_q, dh_s = swiglu_backward(h_SF, dy_SN, ctx.pow2 if need_dx else None)
+            dy = (dh_q, dh_s, *_quantize_grad(dh_SF, ctx.pow2, False, need_dw, padded_rows=row_P)[2:])
+        else:
+            dy = _quantize_grad(dy_SN.contiguous(), ctx.pow2, need_dx, need_dw, padded_rows=row_P)
         dx, dw = _grouped_backward(ctx, saved, *dy)
         if dx is not None and slots_TK is not None:
             dx = modeling_dsv3._sum_slots(dx, (None, rows_S, slots_TK))
-        return dx, dw, None, None, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None
 
 
 class FP8GroupedLinearCombineFunction(torch.autograd.Function):
@@ -301,16 +326,18 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
     Apart, autograd would hand the backward dy_S = dout[token_S] * weight_S written out in full ([S, N], each
     token's gradient repeated per expert); here the quantisers read it straight from dout (quant.quantize_act's rows
     and row_scale), with the same bf16 product. weight_TK: the routing weights, in x's dtype. padded and
-    weight_cache: as FP8GroupedLinearFunction's."""
+    weight_cache: as FP8GroupedLinearFunction's. x_1x128: x's 1x128 tiling, quantised already (by the SwiGLU
+    kernel: FP8GroupedLinearFunction's swiglu_out), or None."""
 
     @staticmethod
     def forward(
         ctx, x_SK: torch.Tensor, weight_ENK: torch.Tensor, offs_E: torch.Tensor, order_S: torch.Tensor,
         token_S: torch.Tensor, row_TK: torch.Tensor, weight_TK: torch.Tensor, pow2: bool = False,
         grad_enabled: bool = True, padded: tuple | None = None, weight_cache: QuantizedWeightCache | None = None,
+        x_1x128: tuple | None = None,
     ) -> torch.Tensor:  # fmt: skip
         y_SN, saved = _grouped_forward(ctx, x_SK.contiguous(), weight_ENK, offs_E, pow2, weight_cache, grad_enabled,
-                                       padded=padded)  # fmt: skip
+                                       padded=padded, x_1x128=x_1x128)  # fmt: skip
         weight_S = weight_TK.reshape(-1)[order_S]  # the weight of each row, in row order
         row_P = padded[0] if padded is not None else None
         ctx.save_for_backward(*saved, token_S, row_TK, weight_S, y_SN, row_P)  # y for the routing weights' gradient
@@ -327,7 +354,7 @@ class FP8GroupedLinearCombineFunction(torch.autograd.Function):
         dy = _quantize_grad(dout_TN, ctx.pow2, need_dx, need_dw, token_S, weight_S, padded_rows, padded_scale)
         dx, dw = _grouped_backward(ctx, saved, *dy)
         dweight = modeling_dsv3._slot_dots(dout_TN, y_SN, row_TK) if ctx.needs_input_grad[6] else None
-        return dx, dw, None, None, None, None, dweight, None, None, None, None
+        return dx, dw, None, None, None, None, dweight, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,13 +533,16 @@ def fp8_experts_forward(
     order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, E)
     grad = torch.is_grad_enabled()
     padded = pad_experts_to_tiles(offs_E, token_S.shape[0]) if grad else None  # the wgrad's layout
-    h_SF = FP8GroupedLinearFunction.apply(
-        hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, weight_cache, grad, token_S, row_TK, padded
-    )
-    a_SI = _gated(h_SF, act)
-    weight_TK = topk_weight_TK.to(h_SF.dtype)
+    gate_up = (hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, weight_cache, grad, token_S, row_TK, padded)
+    fused = FUSE_SWIGLU_QUANT and act is F.silu and not torch.compiler.is_compiling()
+    if fused and swiglu_quantizes(gate_up_proj_EFD.shape[1] // 2):
+        a_SI, *a_1x128 = FP8GroupedLinearFunction.apply(*gate_up, True)
+    else:
+        a_SI, a_1x128 = _gated(FP8GroupedLinearFunction.apply(*gate_up), act), None
+    weight_TK = topk_weight_TK.to(a_SI.dtype)
     return FP8GroupedLinearCombineFunction.apply(
-        a_SI, down_proj_EDI, offs_E, order_S, token_S, row_TK, weight_TK, pow2_scales, grad, padded, weight_cache
+        a_SI, down_proj_EDI, offs_E, order_S, token_S, row_TK, weight_TK, pow2_scales, grad, padded, weight_cache,
+        a_1x128,
     )
 
 

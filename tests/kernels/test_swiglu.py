@@ -69,15 +69,48 @@ def test_swiglu_matches_torch(S, I, dtype):  # noqa: E741
     _check_swiglu(S, I, dtype)
 
 
+def _check_quantized(S, I, pow2, device="cpu"):  # noqa: E741
+    """swiglu_forward / swiglu_backward with pow2 given: a and dh as without it, and their 1x128 tilings equal to
+    quant.quantize_act's of them, codes and scales bit for bit (a's last block ragged where I % 128 != 0)."""
+    from modeling_deepseek_v3.kernels import quantize_act
+
+    g = torch.Generator().manual_seed(S + I + pow2)
+    h = (torch.randn(S, 2 * I, generator=g) * torch.logspace(-2, 1, 2 * I)).to(device, torch.bfloat16)
+    da = torch.randn(S, I, generator=g).to(device, torch.bfloat16)
+    a, a_q, a_s = SW.swiglu_forward(h, pow2)
+    a_plain = SW.swiglu_forward(h)
+    assert a_plain[1] is None and torch.equal(a, a_plain[0])
+    pairs = list(zip((a_q, a_s), quantize_act(a, pow2), strict=True))
+    if SW.quantizes(I):
+        dh, dh_q, dh_s = SW.swiglu_backward(h, da, pow2)
+        assert torch.equal(dh, SW.swiglu_backward(h, da)[0])
+        pairs += list(zip((dh_q, dh_s), quantize_act(dh, pow2), strict=True))
+    else:
+        with pytest.raises(AssertionError, match="straddle"):
+            SW.swiglu_backward(h, da, pow2)
+    for ours, theirs in pairs:
+        assert torch.equal(ours.view(torch.uint8) if ours.dtype == torch.float8_e4m3fn else ours,
+                           theirs.view(torch.uint8) if theirs.dtype == torch.float8_e4m3fn else theirs)  # fmt: skip
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("S, I", [(37, 256), (5, 300), (18, 128)])  # noqa: E741
+def test_swiglu_quantizes_its_output_as_quantize_act(S, I, pow2):  # noqa: E741
+    _check_quantized(S, I, pow2)
+
+
 _GPU_CHECK = """
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from test_swiglu import CASES, _check_swiglu
+from test_swiglu import CASES, _check_quantized, _check_swiglu
 
 for S, I in CASES + [(65536, 2048)]:  # and the V3 layer's routed rows
     for dtype in (torch.bfloat16, torch.float32):
         _check_swiglu(S, I, dtype, "cuda")
+for S, I in [(37, 256), (5, 300), (65536, 2048)]:
+    for pow2 in (False, True):
+        _check_quantized(S, I, pow2, "cuda")
 print("ok")
 """
 
@@ -97,24 +130,31 @@ def test_swiglu_on_the_gpu():
 
 
 def test_fp8_experts_run_swiglu_in_eager_mode(monkeypatch):
-    """F.silu takes the kernels (forward and backward), another activation the torch ops; the model passes F.silu
-    for hidden_act "silu"."""
+    """F.silu takes the kernels (forward and backward): with I a multiple of 128 the ones that also quantise
+    (fp8_linear.FUSE_SWIGLU_QUANT), else, or with that switch off, the plain ones; another activation the torch ops.
+    The model passes F.silu for hidden_act "silu"."""
     from modeling_deepseek_v3.kernels import fp8_experts_forward
     from modeling_deepseek_v3.kernels import fp8_linear as FL
 
     calls = []
-    monkeypatch.setattr(FL, "swiglu", lambda h: calls.append(h.shape) or SW.swiglu(h))
+    for name in ("swiglu", "swiglu_forward", "swiglu_backward"):
+        monkeypatch.setattr(FL, name, lambda *a, name=name, **k: calls.append(name) or getattr(SW, name)(*a, **k))
     g = torch.Generator().manual_seed(3)
     h = torch.randn(11, 256, generator=g).requires_grad_()
     idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(11)])
     wt = torch.rand(11, 2, generator=g)
-    gu = (torch.randn(4, 256, 256, generator=g) * 0.05).requires_grad_()
-    dn = (torch.randn(4, 256, 128, generator=g) * 0.05).requires_grad_()
-    y = fp8_experts_forward(h, idx, wt, gu, dn)
-    y.sum().backward()
-    assert calls == [(22, 256)] and gu.grad.abs().sum() > 0
-    y_gelu = fp8_experts_forward(h, idx, wt, gu, dn, act=F.gelu)
-    assert len(calls) == 1 and not torch.equal(y_gelu, y)
+    for I, fuse, expected in ((128, True, ["swiglu_forward", "swiglu_backward"]), (128, False, ["swiglu"]),  # noqa: E741
+                              (64, True, ["swiglu"])):  # fmt: skip
+        monkeypatch.setattr(FL, "FUSE_SWIGLU_QUANT", fuse)
+        gu = (torch.randn(4, 2 * I, 256, generator=g) * 0.05).requires_grad_()
+        dn = (torch.randn(4, 256, I, generator=g) * 0.05).requires_grad_()
+        calls.clear()
+        y = fp8_experts_forward(h, idx, wt, gu, dn)
+        y.sum().backward()
+        assert calls == expected and gu.grad.abs().sum() > 0, (I, fuse, calls)
+        calls.clear()
+        y_gelu = fp8_experts_forward(h, idx, wt, gu, dn, act=F.gelu)
+        assert calls == [] and not torch.equal(y_gelu, y)
 
 
 @pytest.mark.parametrize("act, kernel_calls", [(F.silu, 1), (F.gelu, 0)])

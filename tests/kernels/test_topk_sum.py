@@ -79,11 +79,14 @@ cases += [(M._slot_dots_kernel, dict(g_ptr="*" + dtype, y_ptr="*" + dtype, row_p
            dict(KT=8, KT_P2=8, BLOCK_D=512)) for dtype in ("bf16", "fp32")]
 SW = importlib.import_module("modeling_deepseek_v3.kernels.swiglu")
 for dtype in ("bf16", "fp32"):
-    blocks = dict(BLOCK_R=8, BLOCK_C=256)
-    cases += [(SW._swiglu_fwd_kernel, dict(h_ptr="*" + dtype, a_ptr="*" + dtype, S="i32", I="i32", BLOCK_R="constexpr",
-                                           BLOCK_C="constexpr"), blocks),
-              (SW._swiglu_bwd_kernel, dict(h_ptr="*" + dtype, da_ptr="*" + dtype, dh_ptr="*" + dtype, S="i32", I="i32",
-                                           BLOCK_R="constexpr", BLOCK_C="constexpr"), blocks)]
+    # plain, and with the 1x128 quantisation of the output (the FP8 experts' fused form)
+    for quant, extra in ((dict(q_ptr="constexpr", s_ptr="constexpr"), dict(q_ptr=None, s_ptr=None, BLOCK_R=8, BLOCK_C=256)),
+                         (dict(q_ptr="*fp8e4nv", s_ptr="*fp32", QUANT="constexpr", POW2="constexpr"),
+                          dict(BLOCK_R=SW.QUANT_BLOCK_ROWS, BLOCK_C=128, QUANT=True, POW2=False))):
+        cases += [(SW._swiglu_fwd_kernel, dict(h_ptr="*" + dtype, a_ptr="*" + dtype, **quant, S="i32", I="i32",
+                                               BLOCK_R="constexpr", BLOCK_C="constexpr"), extra),
+                  (SW._swiglu_bwd_kernel, dict(h_ptr="*" + dtype, da_ptr="*" + dtype, dh_ptr="*" + dtype, **quant,
+                                               S="i32", I="i32", BLOCK_R="constexpr", BLOCK_C="constexpr"), extra)]
 RT = importlib.import_module("modeling_deepseek_v3.kernels.router_topk")
 cases += [(RT._route_topk_kernel, dict(scores_ptr="*fp32", bias_ptr="*fp32", idx_ptr="*i64", T="i32", E="constexpr",
                                        G="constexpr", TOPK_GROUP="constexpr", KT="constexpr", BLOCK_T="constexpr"),
