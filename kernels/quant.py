@@ -268,7 +268,7 @@ if HAS_GLUON:
             src_m = gl.load(rows_ptr + offs_m, mask=mask_m, other=-1)
             load_mask = load_mask & (src_m >= 0)[:, None]
         store_tile = True
-        if SKIP_PADDING:  # the tile's quantisation skipped, not just its stores (compute costs here: _round_mult)
+        if SKIP_PADDING:  # the whole tile skipped, loads and arithmetic too, not only its stores (issue-bound kernel)
             store_tile = gl.max(src_m, axis=0) >= 0
         if store_tile:
             x = gl.load(x_ptr + src_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=load_mask, other=0.0)
@@ -328,8 +328,10 @@ def _check_2d(x: torch.Tensor, name: str) -> None:
 
 # Tile of each @triton.jit launch: (BLOCK_M, BLOCK_K, num_warps) on a GPU; the interpreter takes the
 # smallest. Measured on an H200 (2026-11-30, 16384x7168 bf16): row (64, 128, 8) 86-87% of copy
-# bandwidth, col (128, 64, 4) 71-72%.
-QUANT_TILES = {"row": (64, 128, 8), "col": (128, 64, 4)}
+# bandwidth, col (128, 64, 4) 71-72%. Row re-measured at the V3 MoE layer's calls (2026-12-01, session 17,
+# benchmarks/RESULTS.md): (32, 128, 4) 6% faster on the routed experts' gathered rows (282 against 302 us),
+# level elsewhere (451.6 against 452.6 us at 65536x7168).
+QUANT_TILES = {"row": (32, 128, 4), "col": (128, 64, 4)}
 # The 128x1 tiling alone and the weight's K-major copy take the Gluon kernels on a GPU where Triton has
 # Gluon (the in-register transpose above); the interpreter and older Triton take the @triton.jit ones
 # (selected in _use_gluon). Tiles: (SPT_M, SPT_K, TPW_M, WARPS_M, WARPS_K), see _transpose_layout.

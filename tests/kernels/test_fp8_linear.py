@@ -187,7 +187,8 @@ def _gathered_vs_written_out(device, seed=2, T=37, Kt=3, E=6, D=256, I=128):  # 
     padded = FL.pad_experts_to_tiles(offs_E, token_S.shape[0])  # the wgrad's layout, as fp8_experts_forward's
     x_SD = h2.detach()[token_S].requires_grad_()  # written out; its gradient summed per token below
     h_SF = FL.FP8GroupedLinearFunction.apply(x_SD, gu2, offs_E, False, None, True, None, None, padded)
-    # (SwiGLU as fp8_experts_forward runs it: this compares the rows' layout, not the activation's kernels)
+    # (SwiGLU and the 1x128 quantisations apart: fp8_experts_forward fuses them where I is a multiple of 128,
+    # FUSE_SWIGLU_QUANT, and must give the same bits)
     y_SD = FL.FP8GroupedLinearFunction.apply(FL._gated(h_SF, F.silu), dn2, offs_E, False, None, True, None, None,
                                              padded)  # fmt: skip
     y2 = M._sum_slots(y_SD, (order_S, token_S, row_TK), wt2)  # autograd differentiates the combine
