@@ -61,8 +61,9 @@ from .swiglu import swiglu, swiglu_backward, swiglu_forward
 
 # The routed experts' SwiGLU fused with the 1x128 quantisations around it (swiglu_forward / swiglu_backward with
 # pow2): the forward's a for the down projection, the backward's dh for gate_up's dgrad, each written by the SwiGLU
-# kernel instead of a quantiser pass over it. Eager mode, F.silu, and I a multiple of 128 (swiglu_quantizes); the
-# same bits either way (test_fp8_linear.py). False: SwiGLU and the quantisers apart.
+# kernel instead of a quantiser pass over it; in training and in FP8-checkpoint inference (fp8_experts_inference).
+# Where: _swiglu_quantizes. The same bits either way (test_fp8_linear.py, test_swiglu.py). False: SwiGLU and the
+# quantisers apart.
 FUSE_SWIGLU_QUANT = True
 
 # ---------------------------------------------------------------------------------------------
@@ -500,6 +501,12 @@ def _sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int):
     return order_S, token_S, row_S.view(topk_idx_TK.shape), offs_E
 
 
+def _swiglu_quantizes(act: Callable[[torch.Tensor], torch.Tensor], I: int) -> bool:  # noqa: E741
+    """Whether the routed experts' SwiGLU kernel also quantises its output (FUSE_SWIGLU_QUANT): eager mode, F.silu,
+    and I (half the gate/up width) a multiple of 128."""
+    return FUSE_SWIGLU_QUANT and act is F.silu and not torch.compiler.is_compiling() and swiglu_quantizes(I)
+
+
 def _gated(h_SF: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """act(gate) * up of the fused [S, 2I] projection: for F.silu in eager mode swiglu's kernels (one each way),
     otherwise torch ops (which inductor fuses under torch.compile)."""
@@ -534,8 +541,7 @@ def fp8_experts_forward(
     grad = torch.is_grad_enabled()
     padded = pad_experts_to_tiles(offs_E, token_S.shape[0]) if grad else None  # the wgrad's layout
     gate_up = (hidden_TD, gate_up_proj_EFD, offs_E, pow2_scales, weight_cache, grad, token_S, row_TK, padded)
-    fused = FUSE_SWIGLU_QUANT and act is F.silu and not torch.compiler.is_compiling()
-    if fused and swiglu_quantizes(gate_up_proj_EFD.shape[1] // 2):
+    if _swiglu_quantizes(act, gate_up_proj_EFD.shape[1] // 2):
         a_SI, *a_1x128 = FP8GroupedLinearFunction.apply(*gate_up, True)
     else:
         a_SI, a_1x128 = _gated(FP8GroupedLinearFunction.apply(*gate_up), act), None
@@ -562,7 +568,10 @@ def fp8_experts_inference(
     order_S, token_S, row_TK, offs_E = _sort_by_expert(topk_idx_TK, gate_up_q_EFD.shape[0])
     x_q, x_s = quantize_act(hidden_TD.contiguous(), False, token_S)  # [S, D] rows grouped by expert
     h_SF = fp8_grouped_gemm(x_q, x_s, gate_up_q_EFD, gate_up_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
-    a_q, a_s = quantize_act(_gated(h_SF, act).contiguous(), False)
+    if _swiglu_quantizes(act, h_SF.shape[1] // 2):
+        _, a_q, a_s = swiglu_forward(h_SF, False)
+    else:
+        a_q, a_s = quantize_act(_gated(h_SF, act).contiguous(), False)
     y_SD = fp8_grouped_gemm(a_q, a_s, down_q_EDI, down_scale_inv, offs_E, out_dtype=hidden_TD.dtype)
     return modeling_dsv3._sum_slots(y_SD, (order_S, token_S, row_TK), topk_weight_TK)
 

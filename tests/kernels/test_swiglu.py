@@ -157,6 +157,26 @@ def test_fp8_experts_run_swiglu_in_eager_mode(monkeypatch):
         assert calls == [] and not torch.equal(y_gelu, y)
 
 
+def test_fp8_experts_inference_takes_a_tiling_from_the_swiglu_kernel(monkeypatch):
+    """fp8_experts_inference (an FP8 checkpoint's experts) quantises a in the SwiGLU kernel where I is a multiple
+    of 128: the same output, bit for bit, as SwiGLU and quantize_act apart."""
+    from modeling_deepseek_v3.kernels import fp8_experts_inference, quantize_weight
+    from modeling_deepseek_v3.kernels import fp8_linear as FL
+
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(13, 256, generator=g)
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(13)])
+    wt = torch.rand(13, 2, generator=g)
+    gu = quantize_weight(torch.randn(4, 256, 256, generator=g) * 0.05)
+    dn = quantize_weight(torch.randn(4, 256, 128, generator=g) * 0.05)
+    calls = []
+    monkeypatch.setattr(FL, "swiglu_forward", lambda *a: calls.append(1) or SW.swiglu_forward(*a))
+    fused = fp8_experts_inference(h, idx, wt, *gu, *dn)
+    monkeypatch.setattr(FL, "FUSE_SWIGLU_QUANT", False)
+    apart = fp8_experts_inference(h, idx, wt, *gu, *dn)
+    assert calls == [1] and fused.abs().sum() > 0 and torch.equal(fused, apart)
+
+
 @pytest.mark.parametrize("act, kernel_calls", [(F.silu, 1), (F.gelu, 0)])
 def test_fp8_mlp_runs_swiglu_in_eager_mode(monkeypatch, act, kernel_calls):
     """An FP8 MLP (dense, or the shared expert) runs gate and up as one GEMM and its SwiGLU as the kernel on that
