@@ -10,9 +10,9 @@ backward da * up, da * silu(gate), then the silu derivative's product), with tor
 results are torch's up to the last bit of exp (test_swiglu.py bounds it). Under torch.compile the caller keeps the
 torch expression, which inductor fuses itself.
 
-With `pow2` given (the FP8 experts, fp8_linear.fp8_experts_forward), each kernel also writes its output quantised
-in 1x128 tiles (quant.quantize_act's codes and scales, bit for bit) from the registers that hold it: the forward
-a for the down projection, the backward dh for the gate/up projection's dgrad. That quantiser's pass over a or dh
+With `pow2` given (the FP8 routed experts: fp8_linear's _swiglu_quantizes), each kernel also writes its output
+quantised in 1x128 tiles (quant.quantize_act's codes and scales, bit for bit) from the registers that hold it: the
+forward a for the down projection, the backward dh for the gate/up projection's dgrad. That quantiser's pass over a or dh
 (a read of the bf16 tensor, about 117 and 257 us at V3 size on an H200) is gone; the 128x1 tiling, which
 quant.quantize_act_t gathers in the wgrad's padded layout, still reads them.
 
