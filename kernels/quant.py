@@ -123,7 +123,7 @@ if tt.HAS_TRITON:
     def _round_mult(v, DTYPE: tl.constexpr, EXACT: tl.constexpr):
         """fp32 v rounded to DTYPE, as fp32: on a GPU by the hardware cast (round to nearest even), under the
         interpreter (EXACT) by _round_to's integer arithmetic, the same bits. The cast is 2 instructions where the
-        arithmetic is 6 for bf16, and the activation quantisers are issue-bound: on an H200 it took the 128x1
+        arithmetic is 6 for bf16, and instruction issue holds these kernels more than memory: on an H200 it took the 128x1
         tiling of the routed experts' scaled output gradient from 669 to 540 us at V3 size (benchmarks/RESULTS.md,
         session 17)."""
         if EXACT:
@@ -268,7 +268,7 @@ if HAS_GLUON:
             src_m = gl.load(rows_ptr + offs_m, mask=mask_m, other=-1)
             load_mask = load_mask & (src_m >= 0)[:, None]
         store_tile = True
-        if SKIP_PADDING:  # the whole tile skipped, loads and arithmetic too, not only its stores (issue-bound kernel)
+        if SKIP_PADDING:  # the whole tile skipped, loads and arithmetic too, not only its stores
             store_tile = gl.max(src_m, axis=0) >= 0
         if store_tile:
             x = gl.load(x_ptr + src_m[:, None].to(gl.int64) * K + offs_k[None, :], mask=load_mask, other=0.0)
