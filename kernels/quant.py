@@ -123,9 +123,9 @@ if tt.HAS_TRITON:
     def _round_mult(v, DTYPE: tl.constexpr, EXACT: tl.constexpr):
         """fp32 v rounded to DTYPE, as fp32: on a GPU by the hardware cast (round to nearest even), under the
         interpreter (EXACT) by _round_to's integer arithmetic, the same bits. The cast is 2 instructions where the
-        arithmetic is 6 for bf16, and instruction issue holds these kernels more than memory: on an H200 it took the 128x1
-        tiling of the routed experts' scaled output gradient from 669 to 540 us at V3 size (benchmarks/RESULTS.md,
-        session 17)."""
+        arithmetic is 6 for bf16, and instruction issue holds these kernels more than memory: on an H200 it took
+        the 128x1 tiling of the routed experts' scaled output gradient from 669 to 540 us at V3 size
+        (benchmarks/RESULTS.md, session 17)."""
         if EXACT:
             return _round_to(v, DTYPE)
         return v.to(DTYPE).to(tl.float32)
