@@ -560,20 +560,34 @@ if HAS_GLUON:
             e, row0, off_n = _grouped_tile(tile_id, num_t, num_n, tile_expert_ptr, tile_row_ptr, BLOCK_N, GROUP_M)
             it = _produce_tile(a_desc, b_desc, a_bufs, b_bufs, ready, empty, it, row0, e * N + off_n, kb, NUM_STAGES)
 
+    @gluon.constexpr_function
+    def _grouped_mma_layout(warps, block_n):
+        """The grouped consumers' accumulator layout: m64nBLOCK_Nk32 wgmmas, warps stacked along rows."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1], instr_shape=[16, block_n, 32])
+
+    @gluon.constexpr_function
+    def _grouped_store_layout(warps, block_n, out_bits):
+        """The grouped consumers' masked epilogue: c_smem read back in 16-byte row vectors (vec elements, block_n /
+        vec threads a row)."""
+        vec = 128 // out_bits
+        return gl.BlockedLayout([1, vec], [32 * vec // block_n, block_n // vec], [warps, 1], [1, 0])
+
+    @gluon.jit
+    def _grouped_scale_ptrs(as_ptr, bs_ptr, first, e, off_n, S, kb, nb, ROWS: gl.constexpr, rows_l: gl.constexpr):
+        # A tile's scale pointers from its first row: a_s rows clamped at S - 1 (their products are not stored); b_s
+        # one 128x128 block a tile.
+        as_ptrs = as_ptr + gl.minimum(first + gl.arange(0, ROWS, rows_l), S - 1) * kb
+        return as_ptrs, bs_ptr + (e * nb + off_n // _BK) * kb
+
     @gluon.jit
     def _grouped_consumer(c_desc, c_ptr, as_ptr, bs_ptr, offs_ptr, tile_expert_ptr, tile_row_ptr, ntiles_ptr,
                           a_bufs, b_bufs, ready, empty, c_smem, S, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                           GROUP_M: gl.constexpr, NUM_STAGES: gl.constexpr):  # fmt: skip
         num_warps: gl.constexpr = gl.num_warps()
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                      instr_shape=[16, BLOCK_N, 32])  # fmt: skip
+        mma: gl.constexpr = _grouped_mma_layout(num_warps, BLOCK_N)
         rows_l: gl.constexpr = gl.SliceLayout(1, mma)
         cols_l: gl.constexpr = gl.SliceLayout(0, mma)
-        # Masked epilogue: c_smem read back in 16-byte row vectors (VEC elements, BLOCK_N / VEC threads a row).
-        VEC: gl.constexpr = 128 // c_desc.dtype.primitive_bitwidth
-        store_l: gl.constexpr = gl.BlockedLayout(
-            [1, VEC], [32 * VEC // BLOCK_N, BLOCK_N // VEC], [num_warps, 1], [1, 0]
-        )
+        store_l: gl.constexpr = _grouped_store_layout(num_warps, BLOCK_N, c_desc.dtype.primitive_bitwidth)
         num_n = gl.cdiv(N, BLOCK_N)
         num_t = gl.load(ntiles_ptr)
         kb = gl.cdiv(K, _BK)
@@ -583,9 +597,7 @@ if HAS_GLUON:
         for tile_id in range(gl.program_id(0), num_t * num_n, gl.num_programs(0)):
             e, row0, off_n = _grouped_tile(tile_id, num_t, num_n, tile_expert_ptr, tile_row_ptr, BLOCK_N, GROUP_M)
             row_end = gl.load(offs_ptr + e)
-            # a_s rows clamped at S - 1 (their products are not stored); b_s: one 128x128 block a tile.
-            as_ptrs = as_ptr + gl.minimum(row0 + gl.arange(0, BLOCK_M, rows_l), S - 1) * kb
-            bs_ptrs = bs_ptr + (e * nb + off_n // _BK) * kb
+            as_ptrs, bs_ptrs = _grouped_scale_ptrs(as_ptr, bs_ptr, row0, e, off_n, S, kb, nb, BLOCK_M, rows_l)
             acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma)
             acc, it = _scaled_mainloop(a_bufs, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr,
                                        bs_ptrs, cols_l, True, False, NUM_STAGES)  # fmt: skip
@@ -628,12 +640,10 @@ if HAS_GLUON:
         # routing, 1-3% slower where every expert fills whole tiles. Same products summed in the same order: results
         # bit-identical to the cooperative kernel's.
         HALF_M: gl.constexpr = BLOCK_M // 2
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BLOCK_N, 32])  # fmt: skip
+        mma: gl.constexpr = _grouped_mma_layout(4, BLOCK_N)
         rows_l: gl.constexpr = gl.SliceLayout(1, mma)
         cols_l: gl.constexpr = gl.SliceLayout(0, mma)
-        VEC: gl.constexpr = 128 // c_desc.dtype.primitive_bitwidth
-        store_l: gl.constexpr = gl.BlockedLayout([1, VEC], [32 * VEC // BLOCK_N, BLOCK_N // VEC], [4, 1], [1, 0])
+        store_l: gl.constexpr = _grouped_store_layout(4, BLOCK_N, c_desc.dtype.primitive_bitwidth)
         a_halves = a_bufs._reinterpret(a_bufs.dtype, [2 * NUM_STAGES, HALF_M, _BK], a_bufs.layout)
         c_smem = c_bufs.index(HALF)
         num_n = gl.cdiv(N, BLOCK_N)
@@ -647,8 +657,7 @@ if HAS_GLUON:
             row_end = gl.load(offs_ptr + e)
             first = row0 + HALF * HALF_M
             if first < row_end:
-                as_ptrs = as_ptr + gl.minimum(first + gl.arange(0, HALF_M, rows_l), S - 1) * kb
-                bs_ptrs = bs_ptr + (e * nb + off_n // _BK) * kb
+                as_ptrs, bs_ptrs = _grouped_scale_ptrs(as_ptr, bs_ptr, first, e, off_n, S, kb, nb, HALF_M, rows_l)
                 acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, mma)
                 acc, it = _scaled_mainloop(a_halves, b_bufs, ready, empty, it, kb, zero, acc, as_ptr, as_ptrs, bs_ptr,
                                            bs_ptrs, cols_l, True, False, NUM_STAGES, HALF=HALF)  # fmt: skip
