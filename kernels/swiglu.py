@@ -139,8 +139,9 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_SF: torch.Tensor) -> torch.Tensor:
+        h_SF = h_SF.contiguous()  # once, for the kernel and for backward
         a_SI, _, _ = swiglu_forward(h_SF)
-        ctx.save_for_backward(h_SF.contiguous())
+        ctx.save_for_backward(h_SF)
         return a_SI
 
     @staticmethod
