@@ -48,7 +48,7 @@ if tt.HAS_TRITON:
     @triton.jit
     def _store_quantized(v, q_ptr, s_ptr, offs, mask, s_offs, s_mask, POW2: tl.constexpr, EXACT: tl.constexpr):
         # v [rows, 128]: one 1x128 tile a row (masked lanes 0), quantised as quant._quant_act_kernel's ROW path.
-        s = _scale_from_amax(tl.max(tl.abs(v), axis=1), POW2)
+        s = _scale_from_amax(tl.max(tl.abs(v), axis=1), POW2, not EXACT)
         q = _to_e4m3(_div(v, s[:, None], tl.math.div_rn(1.0, s)[:, None], not EXACT), EXACT)
         tl.store(q_ptr + offs, q, mask=mask)
         tl.store(s_ptr + s_offs, s, mask=s_mask)
