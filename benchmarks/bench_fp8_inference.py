@@ -122,6 +122,35 @@ def same_routing_logits(ref: nn.Module, fp8: nn.Module, ids: torch.Tensor) -> tu
     return a, b
 
 
+@torch.no_grad()
+def first_layer_outputs(ref: nn.Module, fp8: nn.Module, ids: torch.Tensor) -> dict[str, float]:
+    """The first (dense) layer's output three ways: the bf16 model, the same model with every quantised linear's
+    input rounded to e4m3 in 1x128 tiles first (the recipe simulated in torch: kernels.quantize_act, then
+    dequantize_act_ref), and the FP8 model. FP8 against the simulation isolates what the kernels add to the
+    recipe's own rounding (accumulation order, bf16 outputs); against bf16, the whole error of one layer."""
+    from modeling_deepseek_v3.kernels import dequantize_act_ref, quantize_act
+
+    def fake_quant(_m, args):
+        x = args[0]
+        q, s = quantize_act(x.reshape(-1, x.shape[-1]).contiguous())
+        return (dequantize_act_ref(q, s).to(x.dtype).view_as(x),)
+
+    def output_of(model: nn.Module, hooked: list[nn.Module] = ()) -> torch.Tensor:
+        out = []
+        hooks = [m.register_forward_pre_hook(fake_quant) for m in hooked]
+        hooks.append(model.model.layers[0].register_forward_hook(lambda _m, _a, o: out.append(o[0])))
+        model(ids)
+        for h in hooks:
+            h.remove()
+        return out[0]
+
+    linears = [m for m in quantised_matrices(ref).values() if isinstance(m, nn.Linear)]
+    bf16, sim, got = output_of(ref), output_of(ref, linears), output_of(fp8)
+    return dict(
+        fp8_vs_bf16=rel_err(got, bf16), fp8_vs_simulated=rel_err(got, sim), simulated_vs_bf16=rel_err(sim, bf16)
+    )
+
+
 def weight_bytes(model: nn.Module) -> dict:
     tensors = list(model.parameters()) + list(model.buffers())
     total = sum(t.numel() * t.element_size() for t in tensors)
@@ -174,6 +203,7 @@ def main() -> None:
     result["logits_rel_err_same_routing"] = rel_err(b, a)
     result["top1_agreement_same_routing"] = round((a.argmax(-1) == b.argmax(-1)).float().mean().item(), 4)
     result["logits_rel_err_estimate"] = round(rounded**0.5 * PER_ROUNDING, 4)
+    result["first_layer_rel_err"] = first_layer_outputs(ref, fp8, ids)
     del a, b
 
     for name, model in (("bf16_dequantised", ref), ("fp8", fp8)):
@@ -216,6 +246,7 @@ def main() -> None:
         "logits_rel_err_same_routing",
         "top1_agreement_same_routing",
         "logits_rel_err_estimate",
+        "first_layer_rel_err",
         "fp8_vs_bf16",
         "weights_ratio",
     )
