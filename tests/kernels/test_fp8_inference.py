@@ -54,7 +54,9 @@ def test_fp8_checkpoint_runs_in_fp8_without_a_float_copy(tmp_path, rel):
     # relative error ~0.026 per rounding, see tests/kernels/conftest.py). Along the deepest path, 5 rounded GEMMs
     # per layer (q_a -> q_b -> o_proj, gate/up -> down) x 2 layers = 10, adding in quadrature: sqrt(10) * 0.026
     # = 0.082 if nothing attenuates them. Measured 0.088 (routing near-ties in a random model flip a few experts);
-    # the bound allows 1.5x the estimate.
+    # the bound allows 1.5x the estimate. It holds at this size; a random model at V3's widths sits above it, where
+    # the MLPs' outputs dwarf the residual and the SwiGLU gate amplifies the attention's rounding: there a torch
+    # simulation of the recipe is as far from bf16 as the kernels are (benchmarks/bench_fp8_inference.py, RESULTS.md).
     assert rel(got, ref) < 1.5 * 10**0.5 * 0.026
     # Decoding reads the latent cache through the absorbed path with the dequantised kv_b_proj.
     out = fp8.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=4, do_sample=False)
