@@ -126,8 +126,10 @@ def same_routing_logits(ref: nn.Module, fp8: nn.Module, ids: torch.Tensor) -> tu
 def first_layer_outputs(ref: nn.Module, fp8: nn.Module, ids: torch.Tensor) -> dict[str, float]:
     """The first (dense) layer's output three ways: the bf16 model, the same model with every quantised linear's
     input rounded to e4m3 in 1x128 tiles first (the recipe simulated in torch: kernels.quantize_act, then
-    dequantize_act_ref), and the FP8 model. FP8 against the simulation isolates what the kernels add to the
-    recipe's own rounding (accumulation order, bf16 outputs); against bf16, the whole error of one layer."""
+    dequantize_act_ref), and the FP8 model. Against bf16: the recipe's error and the kernels' in one layer, which
+    should be equal. FP8 against the simulation: what the kernels' own summation (fp32 promotion every 128 K, bf16
+    outputs) makes of it, which the next roundings and the SwiGLU gate amplify as they amplify any such difference
+    (benchmarks/RESULTS.md measures how much)."""
     from modeling_deepseek_v3.kernels import dequantize_act_ref, quantize_act
 
     def fake_quant(_m, args):
