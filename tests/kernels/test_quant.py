@@ -279,12 +279,29 @@ w = ptx(Q._quant_weight_t_gluon_kernel,
          "WARPS_N": "constexpr", "WARPS_K": "constexpr"},
         {"POW2": pow2, "SPT_N": spt_n, "SPT_K": spt_kw, "TPW_N": tpw_n, "WARPS_N": warps_n, "WARPS_K": warps_kw},
         warps_n * warps_kw)
-for p, warps in ((a, warps_m * warps_k), (ag, warps_m * warps_k), (w, warps_n * warps_kw)):
+sass = {}
+for name, p, warps in (("a", a, warps_m * warps_k), ("ag", ag, warps_m * warps_k), ("w", w, warps_n * warps_kw)):
     with tempfile.TemporaryDirectory() as d:  # the same ptxas Triton runs
         open(f"{d}/k.ptx", "w").write(p)
         v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
                            capture_output=True, text=True).stderr
+        sass[name] = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f"{d}/k.cubin"],
+                                    capture_output=True, text=True).stdout
     assert "0 bytes spill stores, 0 bytes spill loads" in v, v
+# Instruction counts that held the kernels back once (benchmarks/RESULTS.md, session 18), a thread's share:
+# - the quotient x / s by Markstein's correction is two FMAs an element after one multiply (the residual must negate
+#   the scale, not the quotient, or x * r is computed twice: a third FMA an element);
+# - one div.rn a scale (1/s), the scale amax / 448 itself by the constant reciprocal (two more FMAs a scale);
+# - the 128x1 kernel changes layout before the e4m3 cast: its SASS packs no bytes by hand (PRMT for the bf16 ->
+#   fp32 conversion, half an element, and the scaled rows' bf16 rounding: 64 and 84 for 128 elements; with the
+#   e4m3 bytes converted instead, 192 and 218).
+act_elems = spt_m * spt_k  # the [128, BLOCK_K] tile over 32 * WARPS_M * WARPS_K threads
+for p, elems, scales in ((a, act_elems, spt_k), (ag, act_elems, spt_k), (w, 128 * 128 // (32 * warps_n * warps_kw), 1)):
+    assert p.count("div.rn.f32") == scales, (p.count("div.rn.f32"), scales)
+    assert p.count("fma.rn.f32") == 2 * elems + 2 * scales, (p.count("fma.rn.f32"), elems, scales)
+for name in ("a", "ag"):
+    prmt = sum(1 for line in sass[name].splitlines() if " PRMT " in line)
+    assert prmt <= act_elems * 3 // 4, f"{prmt} PRMT for {act_elems} elements: bytes repacked after the cast?"
 for p, spt in ((a, spt_m), (ag, spt_m), (w, spt_n)):
     assert "st.shared.b8" not in p and "st.shared.u8" not in p, "a byte-wise transpose through shared memory"
     assert "st.global.b8" not in p and "st.global.u8" not in p, "a byte-wise global store"
