@@ -10,7 +10,8 @@ backward da * up, da * silu(gate), then the silu derivative's product), with tor
 results are torch's up to the last bit of exp (test_swiglu.py bounds it). Each rounding is the hardware cast on a
 GPU and quant._round_to's integer arithmetic under the interpreter (same bits; quant._round_mult): the integer form
 cost 18-20% of these kernels' SASS instructions for sm_90a (704 -> 576 forward, 1136 -> 904 backward, with the
-1x128 quantisation; counted on the CPU, session 18, not yet timed). Under torch.compile the caller keeps the torch expression, which inductor fuses itself.
+1x128 quantisation; counted on the CPU, session 18, not yet timed). Under torch.compile the caller keeps the torch
+expression, which inductor fuses itself.
 
 With `pow2` given (the FP8 routed experts: fp8_linear's _swiglu_quantizes), each kernel also writes its output
 quantised in 1x128 tiles (quant.quantize_act's codes and scales, bit for bit) from the registers that hold it: the
