@@ -422,18 +422,18 @@ def fp8_grouped_gemm_wgrad(
             return _gluon.launch_gluon_grouped_wgrad(dyT_NS, dyT_scale_NSb, xT_KS, xT_scale_KSb, offs_E, out_dtype,
                                                      config=gluon_cfg)  # fmt: skip
         use_tma = can_use_tma(dyT_NS, xT_KS)
+    # The TMA kernel's aligned loop reads the scales step-major, [Sb, N] / [Sb, K] (quant.quantize_act_t's storage:
+    # no copy); its masked loop and the pointer kernel as [N, Sb] / [K, Sb].
+    if use_tma and tokens_aligned:
+        dyT_scale_NSb, xT_scale_KSb = dyT_scale_NSb.t().contiguous(), xT_scale_KSb.t().contiguous()
+    else:
+        dyT_scale_NSb, xT_scale_KSb = dyT_scale_NSb.contiguous(), xT_scale_KSb.contiguous()
     if use_tma:
         bm, bn, warps, stages, occ, flatten, *extra = config or (
             GROUPED_WGRAD_TMA_CONFIG if not tt.interpreting() else (32, 64, 4, 1, 1, False)
         )
         tma_store = bool(extra and extra[0])
         c_desc = TensorDescriptor(c, [E, N, K], [N * K, K, 1], [1, bm, bn]) if tma_store else None
-        # The aligned loop reads the scales step-major, [Sb, N] / [Sb, K] (quant.quantize_act_t's storage: no copy);
-        # the others as [N, Sb] / [K, Sb].
-        if tokens_aligned:
-            dyT_scale_NSb, xT_scale_KSb = dyT_scale_NSb.t().contiguous(), xT_scale_KSb.t().contiguous()
-        else:
-            dyT_scale_NSb, xT_scale_KSb = dyT_scale_NSb.contiguous(), xT_scale_KSb.contiguous()
         from .fp8_gemm import num_sms
 
         progs = min(num_sms() * occ, E * triton.cdiv(N, bm) * triton.cdiv(K, bn))
@@ -451,7 +451,7 @@ def fp8_grouped_gemm_wgrad(
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]), E)
 
-    _grouped_wgrad_kernel[grid](dyT_NS, xT_KS, c, dyT_scale_NSb.contiguous(), xT_scale_KSb.contiguous(), offs_E, S, N, K)
+    _grouped_wgrad_kernel[grid](dyT_NS, xT_KS, c, dyT_scale_NSb, xT_scale_KSb, offs_E, S, N, K)
     return c
 
 

@@ -97,6 +97,13 @@ if tt.HAS_TRITON:
         return v.to(tl.float8e4nv)
 
     @triton.jit
+    def _quantize_rows(x, POW2: tl.constexpr, FAST_DIV: tl.constexpr, EXACT: tl.constexpr):
+        """x [rows, 128] in fp32 (masked lanes 0), each row one 1x128 tile: (e4m3 codes, a scale a row). The 1x128
+        tiling of quantize_act's kernel and of the SwiGLU kernels that quantise their output (swiglu.py)."""
+        s = _scale_from_amax(tl.max(tl.abs(x), axis=1), POW2, FAST_DIV)
+        return _to_e4m3(_div(x, s[:, None], tl.math.div_rn(1.0, s)[:, None], FAST_DIV), EXACT), s
+
+    @triton.jit
     def _round_to(v, DTYPE: tl.constexpr):
         """fp32 v rounded to DTYPE (to nearest, ties to even) and returned as fp32. For bf16 by integer arithmetic,
         because the interpreter's fp32 -> bf16 cast truncates (and its "rtne" mode rounds ties up and loses the
@@ -158,14 +165,12 @@ if tt.HAS_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         x, mask = _load_rows(x_ptr, rows_ptr, mult_ptr, offs_m, offs_k, M, K, GATHER, MULT, EXACT)
-        ax = tl.abs(x)
         if ROW:
-            s = _scale_from_amax(tl.max(ax, axis=1), POW2, FAST_DIV)  # [BLOCK_M]
-            y = _to_e4m3(_div(x, s[:, None], tl.math.div_rn(1.0, s)[:, None], FAST_DIV), EXACT)
+            y, s = _quantize_rows(x, POW2, FAST_DIV, EXACT)  # s: [BLOCK_M]
             tl.store(y_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], y, mask=mask)
             tl.store(s_ptr + offs_m * tl.cdiv(K, 128) + pid_k, s, mask=offs_m < M)
         if COL:
-            st = _scale_from_amax(tl.max(ax, axis=0), POW2, FAST_DIV)  # [BLOCK_K]
+            st = _scale_from_amax(tl.max(tl.abs(x), axis=0), POW2, FAST_DIV)  # [BLOCK_K]
             yt = _to_e4m3(_div(x, st[None, :], tl.math.div_rn(1.0, st)[None, :], FAST_DIV), EXACT)
             tl.store(yt_ptr + offs_k[None, :].to(tl.int64) * M + offs_m[:, None], yt, mask=mask)
             tl.store(st_ptr + pid_m * K + offs_k, st, mask=offs_k < K)  # step-major: see quantize_act_t

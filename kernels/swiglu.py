@@ -34,7 +34,7 @@ BLOCK_ROWS, BLOCK_COLS = 8, 256  # a tile of a: 2048 elements, 16 a thread at 4 
 QUANT_BLOCK_ROWS = 16  # with the 1x128 quantisation: tiles of 16 x 128, one scale block a row
 
 if tt.HAS_TRITON:
-    from .quant import BLOCK, _div, _round_mult, _scale_from_amax, _to_e4m3
+    from .quant import BLOCK, _quantize_rows, _round_mult
 
     @triton.jit
     def _load_gate_up(h_ptr, S, I, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # noqa: E741
@@ -50,9 +50,8 @@ if tt.HAS_TRITON:
 
     @triton.jit
     def _store_quantized(v, q_ptr, s_ptr, offs, mask, s_offs, s_mask, POW2: tl.constexpr, EXACT: tl.constexpr):
-        # v [rows, 128]: one 1x128 tile a row (masked lanes 0), quantised as quant._quant_act_kernel's ROW path.
-        s = _scale_from_amax(tl.max(tl.abs(v), axis=1), POW2, not EXACT)
-        q = _to_e4m3(_div(v, s[:, None], tl.math.div_rn(1.0, s)[:, None], not EXACT), EXACT)
+        # v [rows, 128]: one 1x128 tile a row (masked lanes 0), quantised as quantize_act's kernel does.
+        q, s = _quantize_rows(v, POW2, not EXACT, EXACT)
         tl.store(q_ptr + offs, q, mask=mask)
         tl.store(s_ptr + s_offs, s, mask=s_mask)
 
