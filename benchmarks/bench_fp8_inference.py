@@ -9,7 +9,8 @@ overwritten with their dequantisation (no disk round trip: at V3's widths a chec
 
 Reported, for each model: the bytes its weights and buffers hold on the GPU (and per parameter of the quantised
 matrices); a prefill forward (median of timed runs after warm-up); greedy decoding through generate() and through
-fast_greedy_generate (static latent cache, CUDA graph), new tokens/s; and the FP8 logits' relative error against
+fast_greedy_generate (static latent cache, CUDA graph), new tokens/s, the FP8 model's decoding also with its
+projections through fp8_gemv (`fp8_gemv` row, fp8_linear.GEMV_MAX_ROWS = 16); and the FP8 logits' relative error against
 the dequantised model's, with the bound that tests/kernels/test_fp8_inference.py derives (each rounded GEMM input
 adds ~0.026 RMS relative error, in quadrature along the deepest path: 5 rounded GEMMs a layer).
 
@@ -24,6 +25,7 @@ about 14B parameters (28 GB in bf16).
 # ruff: noqa: B023  (each lambda is timed inside its own loop iteration)
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
@@ -45,6 +47,7 @@ FP8 = dict(linear_implementation="fp8", moe_implementation="fp8")
 PREFILL = ((1, 4096), (4, 2048))
 DECODE = ((1, 128), (16, 128))
 NEW_TOKENS = 64
+GEMV_ROWS = 16  # fp8_gemv.MAX_ROWS: batch-16 decoding takes it too
 PER_ROUNDING = 0.026  # RMS relative error of one e4m3 rounding of a GEMM input (tests/kernels/conftest.py)
 
 
@@ -153,6 +156,11 @@ def first_layer_outputs(ref: nn.Module, fp8: nn.Module, ids: torch.Tensor) -> di
     )
 
 
+def set_gemv_rows(rows: int) -> None:
+    """FP8InferenceLinear takes fp8_gemv up to `rows` rows (0: never)."""
+    importlib.import_module("modeling_deepseek_v3.kernels.fp8_linear").GEMV_MAX_ROWS = rows
+
+
 def weight_bytes(model: nn.Module) -> dict:
     tensors = list(model.parameters()) + list(model.buffers())
     total = sum(t.numel() * t.element_size() for t in tensors)
@@ -208,12 +216,16 @@ def main() -> None:
     result["first_layer_rel_err"] = first_layer_outputs(ref, fp8, ids)
     del a, b
 
-    for name, model in (("bf16_dequantised", ref), ("fp8", fp8)):
+    # fp8_gemv: the same FP8 model with its projections' decoding rows through fp8_gemv (fp8_linear.GEMV_MAX_ROWS);
+    # prefill's thousands of rows never take it, so only decoding is timed again.
+    variants = (("bf16_dequantised", ref, 0), ("fp8", fp8, 0), ("fp8_gemv", fp8, GEMV_ROWS))
+    for name, model, gemv_rows in variants:
+        set_gemv_rows(gemv_rows)
         row = {"weights": weight_bytes(model)}
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             held = torch.cuda.memory_allocated()
-        for B, S in prefill:
+        for B, S in prefill if name != "fp8_gemv" else ():
             x = torch.randint(0, vocab, (B, S), device=device, generator=gen)
             t = median_time(lambda: model(x, logits_to_keep=1), device, warmup, runs)
             row[f"prefill_{B}x{S}"] = dict(ms=round(t * 1e3, 2), tokens_per_s=round(B * S / t))
@@ -233,14 +245,18 @@ def main() -> None:
             row["peak_above_held_gib"] = round((torch.cuda.max_memory_allocated() - held) / 2**30, 2)
         result[name] = row
         print(name, json.dumps(row), flush=True)
-    speedups = {}
-    for key, v in result["fp8"].items():
-        base = result["bf16_dequantised"].get(key)
-        if isinstance(v, dict) and isinstance(base, dict):
-            unit = "tokens_per_s" if "tokens_per_s" in v else "new_tokens_per_s" if "new_tokens_per_s" in v else None
-            if unit:
-                speedups[key] = round(v[unit] / base[unit], 3)
-    result["fp8_vs_bf16"] = speedups
+    set_gemv_rows(0)
+    for name in ("fp8", "fp8_gemv"):
+        speedups = {}
+        for key, v in result[name].items():
+            base = result["bf16_dequantised"].get(key)
+            if isinstance(v, dict) and isinstance(base, dict):
+                unit = (
+                    "tokens_per_s" if "tokens_per_s" in v else "new_tokens_per_s" if "new_tokens_per_s" in v else None
+                )
+                if unit:
+                    speedups[key] = round(v[unit] / base[unit], 3)
+        result[f"{name}_vs_bf16"] = speedups
     result["weights_ratio"] = round(result["fp8"]["weights"]["gib"] / result["bf16_dequantised"]["weights"]["gib"], 3)
     keys = (
         "logits_rel_err",
@@ -250,6 +266,7 @@ def main() -> None:
         "logits_rel_err_estimate",
         "first_layer_rel_err",
         "fp8_vs_bf16",
+        "fp8_gemv_vs_bf16",
         "weights_ratio",
     )
     print(json.dumps({k: result[k] for k in keys}))

@@ -16,6 +16,7 @@ from .fp8_gemm import (
     fp8_gemm_wgrad,
     fp8_gemm_wgrad_ref,
 )
+from .fp8_gemv import fp8_gemv
 from .fp8_grouped_gemm import (
     fp8_grouped_gemm,
     fp8_grouped_gemm_dgrad,
@@ -72,6 +73,7 @@ __all__ = [
     "fp8_gemm_ref",
     "fp8_gemm_wgrad",
     "fp8_gemm_wgrad_ref",
+    "fp8_gemv",
     "fp8_grouped_gemm",
     "fp8_grouped_gemm_dgrad",
     "fp8_grouped_gemm_dgrad_ref",

@@ -27,6 +27,7 @@ from . import quant as _quant
 from .fp8_gemm import fp8_gemm as _fp8_gemm
 from .fp8_gemm import fp8_gemm_dgrad as _fp8_gemm_dgrad
 from .fp8_gemm import fp8_gemm_wgrad as _fp8_gemm_wgrad
+from .fp8_gemv import fp8_gemv as _fp8_gemv
 from .fp8_grouped_gemm import fp8_grouped_gemm as _fp8_grouped_gemm
 from .fp8_grouped_gemm import fp8_grouped_gemm_dgrad as _fp8_grouped_gemm_dgrad
 from .fp8_grouped_gemm import fp8_grouped_gemm_wgrad as _fp8_grouped_gemm_wgrad
@@ -130,6 +131,12 @@ def fp8_gemm(
     x_MK: torch.Tensor, x_scale: torch.Tensor, w_NK: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
 ) -> torch.Tensor:
     return _fp8_gemm(x_MK, x_scale, w_NK, w_scale, out_dtype)
+
+
+@_opaque("fp8_gemv", lambda x, w, ws, dt: x.new_empty(x.shape[0], w.shape[0], dtype=dt))
+def fp8_gemv(x_MK: torch.Tensor, w_NK: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """y = x W^T for a few rows of unquantised x (decoding): quantised 1x128 inside the GEMM's kernel."""
+    return _fp8_gemv(x_MK, w_NK, w_scale, out_dtype)
 
 
 @_opaque("fp8_gemm_dgrad", lambda dy, dys, w_KN, ws, dt: dy.new_empty(dy.shape[0], w_KN.shape[0], dtype=dt))

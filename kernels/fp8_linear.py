@@ -39,6 +39,7 @@ from .compile_ops import (
     fp8_gemm,
     fp8_gemm_dgrad,
     fp8_gemm_wgrad,
+    fp8_gemv,
     fp8_grouped_gemm,
     fp8_grouped_gemm_dgrad,
     fp8_grouped_gemm_wgrad,
@@ -65,6 +66,12 @@ from .swiglu import swiglu, swiglu_backward, swiglu_forward
 # Where: _swiglu_quantizes. The same bits either way (test_fp8_linear.py, test_swiglu.py). False: SwiGLU and the
 # quantisers apart.
 FUSE_SWIGLU_QUANT = True
+
+# FP8InferenceLinear's forward over at most this many rows (decoding a batch of that many sequences) runs as one
+# fp8_gemv launch (the input quantised inside it, W cut into hundreds of programs) instead of quantize_act and
+# fp8_gemm, whose tiles are cut for thousands of rows. 0: never. Off until timed on an H200
+# (benchmarks/bench_fp8_decode_gemm.py, bench_fp8_inference.py compare both); at most fp8_gemv.MAX_ROWS.
+GEMV_MAX_ROWS = 0
 
 # ---------------------------------------------------------------------------------------------
 # autograd.Functions
@@ -456,8 +463,11 @@ class FP8InferenceLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_MK = x.reshape(-1, self.in_features).contiguous()  # [M, K]
-        x_q, x_s = quantize_act(x_MK, False)
-        y = fp8_gemm(x_q, x_s, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
+        if x_MK.shape[0] <= GEMV_MAX_ROWS:
+            y = fp8_gemv(x_MK, self.weight, self.weight_scale_inv, x.dtype)
+        else:
+            x_q, x_s = quantize_act(x_MK, False)
+            y = fp8_gemm(x_q, x_s, self.weight, self.weight_scale_inv, out_dtype=x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

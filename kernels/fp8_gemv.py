@@ -1,0 +1,116 @@
+"""FP8 forward GEMM for a few rows (decoding): y = x W^T from bf16 x and an official checkpoint's e4m3 W.
+
+Decoding one sequence, a projection's forward is a pass over its weight: M = 1 row of x against N x K bytes of e4m3.
+fp8_gemm's tiles are cut for thousands of rows (64-128 rows of x, 128 of W a tile), so at M = 1 a [1536, 7168]
+projection is 12 tiles for 132 SMs, and the input's 1x128 quantisation is a launch of its own before it. On an H200
+FP8-checkpoint decoding of one sequence ran at 0.84-0.91x the bf16 model in a CUDA graph (benchmarks/RESULTS.md,
+"FP8-checkpoint inference on one H200"), with half the bytes to read. This kernel is cut for that case instead:
+- a program takes BLOCK_N (16-64) rows of W, so a projection is hundreds of programs;
+- it quantises x's 1x128 tiles itself (quant._quantize_rows: quantize_act's codes and scales, bit for bit), so
+  the forward is one launch;
+- the tensor cores take 16 rows of A: x's M rows (M <= 16) are quantised once, as a power of two `ROWS` >= M, and
+  repeated to 16 (row r of the dot holds x's row r % ROWS), rather than quantising 16 - M rows of zeros.
+The recipe is fp8_gemm's: one dot a 128-step, scaled by both scales into an fp32 accumulator (DeepSeek-V3 sec.
+3.3.2), so the result is fp8_gemm(*quantize_act(x), W) up to the order of the fp32 sums.
+
+Shape legend as in fp8_gemm.py: M rows, N output features, K input features, Kb = ceil(K / 128).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _triton as tt
+from .fp8_gemm import _check_fp8, m_bucket
+from .quant import BLOCK, FAST_DIV
+
+triton, tl = tt.triton, tt.tl
+
+MAX_ROWS = 16  # the rows of one tensor-core tile (mma m16): the most rows this kernel takes
+
+
+def _configs() -> list:
+    if tt.interpreting():
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # Memory-bound: what matters is the bytes of W in flight an SM (programs resident x stages x BLOCK_N * 128). Not
+    # yet timed on a GPU: the autotuner picks among these per (row bucket, N, K) at the first call.
+    return [
+        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bn, w, s in ((16, 2, 4), (16, 4, 6), (32, 4, 4), (32, 4, 6), (64, 4, 4), (64, 4, 6))
+    ]
+
+
+if tt.HAS_TRITON:
+    from .quant import _quantize_rows
+
+    @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
+    @triton.jit
+    def _fp8_gemv_kernel(
+        x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, M_BUCKET,
+        ROWS: tl.constexpr, EVEN_K: tl.constexpr, EXACT: tl.constexpr, FAST_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        # x_MK (bf16/fp16/fp32), w_NK e4m3, ws_NbKb fp32, y_MN: contiguous. One program: y[:, BLOCK_N columns].
+        pid_n = tl.program_id(0)
+        kb = tl.cdiv(K, 128)
+        offs_r = tl.arange(0, ROWS)
+        offs_k = tl.arange(0, 128)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        x_ptrs = x_ptr + offs_r[:, None] * K + offs_k[None, :]  # [ROWS, 128]
+        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]  # [BLOCK_N, 128]
+        # BLOCK_N divides 128, so the program's rows of W lie in one 128-row block: one scale a step
+        ws_ptrs = ws_ptr + ((pid_n * BLOCK_N) // 128) * kb
+        row_ok = offs_r < M
+        n_ok = offs_n < N
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for step in range(0, kb):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k_ok = step * 128 + offs_k < K
+                x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            q, x_s = _quantize_rows(x.to(tl.float32), False, FAST_DIV, EXACT)  # [ROWS, 128] e4m3, [ROWS]
+            if ROWS < 16:  # repeat the rows to the tensor core's 16: row r holds row r % ROWS
+                q = tl.reshape(tl.broadcast_to(q[None, :, :], (16 // ROWS, ROWS, 128)), (16, 128))
+                x_s = tl.reshape(tl.broadcast_to(x_s[None, :], (16 // ROWS, ROWS)), (16,))
+            acc += tl.dot(q, tl.trans(w)) * (x_s * tl.load(ws_ptrs + step))[:, None]
+            x_ptrs += 128
+            w_ptrs += 128
+        offs_m = tl.arange(0, 16)  # M <= ROWS: the rows past M (x's repeats and padding) are not stored
+        y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])
+
+
+def fp8_gemv(
+    x_MK: torch.Tensor, w_NK: torch.Tensor, w_scale_NbKb: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """y[M, N] = x W^T for M <= MAX_ROWS rows of x (bf16, fp16 or fp32), quantised 1x128 in the kernel as
+    quantize_act(x) would, times e4m3 W with its 128x128 weight_scale_inv. out_dtype defaults to x's dtype."""
+    tt.require_fp8("fp8_gemv")
+    assert x_MK.dim() == 2 and x_MK.is_contiguous(), f"x_MK must be a contiguous 2-D tensor, got {tuple(x_MK.shape)}"
+    assert x_MK.dtype in (torch.bfloat16, torch.float16, torch.float32), (
+        f"x_MK must be a float tensor, got {x_MK.dtype}"
+    )
+    _check_fp8(w_NK, w_scale_NbKb, "w_NK")
+    M, K = x_MK.shape
+    N = w_NK.shape[0]
+    assert M <= MAX_ROWS, f"fp8_gemv takes at most {MAX_ROWS} rows, got {M}: use quantize_act and fp8_gemm"
+    assert w_NK.shape[1] == K, f"reduction dims differ: {K} vs {w_NK.shape[1]}"
+    Nb, Kb = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
+    assert w_scale_NbKb.shape == (Nb, Kb), f"W scales must be [{Nb}, {Kb}], got {tuple(w_scale_NbKb.shape)}"
+    assert x_MK.device == w_NK.device == w_scale_NbKb.device, "x, W and its scales must be on one device"
+    y = torch.empty(M, N, dtype=out_dtype or x_MK.dtype, device=x_MK.device)
+    if M == 0 or N == 0:
+        return y
+    if K == 0:
+        return y.zero_()
+
+    def grid(meta):
+        return (triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _fp8_gemv_kernel[grid](
+        x_MK, w_NK, w_scale_NbKb.contiguous(), y, M, N, K, m_bucket(M), ROWS=m_bucket(M), EVEN_K=K % BLOCK == 0,
+        EXACT=tt.interpreting(), FAST_DIV=FAST_DIV and not tt.interpreting(),
+    )  # fmt: skip
+    return y
