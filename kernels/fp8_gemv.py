@@ -27,6 +27,9 @@ from .quant import BLOCK, FAST_DIV
 triton, tl = tt.triton, tt.tl
 
 MAX_ROWS = 16  # the rows of one tensor-core tile (mma m16): the most rows this kernel takes
+# The autotuner's pick per (row bucket, N, K, dtypes, device), filled by the first call; later calls launch the kernel
+# with it directly, as fp8_gemm's _TMA_BEST does.
+_BEST: dict = {}
 
 
 def _configs() -> list:
@@ -106,11 +109,18 @@ def fp8_gemv(
     if K == 0:
         return y.zero_()
 
-    def grid(meta):
-        return (triton.cdiv(N, meta["BLOCK_N"]),)
-
-    _fp8_gemv_kernel[grid](
-        x_MK, w_NK, w_scale_NbKb.contiguous(), y, M, N, K, m_bucket(M), ROWS=m_bucket(M), EVEN_K=K % BLOCK == 0,
-        EXACT=tt.interpreting(), FAST_DIV=FAST_DIV and not tt.interpreting(),
-    )  # fmt: skip
+    bucket = m_bucket(M)
+    args = (x_MK, w_NK, w_scale_NbKb.contiguous(), y, M, N, K, bucket)
+    consts = dict(
+        ROWS=bucket, EVEN_K=K % BLOCK == 0, EXACT=tt.interpreting(), FAST_DIV=FAST_DIV and not tt.interpreting()
+    )
+    key = (bucket, N, K, x_MK.dtype, y.dtype, x_MK.device)
+    cfg = _BEST.get(key)
+    if cfg is None:
+        _fp8_gemv_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **consts)
+        _BEST[key] = _fp8_gemv_kernel.best_config
+    else:  # tuned before: the plain kernel, without the autotuner's per-call work (decoding is host-bound eagerly)
+        _fp8_gemv_kernel.fn[(triton.cdiv(N, cfg.kwargs["BLOCK_N"]),)](
+            *args, **consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages
+        )
     return y

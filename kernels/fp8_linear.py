@@ -34,8 +34,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 # probes for one named kernels), where a relative `from .. import` fails.
 from modeling_deepseek_v3 import modeling_dsv3
 
+from ._triton import capabilities
+
 # The kernels through compile_ops: plain calls in eager mode, opaque custom ops under torch.compile.
 from .compile_ops import (
+    dequantize_weight,
     fp8_gemm,
     fp8_gemm_dgrad,
     fp8_gemm_wgrad,
@@ -484,6 +487,11 @@ class FP8InferenceLinear(nn.Module):
         return new
 
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """W in `dtype`. The absorbed MLA decode calls this for kv_b_proj at every step: on a GPU the Triton kernel
+        (one pass: e4m3 read, `dtype` written; the same bits as the reference), where the torch reference would
+        write and read three fp32 copies of W; elsewhere the reference."""
+        if self.weight.is_cuda and capabilities().fp8:
+            return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
         return dequantize_weight_ref(self.weight, self.weight_scale_inv, dtype)
 
     def extra_repr(self) -> str:

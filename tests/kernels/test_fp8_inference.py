@@ -4,6 +4,7 @@ through the kernels; logits stay close to the dequantised model's."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from modeling_deepseek_v3.kernels import FP8InferenceLinear
 from safetensors.torch import load_file, save_file
@@ -85,3 +86,59 @@ def test_fast_decode_runs_on_fp8_weights(tmp_path):
     expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     got = fast_greedy_generate(model, ids, mask, max_new_tokens=5)
     assert torch.equal(got, expected)
+
+
+def test_decoding_rows_through_fp8_gemv(tmp_path, monkeypatch):
+    """With fp8_linear.GEMV_MAX_ROWS at 16, every projection of a 14-row forward runs fp8_gemv (x quantised inside
+    it) instead of quantize_act + fp8_gemm: the same recipe, so the logits agree to the fp32 summation order."""
+    import importlib
+
+    fp8_linear = importlib.import_module("modeling_deepseek_v3.kernels.fp8_linear")
+    folder = fp8_checkpoint(tmp_path)
+    model = DSV3ForCausalLM.from_pretrained(folder, dtype=torch.float32, linear_implementation="fp8",
+                                            moe_implementation="fp8")  # fmt: skip
+    ids = torch.randint(0, 256, (2, 7))
+    gemv = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemv").fp8_gemv
+    calls = []
+    monkeypatch.setattr(fp8_linear, "fp8_gemv", lambda *a: calls.append(a[0].shape) or gemv(*a))
+    two_step = model(ids).logits
+    assert not calls
+    monkeypatch.setattr(fp8_linear, "GEMV_MAX_ROWS", 16)
+    forwards = []
+    for m in model.modules():
+        if isinstance(m, FP8InferenceLinear):
+            m.register_forward_hook(lambda m, _a, _o: forwards.append((14, m.in_features)))
+    through_gemv = model(ids).logits
+    assert forwards and sorted(calls) == sorted(forwards)
+    rel = ((through_gemv - two_step).norm() / two_step.norm()).item()
+    assert rel < 1e-5, rel
+
+
+_DEQUANT_GPU_CHECK = """
+import torch
+from modeling_deepseek_v3.kernels import FP8InferenceLinear, dequantize_weight_ref
+
+torch.manual_seed(0)
+for N, K in [(32768, 512), (576, 300)]:  # V3's kv_b_proj, and a ragged one
+    linear = FP8InferenceLinear.from_linear(torch.nn.Linear(K, N, bias=False, device="cuda"))
+    for dtype in (torch.bfloat16, torch.float32):
+        ref = dequantize_weight_ref(linear.weight, linear.weight_scale_inv, dtype)
+        assert torch.equal(linear.dequantized_weight(dtype), ref), (N, K, dtype)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
+def test_dequantized_weight_on_the_gpu_is_the_reference():
+    """On a GPU FP8InferenceLinear.dequantized_weight (kv_b_proj in the absorbed decode, every step) takes the Triton
+    kernel: the same bits as the torch reference (one fp32 product, rounded once). A subprocess without
+    TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", _DEQUANT_GPU_CHECK], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
