@@ -34,52 +34,86 @@ _BEST: dict = {}
 
 def _configs() -> list:
     if tt.interpreting():
-        return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # Memory-bound: what matters is the bytes of W in flight an SM (programs resident x stages x BLOCK_N * 128). Not
-    # yet timed on a GPU: the autotuner picks among these per (row bucket, N, K) at the first call.
+        return [triton.Config({"BLOCK_N": 16, "K_STEPS": 2}, num_warps=4, num_stages=1)]
+    # Not yet timed on a GPU: the autotuner picks among these per (row bucket, N, K) at the first call. Reasoning
+    # from the sm_90a code (no spills in any): memory-bound, so what matters is the bytes of W in flight. A program's
+    # steps are serial (x's load, its amax across warps, the dot), about a microsecond-scale chain a step where W's
+    # loads are pipelined; a projection with few programs (q_a: 1536 rows, 96 programs of 16) is that chain times
+    # its steps. K_STEPS independent steps an iteration overlap their chains; stages pipeline W's loads.
     return [
-        triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bn, w, s in ((16, 2, 4), (16, 4, 6), (32, 4, 4), (32, 4, 6), (64, 4, 4), (64, 4, 6))
+        triton.Config({"BLOCK_N": bn, "K_STEPS": ks}, num_warps=w, num_stages=s)
+        for bn, ks, w, s in (
+            (16, 1, 4, 4),
+            (16, 2, 4, 4),
+            (16, 4, 4, 3),
+            (16, 4, 2, 3),
+            (32, 2, 4, 3),
+            (32, 4, 4, 3),
+            (64, 1, 4, 4),
+            (64, 2, 4, 3),
+        )
     ]
 
 
 if tt.HAS_TRITON:
     from .quant import _quantize_rows
 
+    @triton.jit
+    def _gemv_steps(
+        acc, x_ptr, w_ptr, ws_ptr, step0, kb, row_ok, n_ok, K,
+        ROWS: tl.constexpr, BLOCK_N: tl.constexpr, K_STEPS: tl.constexpr, MASK: tl.constexpr, EXACT: tl.constexpr,
+        FAST_DIV: tl.constexpr,
+    ):  # fmt: skip
+        """acc[16, BLOCK_N] + K_STEPS 128-steps from step0, as one batch: x's [K_STEPS, ROWS, 128] tiles in one load,
+        quantised, dotted with W's [K_STEPS, BLOCK_N, 128] tiles (one batched dot: a step's product stays its own),
+        each step scaled by both scales. x_ptr at x's first column, w_ptr at the program's first row of W, ws_ptr at
+        its scale row. MASK: steps past kb or a ragged K read as zeros."""
+        offs_j = tl.arange(0, K_STEPS)
+        offs_r = tl.arange(0, ROWS)
+        offs_k = tl.arange(0, 128)
+        offs_n = tl.arange(0, BLOCK_N)
+        col = (step0 + offs_j)[:, None, None] * 128 + offs_k[None, None, :]  # [K_STEPS, 1, 128]
+        x_mask = row_ok[None, :, None]
+        w_mask = n_ok[None, :, None]
+        if MASK:
+            x_mask = x_mask & (col < K)
+            w_mask = w_mask & (col < K)
+        x = tl.load(x_ptr + offs_r[None, :, None] * K + col, mask=x_mask, other=0.0)  # [K_STEPS, ROWS, 128]
+        w = tl.load(w_ptr + offs_n[None, :, None].to(tl.int64) * K + col, mask=w_mask, other=0.0)  # [K_STEPS, BN, 128]
+        w_s = tl.load(ws_ptr + step0 + offs_j, mask=step0 + offs_j < kb, other=0.0)  # [K_STEPS]
+        q, x_s = _quantize_rows(tl.reshape(x.to(tl.float32), (K_STEPS * ROWS, 128)), False, FAST_DIV, EXACT)
+        # the tensor cores take 16 rows: x's ROWS rows repeated (row r of a step's tile holds x's row r % ROWS)
+        q = tl.reshape(tl.broadcast_to(tl.reshape(q, (K_STEPS, 1, ROWS, 128)), (K_STEPS, 16 // ROWS, ROWS, 128)),
+                       (K_STEPS, 16, 128))  # fmt: skip
+        x_s = tl.reshape(tl.broadcast_to(tl.reshape(x_s, (K_STEPS, 1, ROWS)), (K_STEPS, 16 // ROWS, ROWS)),
+                         (K_STEPS, 16))  # fmt: skip
+        part = tl.dot(q, tl.permute(w, (0, 2, 1)))  # [K_STEPS, 16, BLOCK_N]
+        return acc + tl.sum(part * (x_s * w_s[:, None])[:, :, None], axis=0)
+
     @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K"])
     @triton.jit
     def _fp8_gemv_kernel(
         x_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, M_BUCKET,
-        ROWS: tl.constexpr, EVEN_K: tl.constexpr, EXACT: tl.constexpr, FAST_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+        ROWS: tl.constexpr, EVEN_K: tl.constexpr, EXACT: tl.constexpr, FAST_DIV: tl.constexpr,
+        BLOCK_N: tl.constexpr, K_STEPS: tl.constexpr,
     ):  # fmt: skip
         # x_MK (bf16/fp16/fp32), w_NK e4m3, ws_NbKb fp32, y_MN: contiguous. One program: y[:, BLOCK_N columns].
         pid_n = tl.program_id(0)
         kb = tl.cdiv(K, 128)
-        offs_r = tl.arange(0, ROWS)
-        offs_k = tl.arange(0, 128)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        x_ptrs = x_ptr + offs_r[:, None] * K + offs_k[None, :]  # [ROWS, 128]
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]  # [BLOCK_N, 128]
+        w_ptr += (pid_n * BLOCK_N).to(tl.int64) * K
         # BLOCK_N divides 128, so the program's rows of W lie in one 128-row block: one scale a step
-        ws_ptrs = ws_ptr + ((pid_n * BLOCK_N) // 128) * kb
-        row_ok = offs_r < M
+        ws_ptr += ((pid_n * BLOCK_N) // 128) * kb
+        row_ok = tl.arange(0, ROWS) < M
         n_ok = offs_n < N
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for step in range(0, kb):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-            else:
-                k_ok = step * 128 + offs_k < K
-                x = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            q, x_s = _quantize_rows(x.to(tl.float32), False, FAST_DIV, EXACT)  # [ROWS, 128] e4m3, [ROWS]
-            if ROWS < 16:  # repeat the rows to the tensor core's 16: row r holds row r % ROWS
-                q = tl.reshape(tl.broadcast_to(q[None, :, :], (16 // ROWS, ROWS, 128)), (16, 128))
-                x_s = tl.reshape(tl.broadcast_to(x_s[None, :], (16 // ROWS, ROWS)), (16,))
-            acc += tl.dot(q, tl.trans(w)) * (x_s * tl.load(ws_ptrs + step))[:, None]
-            x_ptrs += 128
-            w_ptrs += 128
+        whole = kb // K_STEPS  # batches of K_STEPS whole steps; then one masked batch for the rest, if any
+        for i in range(0, whole):
+            acc = _gemv_steps(acc, x_ptr, w_ptr, ws_ptr, i * K_STEPS, kb, row_ok, n_ok, K, ROWS, BLOCK_N, K_STEPS,
+                              not EVEN_K, EXACT, FAST_DIV)  # fmt: skip
+        if whole * K_STEPS < kb:
+            acc = _gemv_steps(acc, x_ptr, w_ptr, ws_ptr, whole * K_STEPS, kb, row_ok, n_ok, K, ROWS, BLOCK_N, K_STEPS,
+                              True, EXACT, FAST_DIV)  # fmt: skip
         offs_m = tl.arange(0, 16)  # M <= ROWS: the rows past M (x's repeats and padding) are not stored
         y_ptrs = y_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & n_ok[None, :])

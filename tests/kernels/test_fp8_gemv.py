@@ -131,7 +131,8 @@ from triton.compiler import ASTSource
 G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemv")
 k = G._fp8_gemv_kernel.fn
 sig = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", y_ptr="*bf16", M="i32", N="i32", K="i32", M_BUCKET="i32",
-           ROWS="constexpr", EVEN_K="constexpr", EXACT="constexpr", FAST_DIV="constexpr", BLOCK_N="constexpr")
+           ROWS="constexpr", EVEN_K="constexpr", EXACT="constexpr", FAST_DIV="constexpr", BLOCK_N="constexpr",
+           K_STEPS="constexpr")
 attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "ws_ptr", "y_ptr", "N", "K")}
 configs = G._configs()
 assert len(configs) > 1  # the GPU's list, not the interpreter's
@@ -147,7 +148,7 @@ for cfg in configs:
                 v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o",
                                     f"{d}/k.cubin"], capture_output=True, text=True).stderr
             assert "0 bytes spill stores, 0 bytes spill loads" in v, (cfg, rows, even_k, v)
-            # tensor cores, and W's loads pipelined through shared memory (cp.async) rather than waited on a step
+            # tensor cores, and the loads pipelined through shared memory (cp.async) rather than waited on a step
             assert "mma.sync" in ptx and "cp.async" in ptx, (cfg, rows, even_k)
 print("ok")
 """
