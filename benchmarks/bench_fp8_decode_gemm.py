@@ -9,7 +9,8 @@ byte a parameter in e4m3, 2 in bf16) plus launch latency. Three ways, at DeepSee
 Each is timed as decoding runs it, in a CUDA graph of back-to-back calls; each call reads another copy of the
 weights (at least COLD_BYTES of them a pass), so no call finds its weight in the 50 MB L2 as the layer before
 left it, as in a model whose every layer has its own weights. Reported: us a call, the weight's bytes / time
-(GB/s), the ratios, the autotuner's pick for fp8_gemv, and fp8_gemv's relative difference from two_step.
+(GB/s), the ratios, the autotuner's pick for fp8_gemv, and fp8_gemv's relative difference from two_step. Then
+absorbed MLA's two products with kv_b_proj (kernels/mla_absorb.py against dequantise-then-einsum and bf16).
 
     PYTHONUNBUFFERED=1 python3 benchmarks/bench_fp8_decode_gemm.py    # writes $OUT/bench_fp8_decode_gemm.json
     TRITON_INTERPRET=1 python3 benchmarks/bench_fp8_decode_gemm.py --tiny   # CPU smoke run: small shapes, no timing
@@ -29,6 +30,7 @@ import torch
 from modeling_deepseek_v3.kernels import dequantize_weight, fp8_gemm, fp8_gemv, quantize_act, quantize_weight
 
 GEMV = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemv")
+MLA = importlib.import_module("modeling_deepseek_v3.kernels.mla_absorb")
 # (name, N, K) of DeepSeek-V3's projections that FP8 inference runs as FP8InferenceLinear (the routed experts run
 # the grouped GEMM)
 SHAPES = [
@@ -43,6 +45,9 @@ SHAPES = [
     ("shared_down", 7168, 2048),
 ]
 ROWS = (1, 4, 16)
+# Absorbed MLA's products with kv_b_proj at V3's heads (H, n, v, R), decoding 1 and 16 sequences
+ABSORB_HEADS = (128, 128, 128, 512)
+ABSORB_ROWS = (1, 16)
 COLD_BYTES = 256 << 20  # e4m3 weights read per graph pass, 5x the H200's L2
 REPLAYS = 20
 
@@ -70,6 +75,45 @@ def graph_us(calls: list, replays: int = REPLAYS) -> float:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@torch.no_grad()
+def absorb_rows(tiny: bool, device: str) -> dict:
+    """Absorbed MLA's two products with kv_b_proj a decoding step: `dequantise_einsum` (the whole e4m3 matrix
+    dequantised by the Triton kernel, then the einsums: what modeling_dsv3 ran before kernels/mla_absorb.py),
+    `kernels` (mla_absorb, from the e4m3 tiles) and `bf16` (the einsums over a bf16 checkpoint's matrix)."""
+    H, n, v, R = (4, 16, 16, 32) if tiny else ABSORB_HEADS
+    copies = 1 if tiny else max(2, math.ceil(COLD_BYTES / (H * (n + v) * R)))
+    weights = [quantize_weight((torch.randn(H * (n + v), R, device=device) * 0.02).bfloat16()) for _ in range(copies)]
+    bf16 = [dequantize_weight(q, s, torch.bfloat16).view(H, n + v, R).split([n, v], dim=1) for q, s in weights]
+    rows = {}
+    for T in (1, 3) if tiny else ABSORB_ROWS:
+        q_nope = torch.randn(T, H, n, device=device).bfloat16()
+        o_lat = torch.randn(T, H, R, device=device).bfloat16()
+
+        def einsums(w_uk, w_uv):
+            return torch.einsum("thn,hnr->thr", q_nope, w_uk), torch.einsum("thr,hvr->thv", o_lat, w_uv)
+
+        def dequantise_einsum(q, s):
+            return einsums(*dequantize_weight(q, s, torch.bfloat16).view(H, n + v, R).split([n, v], dim=1))
+
+        def kernels(q, s):
+            return MLA.absorb_query(q_nope, q, s, v), MLA.absorb_output(o_lat, q, s, n, v)
+
+        got, want = kernels(*weights[0]), dequantise_einsum(*weights[0])
+        row = dict(T=T, rel=[round(rel(a, b), 5) for a, b in zip(got, want, strict=True)])
+        if not tiny:
+            us = {
+                "bf16": graph_us([lambda w=w: einsums(*w) for w in bf16]),
+                "dequantise_einsum": graph_us([lambda w=w: dequantise_einsum(*w) for w in weights]),
+                "kernels": graph_us([lambda w=w: kernels(*w) for w in weights]),
+            }
+            row["us"] = {k: round(t, 2) for k, t in us.items()}
+            row["kernels_vs_dequantise_einsum"] = round(us["dequantise_einsum"] / us["kernels"], 3)
+            row["kernels_vs_bf16"] = round(us["bf16"] / us["kernels"], 3)
+        rows[f"T{T}"] = row
+        print(f"absorb T={T}", json.dumps(row), flush=True)
+    return rows
 
 
 @torch.no_grad()
@@ -107,6 +151,7 @@ def main() -> None:
             result["rows"][f"{name}_M{M}"] = row
             print(f"{name} M={M}", json.dumps(row), flush=True)
         del weights, bf16
+    result["absorb"] = absorb_rows(tiny, device)
     if not tiny:  # geometric means over the shapes, per row count
         summary = {}
         for M in rows:

@@ -31,6 +31,8 @@ from .fp8_gemv import fp8_gemv as _fp8_gemv
 from .fp8_grouped_gemm import fp8_grouped_gemm as _fp8_grouped_gemm
 from .fp8_grouped_gemm import fp8_grouped_gemm_dgrad as _fp8_grouped_gemm_dgrad
 from .fp8_grouped_gemm import fp8_grouped_gemm_wgrad as _fp8_grouped_gemm_wgrad
+from .mla_absorb import absorb_output as _absorb_output
+from .mla_absorb import absorb_query as _absorb_query
 from .quant import BLOCK
 
 E4M3, F32 = torch.float8_e4m3fn, torch.float32
@@ -182,3 +184,19 @@ def fp8_grouped_gemm_wgrad(
     out_dtype: torch.dtype, tokens_aligned: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     return _fp8_grouped_gemm_wgrad(dyT_NS, dyT_scale, xT_KS, xT_scale, offs_E, out_dtype, tokens_aligned=tokens_aligned)
+
+
+# ---------------------------------------------------------------------------------------------
+# Absorbed MLA from an e4m3 kv_b_proj
+
+
+@_opaque("mla_absorb_query", lambda q, w, ws, v: q.new_empty(q.shape[0], q.shape[1], w.shape[1]))
+def mla_absorb_query(q_nope_THn: torch.Tensor, w_NR: torch.Tensor, w_scale: torch.Tensor, v: int) -> torch.Tensor:
+    return _absorb_query(q_nope_THn, w_NR, w_scale, v)
+
+
+@_opaque("mla_absorb_output", lambda o, w, ws, n, v: o.new_empty(o.shape[0], o.shape[1], v))
+def mla_absorb_output(
+    o_lat_THR: torch.Tensor, w_NR: torch.Tensor, w_scale: torch.Tensor, n: int, v: int
+) -> torch.Tensor:
+    return _absorb_output(o_lat_THR, w_NR, w_scale, n, v)

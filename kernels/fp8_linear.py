@@ -46,6 +46,8 @@ from .compile_ops import (
     fp8_grouped_gemm,
     fp8_grouped_gemm_dgrad,
     fp8_grouped_gemm_wgrad,
+    mla_absorb_output,
+    mla_absorb_query,
     quantize_act,
     quantize_act_both,
     quantize_act_t,
@@ -487,12 +489,22 @@ class FP8InferenceLinear(nn.Module):
         return new
 
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """W in `dtype`. The absorbed MLA decode calls this for kv_b_proj at every step: on a GPU the Triton kernel
-        (one pass: e4m3 read, `dtype` written; the same bits as the reference), where the torch reference would
-        write and read three fp32 copies of W; elsewhere the reference."""
+        """W in `dtype`: on a GPU the Triton kernel (one pass: e4m3 read, `dtype` written; the same bits as the
+        reference, which writes and reads three fp32 copies of W), elsewhere the reference."""
         if self.weight.is_cuda and capabilities().fp8:
             return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
         return dequantize_weight_ref(self.weight, self.weight_scale_inv, dtype)
+
+    def absorb_query(self, q_nope: torch.Tensor, v: int) -> torch.Tensor:
+        """With this layer as MLA's kv_b_proj ([H * (n + v), R]), absorbed decoding's query product q_nope . W_UK per
+        head: [..., H, n] -> [..., H, R], from the e4m3 weight and its scales (kernels/mla_absorb.py)."""
+        *lead, H, n = q_nope.shape
+        return mla_absorb_query(q_nope.reshape(-1, H, n), self.weight, self.weight_scale_inv, v).view(*lead, H, -1)
+
+    def absorb_output(self, o_lat: torch.Tensor, n: int, v: int) -> torch.Tensor:
+        """absorb_query's counterpart for the attention output: o_lat . W_UV^T per head, [..., H, R] -> [..., H, v]."""
+        *lead, H, R = o_lat.shape
+        return mla_absorb_output(o_lat.reshape(-1, H, R), self.weight, self.weight_scale_inv, n, v).view(*lead, H, v)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

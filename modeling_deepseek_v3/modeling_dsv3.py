@@ -271,18 +271,27 @@ class DSV3Attention(nn.Module):
         return out  # [B, S, H, v_head_dim]
 
     def _absorbed(self, q_nope_BSHn, q_pe_BSHr, c_kv_BTR, k_pe_BTr, attention_mask) -> torch.Tensor:
-        # kv_b_proj.weight [H*(n+v), R] viewed per head: W_UK [H, n, R] maps the latent to keys, W_UV [H, v, R] to values.
-        # An FP8-stored projection is dequantised here: the absorbed products need the matrix itself.
-        dense = getattr(self.kv_b_proj, "dequantized_weight", None)
-        weight = dense(c_kv_BTR.dtype) if dense is not None else self.kv_b_proj.weight
-        w = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        q_lat_BSHR = torch.einsum("bshn,hnr->bshr", q_nope_BSHn, w_uk)  # q_nope . (W_UK c) == (q_nope W_UK) . c
+        n, v = self.qk_nope_head_dim, self.v_head_dim
+        if hasattr(self.kv_b_proj, "absorb_query"):
+            # An FP8-stored kv_b_proj (kernels.FP8InferenceLinear) computes both products from its e4m3 weight.
+            absorb_query = functools.partial(self.kv_b_proj.absorb_query, v=v)
+            absorb_output = functools.partial(self.kv_b_proj.absorb_output, n=n, v=v)
+        else:
+            # kv_b_proj.weight [H*(n+v), R] viewed per head: W_UK [H, n, R] maps the latent to keys, W_UV [H, v, R] to
+            # values.
+            w_uk, w_uv = self.kv_b_proj.weight.view(self.num_heads, n + v, self.kv_lora_rank).split([n, v], dim=1)
+
+            def absorb_query(q_nope_BSHn):
+                return torch.einsum("bshn,hnr->bshr", q_nope_BSHn, w_uk)
+
+            def absorb_output(o_lat_BSHR):
+                return torch.einsum("bshr,hvr->bshv", o_lat_BSHR, w_uv)
+        q_lat_BSHR = absorb_query(q_nope_BSHn)  # q_nope . (W_UK c) == (q_nope W_UK) . c
         if self.config.mla_implementation == "triton" and q_lat_BSHR.shape[1] == 1:  # decode: kernels/mla_decode.py
             mla_decode = importlib.import_module("modeling_deepseek_v3.kernels").mla_decode  # package only, like FP8
             mask_BT = None if attention_mask is None else attention_mask[:, 0, 0, :]  # [B, 1, 1, T] -> [B, T]
             o_lat_BHR = mla_decode(q_lat_BSHR[:, 0], q_pe_BSHr[:, 0], c_kv_BTR, k_pe_BTr, self.scaling, mask=mask_BT)
-            return torch.einsum("bhr,hvr->bhv", o_lat_BHR, w_uv)[:, None]  # [B, 1, H, v]
+            return absorb_output(o_lat_BHR[:, None])  # [B, 1, H, v]
         scores = torch.einsum("bshr,btr->bhst", q_lat_BSHR, c_kv_BTR)
         scores = (scores + torch.einsum("bshr,btr->bhst", q_pe_BSHr, k_pe_BTr)).float() * self.scaling
         S, T = scores.shape[-2:]
@@ -290,7 +299,7 @@ class DSV3Attention(nn.Module):
             attention_mask = torch.ones(S, T, dtype=torch.bool, device=scores.device).tril(T - S)
         probs = scores.masked_fill(~attention_mask, float("-inf")).softmax(dim=-1).to(c_kv_BTR.dtype)
         o_lat_BSHR = torch.einsum("bhst,btr->bshr", probs, c_kv_BTR)
-        return torch.einsum("bshr,hvr->bshv", o_lat_BSHR, w_uv)
+        return absorb_output(o_lat_BSHR)
 
 
 # ----------------------------------------------------------------------------------------------------------- MLP

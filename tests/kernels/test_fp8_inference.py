@@ -130,9 +130,8 @@ print("ok")
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
 def test_dequantized_weight_on_the_gpu_is_the_reference():
-    """On a GPU FP8InferenceLinear.dequantized_weight (kv_b_proj in the absorbed decode, every step) takes the Triton
-    kernel: the same bits as the torch reference (one fp32 product, rounded once). A subprocess without
-    TRITON_INTERPRET."""
+    """On a GPU FP8InferenceLinear.dequantized_weight takes the Triton kernel: the same bits as the torch reference
+    (one fp32 product, rounded once). A subprocess without TRITON_INTERPRET."""
     import os
     import subprocess
     import sys
