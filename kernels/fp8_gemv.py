@@ -9,7 +9,9 @@ FP8-checkpoint decoding of one sequence ran at 0.84-0.91x the bf16 model in a CU
 - it quantises x's 1x128 tiles itself (quant._quantize_rows: quantize_act's codes and scales, bit for bit), so
   the forward is one launch;
 - the tensor cores take 16 rows of A: x's M rows (M <= 16) are quantised once, as a power of two `ROWS` >= M, and
-  repeated to 16 (row r of the dot holds x's row r % ROWS), rather than quantising 16 - M rows of zeros.
+  repeated to 16 (row r of the dot holds x's row r % ROWS), rather than quantising 16 - M rows of zeros;
+- K_STEPS 128-steps go as one batch: x's and W's tiles in one load each, one batched dot (a step's product stays
+  its own), so that the steps' latencies overlap.
 The recipe is fp8_gemm's: one dot a 128-step, scaled by both scales into an fp32 accumulator (DeepSeek-V3 sec.
 3.3.2), so the result is fp8_gemm(*quantize_act(x), W) up to the order of the fp32 sums.
 
@@ -36,10 +38,10 @@ def _configs() -> list:
     if tt.interpreting():
         return [triton.Config({"BLOCK_N": 16, "K_STEPS": 2}, num_warps=4, num_stages=1)]
     # Not yet timed on a GPU: the autotuner picks among these per (row bucket, N, K) at the first call. Reasoning
-    # from the sm_90a code (no spills in any): memory-bound, so what matters is the bytes of W in flight. A program's
-    # steps are serial (x's load, its amax across warps, the dot), about a microsecond-scale chain a step where W's
-    # loads are pipelined; a projection with few programs (q_a: 1536 rows, 96 programs of 16) is that chain times
-    # its steps. K_STEPS independent steps an iteration overlap their chains; stages pipeline W's loads.
+    # from the sm_90a code (no spills in any): memory-bound, so what matters is the bytes of W in flight. Within a
+    # program a step is a chain of latencies (the loads, x's amax across warps, the dot), and a projection with few
+    # programs (q_a: 1536 rows, 96 programs of 16) is its steps' chains end to end. K_STEPS steps an iteration run
+    # their chains side by side; stages pipeline the loads.
     return [
         triton.Config({"BLOCK_N": bn, "K_STEPS": ks}, num_warps=w, num_stages=s)
         for bn, ks, w, s in (

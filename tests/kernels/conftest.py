@@ -5,6 +5,9 @@ definition), so it is set here, at collection, before any test module imports th
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "1"
 
@@ -47,3 +50,20 @@ def _interpretable_triton_stdlib():
 
     if _triton.HAS_TRITON:
         _triton._interpret_triton_stdlib()
+
+
+def run_without_interpreter(code: str, *args: str, timeout: int = 300) -> None:
+    """Run `code`, a script that prints "ok" last, in a fresh Python without TRITON_INTERPRET, for what the
+    interpreter cannot do: compile for sm_90 (with sm90.py, importable there) and the GPU checks (this session's
+    interpreter mode is fixed when triton is first imported). Skips where the Triton install has no ptxas."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if "ptxas" in out.stderr and "No such file" in out.stderr:
+        pytest.skip("this Triton ships no ptxas")
+    assert out.stdout.strip().endswith("ok"), out.stdout[-1000:] + out.stderr[-3000:]
+
+
+@pytest.fixture
+def without_interpreter():
+    return run_without_interpreter

@@ -225,16 +225,8 @@ print("ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
-def test_wgrad_split_k_on_the_gpu():
+def test_wgrad_split_k_on_the_gpu(without_interpreter):
     """The split-K wgrad compiled for the GPU, at deepseek-v3-small's q_a+kv_a and kv_b dW shapes (16384 tokens) and
     a ragged one: split as split_k_for decides, against the reference and the unsplit kernel, and deterministic. A
     subprocess without TRITON_INTERPRET (the conftest's interpreter mode is fixed when triton is first imported)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", _SPLIT_K_GPU_CHECK], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_SPLIT_K_GPU_CHECK, timeout=600)

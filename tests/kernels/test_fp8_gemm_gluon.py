@@ -231,12 +231,10 @@ def test_dispatch_falls_back_without_gluon(monkeypatch, tol, rel):
 
 _SASS_CHECK = """
 import re
-import subprocess
 import sys
-import tempfile
 
+import sm90
 import torch
-from triton import knobs
 from modeling_deepseek_v3.kernels import fp8_gemm_gluon as GL
 
 bad = []
@@ -250,14 +248,7 @@ for config in sys.argv[2:]:
         else:
             ck = GL.compile_sm90_grouped(config, out_dtype)  # the grouped (MoE) kernel, B in 128x128 blocks
         ptx, tag = ck.asm["ptx"], (mode, config, str(out_dtype))
-        with tempfile.TemporaryDirectory() as d:
-            open(f"{d}/k.ptx", "w").write(ptx)
-            open(f"{d}/k.cubin", "wb").write(ck.asm["cubin"])
-            # the same ptxas Triton ran: spills and warnings (C7514: wgmma serialized)
-            v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/v.cubin"],
-                               capture_output=True, text=True).stderr
-            sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f"{d}/k.cubin"],
-                                  capture_output=True, text=True).stdout
+        v, sass = sm90.assemble(ptx, sass=True)  # the same ptxas Triton ran: spills and warnings (C7514: wgmma serialized)
         if "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" not in v:
             bad.append((tag, "spills", [l.strip() for l in v.splitlines() if "spill" in l or "stack" in l]))
         if "C7514" in v or "serializ" in v:
@@ -289,20 +280,14 @@ print("ok")
 """
 
 
-def _run_sass_check(mode: str, *configs: str) -> None:
+def _run_sass_check(without_interpreter, mode: str, *configs: str) -> None:
     """_SASS_CHECK in a subprocess (the conftest's TRITON_INTERPRET=1 breaks Gluon compiles) for `mode`'s kernel."""
-    import subprocess
-    import sys
-
     if not GL.HAS_GLUON:
         pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SASS_CHECK, mode, *configs], capture_output=True, text=True,
-                         timeout=300, env=env)  # fmt: skip
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_SASS_CHECK, mode, *configs)
 
 
-def test_wgrad_configs_compile_for_sm90_without_spills():
+def test_wgrad_configs_compile_for_sm90_without_spills(without_interpreter):
     """The wgrad candidates (B scaled per row, a column-scale vector a step) compiled for sm_90 on the CPU,
     as launch_gluon would build them (same constexprs, num_warps, maxnreg, setmaxnreg split): ptxas
     reports no spill and no C7514 (wgmma serialized), the SASS has QGMMA, no local memory, and the
@@ -310,24 +295,24 @@ def test_wgrad_configs_compile_for_sm90_without_spills():
     FFMAs before the next wgmma. Speed and results are for the GPU tests/benchmark (test_wgrad_rowwise
     runs every GLUON_CONFIGS entry)."""
     assert set(GL.WGRAD_CONFIGS) <= set(GL.GLUON_CONFIGS)
-    _run_sass_check("wgrad", *GL.WGRAD_CONFIGS)
+    _run_sass_check(without_interpreter, "wgrad", *GL.WGRAD_CONFIGS)
 
 
-def test_grouped_configs_compile_for_sm90_without_spills():
+def test_grouped_configs_compile_for_sm90_without_spills(without_interpreter):
     """The grouped (MoE) kernel compiled for sm_90 on the CPU for every GROUPED_CONFIGS entry, fp32 and bf16
     out, as launch_gluon_grouped would build it: the same checks as the wgrad test above (no spills, no
     C7514, QGMMA, wgmma.wait_group 1 / DEPBAR.LE gsb0, 0x1 followed by the promotion FFMAs), plus both
     epilogue paths (TMA store, masked st.global.v4) present. Numbers: the GPU tests below."""
     assert set(GL.GROUPED_CONFIGS) <= set(GL.GLUON_CONFIGS)
-    _run_sass_check("grouped", *GL.GROUPED_CONFIGS)
+    _run_sass_check(without_interpreter, "grouped", *GL.GROUPED_CONFIGS)
 
 
-def test_grouped_wgrad_compiles_for_sm90_without_spills():
+def test_grouped_wgrad_compiles_for_sm90_without_spills(without_interpreter):
     """The experts' Gluon wgrad (launch_gluon_grouped_wgrad) compiled for sm_90 on the CPU, fp32 and bf16 out: the
     wgrad test's checks, and its producer loading each work item's token range (a Triton 3.6 miscompile once kept
     the first item's, which stalled the ring on the GPU wherever an expert's step count changed). Numbers: the
     GPU test in test_fp8_grouped_gemm.py."""
-    _run_sass_check("grouped_wgrad", GL.WGRAD_DEFAULT_CONFIG)
+    _run_sass_check(without_interpreter, "grouped_wgrad", GL.WGRAD_DEFAULT_CONFIG)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,6 @@ exact arithmetic first under the interpreter (EXACT), and the inputs below put c
 """
 
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -122,45 +119,34 @@ def test_inference_linear_selects_by_rows(monkeypatch, M, rel, tol):
 
 
 _COMPILE = """
-import importlib, subprocess, tempfile
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import importlib
+import sm90
 
 G = importlib.import_module("modeling_deepseek_v3.kernels.fp8_gemv")
-k = G._fp8_gemv_kernel.fn
 sig = dict(x_ptr="*bf16", w_ptr="*fp8e4nv", ws_ptr="*fp32", y_ptr="*bf16", M="i32", N="i32", K="i32", M_BUCKET="i32",
            ROWS="constexpr", EVEN_K="constexpr", EXACT="constexpr", FAST_DIV="constexpr", BLOCK_N="constexpr",
            K_STEPS="constexpr")
-attrs = {(k.arg_names.index(n),): [["tt.divisibility", 16]] for n in ("x_ptr", "w_ptr", "ws_ptr", "y_ptr", "N", "K")}
 configs = G._configs()
 assert len(configs) > 1  # the GPU's list, not the interpreter's
 for cfg in configs:
     for rows in (1, 2, 16):
         for even_k in (True, False):
             consts = dict(ROWS=rows, EVEN_K=even_k, EXACT=False, FAST_DIV=True, **cfg.kwargs)
-            src = ASTSource(fn=k, signature=sig, constexprs=consts, attrs=attrs)
-            opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            ptx = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=opts).asm["ptx"]
-            with tempfile.TemporaryDirectory() as d:
-                open(f"{d}/k.ptx", "w").write(ptx)
-                v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o",
-                                    f"{d}/k.cubin"], capture_output=True, text=True).stderr
-            assert "0 bytes spill stores, 0 bytes spill loads" in v, (cfg, rows, even_k, v)
+            ptx = sm90.compile_ptx(G._fp8_gemv_kernel.fn, sig, consts, cfg.num_warps, cfg.num_stages,
+                                   divisible=("x_ptr", "w_ptr", "ws_ptr", "y_ptr", "N", "K"))
+            report, _ = sm90.assemble(ptx)
+            assert sm90.spill_free(report), (cfg, rows, even_k, report)
             # tensor cores, and the loads pipelined through shared memory (cp.async) rather than waited on a step
             assert "mma.sync" in ptx and "cp.async" in ptx, (cfg, rows, even_k)
 print("ok")
 """
 
 
-def test_compiles_for_sm90_without_spills():
+def test_compiles_for_sm90_without_spills(without_interpreter):
     """The interpreter never compiles the kernel: every autotuned configuration must build for sm_90 (each row-count
     class, whole and ragged K) without spills, on tensor cores, with W's loads pipelined. A subprocess without
-    TRITON_INTERPRET, as in test_fp8_grouped_gemm.py."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=600, env=env)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    TRITON_INTERPRET."""
+    without_interpreter(_COMPILE, timeout=600)
 
 
 _GPU_CHECK = """
@@ -186,9 +172,7 @@ print("ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
-def test_fp8_gemv_on_the_gpu():
+def test_fp8_gemv_on_the_gpu(without_interpreter):
     """fp8_gemv compiled for the GPU and autotuned, at V3's decoding projections (q_a, kv_a, o, q_b) and a ragged
     shape, 1, 3 and 16 rows: against the reference and fp8_gemm, and deterministic."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _GPU_CHECK], capture_output=True, text=True, timeout=600, env=env)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_GPU_CHECK, timeout=600)

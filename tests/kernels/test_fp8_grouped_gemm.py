@@ -160,11 +160,8 @@ def test_persistent_wgrad_routings(counts, tol, rel):
 
 
 _ALIGNED_COMPILE = """
-import importlib, subprocess, tempfile
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import importlib
+import sm90
 
 GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
 bm, bn, warps, stages, occ, flatten, tma_store = GG.GROUPED_WGRAD_TMA_CONFIG
@@ -175,13 +172,9 @@ sig = dict(a_desc=f"tensordesc<fp8e4nv[{bm}, 128]>", b_desc=f"tensordesc<fp8e4nv
            ALIGNED="constexpr", c_desc=f"tensordesc<bf16[1, {bm}, {bn}]>", TMA_STORE="constexpr")
 consts = dict(BLOCK_M=bm, BLOCK_N=bn, NUM_PROGS=132 * occ, FLATTEN=flatten, MASK_ENDS_ONLY=False, ALIGNED=True,
               TMA_STORE=tma_store)
-ptx = triton.compile(ASTSource(fn=k, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 64),
-                     options=dict(num_warps=warps, num_stages=stages)).asm["ptx"]
-with tempfile.TemporaryDirectory() as d:
-    open(f"{d}/k.ptx", "w").write(ptx)
-    v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
-                       capture_output=True, text=True).stderr
-assert "0 bytes spill stores, 0 bytes spill loads" in v, v
+ptx = sm90.compile_ptx(k, sig, consts, warps, stages)
+report, _ = sm90.assemble(ptx)
+assert sm90.spill_free(report), report
 assert "wgmma.mma_async" in ptx and "cp.async.bulk.tensor" in ptx  # tensor cores fed by TMA, dW stored by TMA
 # The aligned loop's scale loads are issued one step ahead: before the step's wait on its TMA loads.
 loop = ptx[ptx.index("Parent Loop"):]
@@ -190,19 +183,11 @@ print("ok")
 """
 
 
-def test_grouped_wgrad_aligned_compiles_for_sm90_without_spills():
+def test_grouped_wgrad_aligned_compiles_for_sm90_without_spills(without_interpreter):
     """The persistent wgrad's aligned loop (the routed experts' path) at the shipped configuration, compiled for
     sm_90 as the launcher would: no spills, wgmma fed by TMA, and the next step's scale loads issued before the
     current step waits for its operands (what took the V3 layer's wgrad from 14.0 to 11.0 ms: RESULTS.md)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _ALIGNED_COMPILE], capture_output=True, text=True, timeout=300, env=env)
-    if "ptxas" in out.stderr and "No such file" in out.stderr:
-        pytest.skip("this Triton ships no ptxas")
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_ALIGNED_COMPILE)
 
 
 _WGRAD_GPU_CHECK = """
@@ -272,18 +257,10 @@ print("ok")
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
     reason="needs a CUDA GPU with TMA (compute capability 9.0); the interpreter tests above cover the logic",
 )
-def test_grouped_wgrad_on_the_gpu():
+def test_grouped_wgrad_on_the_gpu(without_interpreter):
     """The persistent grouped wgrad compiled on the GPU against the reference (in a subprocess: this process imported
     the kernels under TRITON_INTERPRET=1, which would interpret them): ragged N and K, empty experts, experts
     straddling 128-token tiles, one expert only, and experts padded to whole tiles (the aligned loop); fp32 and bf16
     out (tolerances as tests/kernels/test_fp8_gemm_gluon.py: the tensor cores' reduced-precision sum inside a
     128-token step, and bf16 rounding)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", _WGRAD_GPU_CHECK], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_WGRAD_GPU_CHECK)

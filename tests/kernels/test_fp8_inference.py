@@ -129,15 +129,7 @@ print("ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
-def test_dequantized_weight_on_the_gpu_is_the_reference():
+def test_dequantized_weight_on_the_gpu_is_the_reference(without_interpreter):
     """On a GPU FP8InferenceLinear.dequantized_weight takes the Triton kernel: the same bits as the torch reference
     (one fp32 product, rounded once). A subprocess without TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", _DEQUANT_GPU_CHECK], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_DEQUANT_GPU_CHECK)

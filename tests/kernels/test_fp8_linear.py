@@ -268,9 +268,7 @@ def test_fp8_experts_gathered_rows_equal_the_rows_written_out():
 
 
 _GATHER_GPU_CHECK = """
-import sys
 import torch
-sys.path.insert(0, sys.argv[1])
 from test_fp8_linear import _agrees, _gathered_vs_written_out
 
 # deepseek-v3-small's routed experts at 4096 tokens: 24576 rows, some experts straddling 128-row tiles
@@ -285,19 +283,10 @@ print("ok")
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
     reason="needs a CUDA GPU with TMA (compute capability 9.0); the interpreter test above covers the logic",
 )
-def test_fp8_experts_gathered_rows_on_the_gpu():
+def test_fp8_experts_gathered_rows_on_the_gpu(without_interpreter):
     """The test above with the GPU kernels (Gluon's transposed quantiser included), in a subprocess: this process
     imported the kernels under TRITON_INTERPRET=1."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run(
-        [sys.executable, "-c", _GATHER_GPU_CHECK, here], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert out.stdout.strip().endswith("ok"), out.stdout[-1000:] + out.stderr[-3000:]
+    without_interpreter(_GATHER_GPU_CHECK)  # this folder is on its path
 
 
 _LINEAR_GPU_CHECK = """
@@ -336,18 +325,11 @@ print("ok")
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
     reason="needs an H100/H200 (the Gluon kernels); the interpreter tests above cover the recipe",
 )
-def test_fp8_linear_on_the_gpu():
+def test_fp8_linear_on_the_gpu(without_interpreter):
     """FP8Linear forward+backward where all three GEMMs take the Gluon kernel (the wgrad on its SCALES_TMA
     configuration), against the torch reference of the same recipe, fp32 and bf16, in a subprocess (this process
     imported the kernels under TRITON_INTERPRET=1)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _LINEAR_GPU_CHECK], capture_output=True, text=True, timeout=300,
-                         env=env)  # fmt: skip
-    assert out.stdout.strip().endswith("ok"), out.stdout[-1000:] + out.stderr[-3000:]
+    without_interpreter(_LINEAR_GPU_CHECK)
 
 
 def test_fp8_experts_route_without_bincount(monkeypatch):

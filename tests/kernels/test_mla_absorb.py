@@ -2,9 +2,6 @@
 whole matrix, then einsum), under Triton's interpreter; and the FP8 model's absorbed attention with them."""
 
 import importlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -106,11 +103,8 @@ def test_fp8_model_absorbs_from_e4m3(tmp_path, rel, tol):
 
 
 _COMPILE = """
-import importlib, subprocess, tempfile
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import importlib
+import sm90
 
 A = importlib.import_module("modeling_deepseek_v3.kernels.mla_absorb")
 common = dict(w_ptr="*fp8e4nv", ws_ptr="*fp32", T="i32", H="i32", R="i32", n="i32", head_rows="i32",
@@ -122,24 +116,18 @@ cases = [(A._absorb_query_kernel, dict(q_ptr="*bf16", out_ptr="*bf16", stride_qt
           dict(BLOCK_V=A.OUTPUT_TILE[0], BLOCK_K=A.OUTPUT_TILE[1]))]
 for k, sig, consts in cases:
     for bt in (16, 64):
-        src = ASTSource(fn=k, signature=sig, constexprs=dict(BLOCK_T=bt, IEEE=False, UPCAST=False, **consts))
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4)).asm["ptx"]
-        with tempfile.TemporaryDirectory() as d:
-            open(f"{d}/k.ptx", "w").write(ptx)
-            v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
-                               capture_output=True, text=True).stderr
-        assert "0 bytes spill stores, 0 bytes spill loads" in v, (k.__name__, bt, v)
+        ptx = sm90.compile_ptx(k, sig, dict(BLOCK_T=bt, IEEE=False, UPCAST=False, **consts))
+        report, _ = sm90.assemble(ptx)
+        assert sm90.spill_free(report), (k.__name__, bt, report)
         assert "mma" in ptx, (k.__name__, bt)  # on the tensor cores
 print("ok")
 """
 
 
-def test_kernels_compile_for_sm90_without_spills():
+def test_kernels_compile_for_sm90_without_spills(without_interpreter):
     """The interpreter never compiles them: both kernels at V3's head shape (n = v = 128, bf16), for decoding's
     16-token tile and the 64-token one, must build for sm_90 without spills. A subprocess without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=300, env=env)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_COMPILE)
 
 
 _GPU_CHECK = """
@@ -164,9 +152,7 @@ print("ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
-def test_mla_absorb_on_the_gpu():
+def test_mla_absorb_on_the_gpu(without_interpreter):
     """Both kernels compiled for the GPU at V3's shape (128 heads, decoding's 1 and 16 tokens) and an odd one, bf16 and
     fp32, against the dequantise-then-einsum reference. A subprocess without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _GPU_CHECK], capture_output=True, text=True, timeout=300, env=env)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_GPU_CHECK)

@@ -244,20 +244,14 @@ def test_import_without_triton():
 
 
 _GLUON_PTX_CHECK = """
-import subprocess
 import sys
-import tempfile
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
+import sm90
 from modeling_deepseek_v3.kernels import quant as Q
 
 def ptx(kernel, signature, constexprs, num_warps):
     # specialised as the launcher is for 16-divisible pointers and sizes
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items() if t != "constexpr"}
-    src = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=num_warps)).asm["ptx"]
+    divisible = [n for n, t in signature.items() if t != "constexpr"]
+    return sm90.compile_ptx(kernel, signature, constexprs, num_warps, divisible=divisible, gluon=True)
 
 pow2 = sys.argv[1] == "1"
 spt_m, spt_k, tpw_m, warps_m, warps_k = Q.QUANT_T_GLUON
@@ -280,14 +274,9 @@ w = ptx(Q._quant_weight_t_gluon_kernel,
         {"POW2": pow2, "SPT_N": spt_n, "SPT_K": spt_kw, "TPW_N": tpw_n, "WARPS_N": warps_n, "WARPS_K": warps_kw},
         warps_n * warps_kw)
 sass = {}
-for name, p, warps in (("a", a, warps_m * warps_k), ("ag", ag, warps_m * warps_k), ("w", w, warps_n * warps_kw)):
-    with tempfile.TemporaryDirectory() as d:  # the same ptxas Triton runs
-        open(f"{d}/k.ptx", "w").write(p)
-        v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
-                           capture_output=True, text=True).stderr
-        sass[name] = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", f"{d}/k.cubin"],
-                                    capture_output=True, text=True).stdout
-    assert "0 bytes spill stores, 0 bytes spill loads" in v, v
+for name, p in (("a", a), ("ag", ag), ("w", w)):
+    report, sass[name] = sm90.assemble(p, sass=True)
+    assert sm90.spill_free(report), report
 # Instruction counts that held the kernels back once (benchmarks/RESULTS.md, session 18), a thread's share:
 # - the quotient x / s by Markstein's correction is two FMAs an element after one multiply (the residual must negate
 #   the scale, not the quotient, or x * r is computed twice: a third FMA an element);
@@ -312,27 +301,19 @@ print("ok")
 
 
 @pytest.mark.parametrize("pow2", [False, True])
-def test_gluon_transposed_stores_are_wide_and_skip_shared_memory(pow2):
+def test_gluon_transposed_stores_are_wide_and_skip_shared_memory(pow2, without_interpreter):
     """The GPU path of quantize_act_t and of quantize_weight(transposed=True) is Gluon, which the
     interpreter cannot run (its bits are checked on the GPU by benchmarks/bench_quant.py).
     Here, compiled for sm_90 on the CPU (a subprocess without TRITON_INTERPRET, under which @triton.jit
     helpers are interpreter objects that Gluon cannot call): the transposed store is SPT_M bytes a
     thread at the shipped tiles, and no byte goes through shared memory (the old kernels transposed
     through it one byte at a time)."""
-    import os
-    import subprocess
-    import sys
-
     from modeling_deepseek_v3.kernels import quant as Q
 
     if not Q.HAS_GLUON:
         pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
     assert not Q._use_gluon(None, None), "the interpreter must take the @triton.jit kernels"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run(
-        [sys.executable, "-c", _GLUON_PTX_CHECK, str(int(pow2))], capture_output=True, text=True, timeout=300, env=env
-    )
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_GLUON_PTX_CHECK, str(int(pow2)))
 
 
 _GLUON_GPU_CHECK = """
@@ -375,18 +356,12 @@ print("ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Gluon kernels do not interpret)")
-def test_gluon_transposed_quantisation_is_bit_exact_on_the_gpu():
+def test_gluon_transposed_quantisation_is_bit_exact_on_the_gpu(without_interpreter):
     """The GPU path of quantize_act_t and quantize_weight(transposed=True), and both activation tilings of gathered
     and scaled rows: codes and scales equal the CPU torch references bit for bit, ragged shapes and pow2 included (a subprocess without TRITON_INTERPRET: the conftest's
     interpreter mode would turn the shared @triton.jit helpers into interpreter objects)."""
-    import os
-    import subprocess
-    import sys
-
     from modeling_deepseek_v3.kernels import quant as Q
 
     if not Q.HAS_GLUON:
         pytest.skip("no Gluon kernels for this Triton (validated: kernels._triton.GLUON_VALIDATED_TRITON)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _GLUON_GPU_CHECK], capture_output=True, text=True, timeout=600, env=env)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_GLUON_GPU_CHECK, timeout=600)

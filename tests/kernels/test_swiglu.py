@@ -100,9 +100,7 @@ def test_swiglu_quantizes_its_output_as_quantize_act(S, I, pow2):  # noqa: E741
 
 
 _GPU_CHECK = """
-import sys
 import torch
-sys.path.insert(0, sys.argv[1])
 from test_swiglu import CASES, _check_quantized, _check_swiglu
 
 for S, I in CASES + [(65536, 2048)]:  # and the V3 layer's routed rows
@@ -116,17 +114,10 @@ print("ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; the interpreter test above runs the logic")
-def test_swiglu_on_the_gpu():
+def test_swiglu_on_the_gpu(without_interpreter):
     """The same checks with the compiled kernels against torch's CUDA ops, in a subprocess (this process imported
     the kernels under TRITON_INTERPRET=1): Triton's exp against CUDA's expf is what the bounds must hold."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    out = subprocess.run([sys.executable, "-c", _GPU_CHECK, here], capture_output=True, text=True, timeout=300, env=env)
-    assert out.stdout.strip().endswith("ok"), out.stdout[-1000:] + out.stderr[-3000:]
+    without_interpreter(_GPU_CHECK)  # this folder is on its path
 
 
 def test_fp8_experts_run_swiglu_in_eager_mode(monkeypatch):

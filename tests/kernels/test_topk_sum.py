@@ -3,7 +3,6 @@ order that _sum_slots computes under torch.compile (modeling_dsv3._sum_slots_in_
 slot_dots, the routing weights' gradient, against the exact dot. Through the FP8 experts:
 test_fp8_linear.py::test_fp8_experts_with_the_topk_sum_kernel and test_fp8_experts_gathered_rows_equal_the_rows_written_out."""
 
-import os
 import subprocess
 import sys
 
@@ -63,11 +62,8 @@ def test_slot_dots_within_one_rounding_of_the_exact_dot(T, KT, S, D, dtype, monk
 
 
 _COMPILE = """
-import importlib, subprocess, tempfile
-import triton
-from triton import knobs
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import importlib
+import sm90
 
 M = importlib.import_module("modeling_deepseek_v3.kernels.topk_sum")
 k = M._sum_slots_kernel
@@ -92,25 +88,16 @@ cases += [(RT._route_topk_kernel, dict(scores_ptr="*fp32", bias_ptr="*fp32", idx
                                        G="constexpr", TOPK_GROUP="constexpr", KT="constexpr", BLOCK_T="constexpr"),
            dict(E=256, G=8, TOPK_GROUP=4, KT=8, BLOCK_T=16))]
 for k, sig, constexprs in cases:
-    src = ASTSource(fn=k, signature=sig, constexprs=constexprs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4)).asm["ptx"]
-    with tempfile.TemporaryDirectory() as d:
-        open(f"{d}/k.ptx", "w").write(ptx)
-        v = subprocess.run([knobs.nvidia.ptxas.path, "-v", "-arch=sm_90a", f"{d}/k.ptx", "-o", f"{d}/k.cubin"],
-                           capture_output=True, text=True).stderr
-    assert "0 bytes spill stores, 0 bytes spill loads" in v, (k.__name__, constexprs, v)
+    report, _ = sm90.assemble(sm90.compile_ptx(k, sig, constexprs))
+    assert sm90.spill_free(report), (k.__name__, constexprs, report)
 print("ok")
 """
 
 
-def test_eager_moe_kernels_compile_for_sm90():
+def test_eager_moe_kernels_compile_for_sm90(without_interpreter):
     """topk_sum's, swiglu's and router_topk's kernels have run only in the interpreter here: they must build for sm_90 (bf16 and
-    fp32, weighted or not) without spills (a subprocess without TRITON_INTERPRET, as in test_fp8_grouped_gemm.py)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _COMPILE], capture_output=True, text=True, timeout=300, env=env)
-    if "ptxas" in out.stderr and "No such file" in out.stderr:
-        pytest.skip("this Triton ships no ptxas")
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    fp32, weighted or not) without spills (a subprocess without TRITON_INTERPRET)."""
+    without_interpreter(_COMPILE)
 
 
 _CHOOSE_ON_A_GPU = """

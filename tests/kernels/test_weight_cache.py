@@ -172,17 +172,10 @@ print("ok")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with FP8 (compute capability 8.9+)")
-def test_cuda_graph_capture_bypasses_the_cache():
+def test_cuda_graph_capture_bypasses_the_cache(without_interpreter):
     """A CUDA graph captured from a caching FP8Linear quantises the weight inside the graph, so replays after an
     update see it. A subprocess without TRITON_INTERPRET (the conftest's interpreter mode is fixed at import)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _CUDA_GRAPH_CHECK], capture_output=True, text=True, timeout=600,
-                         env=env)  # fmt: skip
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    without_interpreter(_CUDA_GRAPH_CHECK, timeout=600)
 
 
 def test_copies_of_a_cached_layer_start_with_an_empty_cache():
