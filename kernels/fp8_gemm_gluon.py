@@ -533,7 +533,7 @@ if HAS_GLUON:
     # and the epilogue.
     # Tiles: (row tile of one expert, N tile). Row tile t has expert tile_expert[t] and first row
     # tile_row[t] (fp8_grouped_gemm._tile_map, built on the device for BLOCK_M); the tail of the static
-    # ceil(S / BLOCK_M) + E row tiles is idle. Both partitions read the number of real row tiles from
+    # ceil(S / BLOCK_M) + min(E, S) row tiles is idle. Both partitions read the number of real row tiles from
     # device memory (ntiles_ptr) and walk only tile ids < ntiles * num_n: no host sync, and no program
     # spends time on idle tiles (the persistent grid is sized for the static bound). Tile order is
     # _tile_offsets's GROUP_M order over row tiles: an expert's row tiles (neighbours in t) load the

@@ -4,6 +4,8 @@ Token counts include experts with zero tokens (first, middle and last) and exper
 straddle the 128-token scale tiles of the wgrad operands.
 """
 
+import importlib
+
 import pytest
 
 pytest.importorskip("triton")
@@ -21,7 +23,8 @@ from modeling_deepseek_v3.kernels import (  # noqa: E402
     quantize_weight_ref,
 )
 
-COUNTS = [[0, 5, 0, 131, 1, 0], [40], [0, 0, 7]]  # tokens per expert
+# tokens per expert; the last as decoding routes: a few rows over many experts (fewer rows than experts)
+COUNTS = [[0, 5, 0, 131, 1, 0], [40], [0, 0, 7], [0] * 20 + [1, 0, 2, 0, 0, 1] + [0] * 38]
 
 
 def _case(counts, N, K, seed):
@@ -32,6 +35,32 @@ def _case(counts, N, K, seed):
     w = torch.randn(E, N, K, generator=g) * 0.1
     dy = torch.randn(S, N, generator=g)
     return offs, x, w, dy
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tile_map_covers_every_row_once(seed):
+    """_tile_map's static grid, ceil(S / block_m) + min(E, S) row tiles, holds every expert's tiles (none dropped),
+    whether rows outnumber experts or not, and the valid tiles cover each row once within its expert."""
+    GG = importlib.import_module("modeling_deepseek_v3.kernels.fp8_grouped_gemm")
+    g = torch.Generator().manual_seed(seed)
+    E, block_m = int(torch.randint(1, 300, (1,), generator=g)), [1, 4, 32, 64][seed % 4]
+    if seed % 2:  # decoding: a few rows, one an expert at most
+        counts = torch.zeros(E, dtype=torch.long)
+        counts[torch.randperm(E, generator=g)[: min(E, 8)]] = 1
+    else:
+        counts = torch.randint(0, 3 * block_m, (E,), generator=g) * (torch.rand(E, generator=g) < 0.5)
+    offs = counts.cumsum(0).int()
+    S = int(counts.sum())
+    tile_expert, tile_row = GG._tile_map(offs, S, block_m)
+    assert tile_expert.numel() == -(-S // block_m) + min(E, S)
+    valid = tile_expert >= 0
+    assert int(valid.sum()) == int(((counts + block_m - 1) // block_m).sum()), "a tile fell outside the grid"
+    covered = torch.zeros(S, dtype=torch.long)
+    for e, r0 in zip(tile_expert[valid].tolist(), tile_row[valid].tolist(), strict=True):
+        end = int(offs[e])
+        assert int(offs[e] - counts[e]) <= r0 < end
+        covered[r0 : min(r0 + block_m, end)] += 1
+    assert bool((covered == 1).all())
 
 
 @pytest.mark.parametrize("counts", COUNTS)
