@@ -157,6 +157,32 @@ def make_linear(config: DSV3Config, in_features: int, out_features: int, bias: b
     return nn.Linear(in_features, out_features, bias=bias)
 
 
+def linear_matrix(module: nn.Module) -> torch.Tensor | None:
+    """W with module(x) == x W^T, for code that multiplies by a projection's matrix instead of calling it (absorbed
+    MLA's kv_b_proj): a linear layer's weight, or a PEFT LoRA layer's base weight plus its active adapters' scaled
+    B A, which the matrix would otherwise leave out of every decoded token. None where no such matrix is at hand (an
+    FP8-stored weight, another wrapper, DoRA, an adapter bias, adapter dropout while training): call the module."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        weight = getattr(module, "weight", None)
+        high_precision = isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.itemsize > 1
+        return weight if high_precision else None
+    weight = linear_matrix(base)
+    if weight is None or getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+        return weight  # merged: the base holds the adapters' deltas; disabled: the base alone (PEFT's forward)
+    if not hasattr(module, "get_delta_weight"):
+        return None
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if module.use_dora.get(name, False) or getattr(module.lora_B[name], "bias", None) is not None:
+            return None
+        if module.training and not isinstance(module.lora_dropout[name], nn.Identity):
+            return None
+        weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
 def shared_input_linears(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """layer(x) for projections of one input. FP8 layers run as one FP8 GEMM (FP8Linear.forward_shared_input: x
     quantised once, one set of kernel launches); any other backend calls each layer."""
@@ -244,8 +270,11 @@ class DSV3Attention(nn.Module):
             c_kv, k_pe = c_kv.squeeze(1), k_pe.squeeze(1)
 
         mode = self.config.mla_implementation
+        absorb = None
         if mode == "absorbed" or (mode in ("auto", "triton") and past_length > 0):
-            out_BSHv = self._absorbed(q_nope, q_pe, c_kv, k_pe, attention_mask)
+            absorb = self._kv_b_products()
+        if absorb is not None:
+            out_BSHv = self._absorbed(absorb, q_nope, q_pe, c_kv, k_pe, attention_mask)
         else:
             out_BSHv = self._naive(q_nope, q_pe, c_kv, k_pe, attention_mask, **kwargs)
         return self.o_proj(out_BSHv.reshape(B, S, self.num_heads * self.v_head_dim))
@@ -270,22 +299,30 @@ class DSV3Attention(nn.Module):
         )
         return out  # [B, S, H, v_head_dim]
 
-    def _absorbed(self, q_nope_BSHn, q_pe_BSHr, c_kv_BTR, k_pe_BTr, attention_mask) -> torch.Tensor:
-        n, v = self.qk_nope_head_dim, self.v_head_dim
-        if hasattr(self.kv_b_proj, "absorb_query"):
+    def _kv_b_products(self):
+        """The absorbed path's two products with kv_b_proj, (q_nope -> q_lat, o_lat -> out), or None where its
+        matrix is not at hand (the caller then takes the naive path, which calls the module)."""
+        kv_b, n, v = self.kv_b_proj, self.qk_nope_head_dim, self.v_head_dim
+        if hasattr(kv_b, "absorb_query") and not hasattr(kv_b, "base_layer"):
             # An FP8-stored kv_b_proj (kernels.FP8InferenceLinear) computes both products from its e4m3 weight.
-            absorb_query = functools.partial(self.kv_b_proj.absorb_query, v=v)
-            absorb_output = functools.partial(self.kv_b_proj.absorb_output, n=n, v=v)
-        else:
-            # kv_b_proj.weight [H*(n+v), R] viewed per head: W_UK [H, n, R] maps the latent to keys, W_UV [H, v, R] to
-            # values.
-            w_uk, w_uv = self.kv_b_proj.weight.view(self.num_heads, n + v, self.kv_lora_rank).split([n, v], dim=1)
+            return functools.partial(kv_b.absorb_query, v=v), functools.partial(kv_b.absorb_output, n=n, v=v)
+        weight = linear_matrix(kv_b)
+        if weight is None:
+            return None
+        # kv_b_proj's matrix [H*(n+v), R] viewed per head: W_UK [H, n, R] maps the latent to keys, W_UV [H, v, R] to
+        # values.
+        w_uk, w_uv = weight.view(self.num_heads, n + v, self.kv_lora_rank).split([n, v], dim=1)
 
-            def absorb_query(q_nope_BSHn):
-                return torch.einsum("bshn,hnr->bshr", q_nope_BSHn, w_uk)
+        def absorb_query(q_nope_BSHn):
+            return torch.einsum("bshn,hnr->bshr", q_nope_BSHn, w_uk)
 
-            def absorb_output(o_lat_BSHR):
-                return torch.einsum("bshr,hvr->bshv", o_lat_BSHR, w_uv)
+        def absorb_output(o_lat_BSHR):
+            return torch.einsum("bshr,hvr->bshv", o_lat_BSHR, w_uv)
+
+        return absorb_query, absorb_output
+
+    def _absorbed(self, absorb, q_nope_BSHn, q_pe_BSHr, c_kv_BTR, k_pe_BTr, attention_mask) -> torch.Tensor:
+        absorb_query, absorb_output = absorb  # _kv_b_products
         q_lat_BSHR = absorb_query(q_nope_BSHn)  # q_nope . (W_UK c) == (q_nope W_UK) . c
         if self.config.mla_implementation == "triton" and q_lat_BSHR.shape[1] == 1:  # decode: kernels/mla_decode.py
             mla_decode = importlib.import_module("modeling_deepseek_v3.kernels").mla_decode  # package only, like FP8

@@ -3,6 +3,7 @@ adapter weights train under TRL; save/load round trip; merge_and_unload gives th
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,37 @@ def test_targets_that_match_nothing_are_named():
                                       target_parameters=["mlp.experts.up_proj"]))  # fmt: skip
     with pytest.raises(ValueError, match="lora_dropout=0"):
         lora_config(model, dropout=0.1)
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora", "disabled", "merged"])
+def test_decoding_through_the_cache_keeps_the_adapters(variant):
+    """Decoding with a cache takes MLA's absorbed path, which multiplies by kv_b_proj's matrix instead of calling the
+    module: the adapter there (a default target) must count as it does in the full forward (it once dropped out of
+    every decoded token: 1.26 relative error in the logits). LoRA: its matrix is the base weight plus the scaled B A;
+    DoRA: no such sum, so the naive path runs; disabled or merged adapters: the base weight holds what the forward
+    computes. Each cached step's logits equal the full recomputation's at that position."""
+    from transformers.cache_utils import DynamicCache
+
+    model = small_model()
+    if variant == "dora":
+        config = lora_config(model, r=4, alpha=8, experts=False)  # PEFT's parameter LoRA has no DoRA
+        config.use_dora = True
+        peft_model = apply_lora(model, config)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        peft_model.eval()
+    else:
+        peft_model = perturbed_adapter(model)
+    if variant == "merged":
+        peft_model = merge_adapter(peft_model)
+    ids = torch.randint(0, 512, (2, 9))
+    context = peft_model.disable_adapter() if variant == "disabled" else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        full = peft_model(input_ids=ids).logits
+        cache = DynamicCache()
+        peft_model(input_ids=ids[:, :5], cache=cache, use_cache=True)
+        for t in range(5, 9):
+            step = peft_model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
+            assert (step - full[:, t]).abs().max() <= 1e-4 * full[:, t].abs().max(), (variant, t)
