@@ -7,9 +7,9 @@ the attention output out of the second (modeling_dsv3.DSV3Attention._absorbed):
     q_lat[t, h, :] = q_nope[t, h, :] . W_UK[h]        [T, H, n] -> [T, H, R]
     out[t, h, :]   = o_lat[t, h, :] . W_UV[h]^T       [T, H, R] -> [T, H, v]
 
-With the weight in e4m3 (FP8InferenceLinear), DeepSeek's inference code and ours until now dequantised the whole
-matrix every step and ran the products in bf16: at V3's [32768, 512], 16.8 MB read and 33.5 MB written a layer a
-step, then 33.5 MB read again by the products. These kernels read the e4m3 tiles and their 128x128 scales and
+With the weight in e4m3 (FP8InferenceLinear), DeepSeek's inference code dequantises the whole matrix every step
+and runs the products in bf16 (as this package did before these kernels): at V3's [32768, 512], 16.8 MB read and
+33.5 MB written a layer a step, then 33.5 MB read again by the products. These kernels read the e4m3 tiles and their 128x128 scales and
 dequantise in registers, as dequantize_weight would (w * scale, rounded to the activations' dtype), so they compute
 the same products as the dequantise-then-einsum path up to the fp32 summation order, from 16.8 MB.
 
