@@ -272,20 +272,58 @@ if tt.HAS_TRITON:
 # Launchers
 
 
-def _tile_map(offs_E: torch.Tensor, S: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row-tile: its expert (-1 for the idle tail) and first row, built on the device (no sync).
+if tt.HAS_TRITON:
 
-    Each expert's rows are cut into ceil(count / block_m) tiles; the total is at most
-    ceil(S / block_m) + min(E, S) (a partial tile at most for each expert with rows, and at most S experts have
-    rows), the static grid size. The min matters at decoding's few rows: at V3's 8 routed rows a token, 9 row tiles
-    instead of 257, each N / BLOCK_N programs of the launch, the idle ones returning at once.
-    """
+    @triton.jit
+    def _tile_map_kernel(offs_ptr, expert_ptr, row_ptr, E, T, BLOCK_M: tl.constexpr, E_P2: tl.constexpr,
+                         BLOCK_T: tl.constexpr):  # fmt: skip
+        # _tile_map_ref in one launch: every program reads the E offsets, each writes BLOCK_T tile ids' entries.
+        e = tl.arange(0, E_P2)
+        e_ok = e < E
+        ends = tl.load(offs_ptr + e, mask=e_ok, other=0)
+        starts = tl.load(offs_ptr + e - 1, mask=e_ok & (e > 0), other=0)
+        tiles = tl.where(e_ok, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+        cum = tl.cumsum(tiles, 0)  # inclusive: expert e's tiles are ids cum[e] - tiles[e] .. cum[e] - 1
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        expert = tl.sum(((cum[None, :] <= t[:, None]) & e_ok[None, :]).to(tl.int32), axis=1)  # searchsorted, right
+        mine = e[None, :] == expert[:, None]  # [BLOCK_T, E_P2], one True a tile id (none past the last tile)
+        start = tl.sum(tl.where(mine, starts[None, :], 0), axis=1)
+        first = tl.sum(tl.where(mine, (cum - tiles)[None, :], 0), axis=1)
+        valid = expert < E
+        tl.store(expert_ptr + t, tl.where(valid, expert, -1), mask=t < T)
+        tl.store(row_ptr + t, tl.where(valid, start + (t - first) * BLOCK_M, 0), mask=t < T)
+
+
+def _tile_rows(E: int, S: int, block_m: int) -> int:
+    """The static number of row tiles: each expert's rows are cut into ceil(count / block_m) tiles, at most
+    ceil(S / block_m) + min(E, S) in all (a partial tile at most for each expert with rows, and at most S experts have
+    rows). The min matters at decoding's few rows: at V3's 8 routed rows a token, 9 row tiles instead of 257, each
+    N / BLOCK_N programs of the launch, the idle ones returning at once."""
+    return triton.cdiv(S, block_m) + min(E, S)
+
+
+def _tile_map(offs_E: torch.Tensor, S: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row-tile: its expert (-1 for the idle tail) and first row, built on the device (no sync) by one kernel
+    (the torch form, _tile_map_ref, is a dozen launches: at decoding's few rows they cost more than the GEMM's
+    idle programs)."""
+    E, T = offs_E.numel(), _tile_rows(offs_E.numel(), S, block_m)
+    expert = torch.empty(T, dtype=torch.int32, device=offs_E.device)
+    row = torch.empty(T, dtype=torch.int32, device=offs_E.device)
+    if T:
+        block_t = 64
+        _tile_map_kernel[(triton.cdiv(T, block_t),)](offs_E, expert, row, E, T, BLOCK_M=block_m,
+                                                     E_P2=max(16, triton.next_power_of_2(E)), BLOCK_T=block_t)  # fmt: skip
+    return expert, row
+
+
+def _tile_map_ref(offs_E: torch.Tensor, S: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """_tile_map in torch ops (its reference)."""
     E = offs_E.numel()
     offs = offs_E.long()
     starts = torch.cat([offs.new_zeros(1), offs[:-1]])
     tiles = (offs - starts + block_m - 1) // block_m  # [E]
     cum = torch.cumsum(tiles, 0)  # [E]
-    tile_ids = torch.arange(triton.cdiv(S, block_m) + min(E, S), device=offs_E.device)  # [T]
+    tile_ids = torch.arange(_tile_rows(E, S, block_m), device=offs_E.device)  # [T]
     expert = torch.searchsorted(cum, tile_ids, right=True)  # [T], E for idle tiles
     valid = expert < E
     e_safe = expert.clamp(max=E - 1)
