@@ -124,11 +124,6 @@ def quantize_weight_t(w_NK: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, tor
     return _quant.quantize_weight(w_NK, pow2, transposed=True)
 
 
-@_opaque("dequantize_weight", lambda w, s, dt: w.new_empty(w.shape, dtype=dt))
-def dequantize_weight(w_fp8_NK: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return _quant.dequantize_weight(w_fp8_NK, scale_inv, dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # GEMMs
 

@@ -34,11 +34,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 # probes for one named kernels), where a relative `from .. import` fails.
 from modeling_deepseek_v3 import modeling_dsv3
 
-from ._triton import capabilities
-
 # The kernels through compile_ops: plain calls in eager mode, opaque custom ops under torch.compile.
 from .compile_ops import (
-    dequantize_weight,
     fp8_gemm,
     fp8_gemm_dgrad,
     fp8_gemm_wgrad,
@@ -489,10 +486,6 @@ class FP8InferenceLinear(nn.Module):
         return new
 
     def dequantized_weight(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """W in `dtype`: on a GPU the Triton kernel (one pass: e4m3 read, `dtype` written; the same bits as the
-        reference, which writes and reads three fp32 copies of W), elsewhere the reference."""
-        if self.weight.is_cuda and capabilities().fp8:
-            return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
         return dequantize_weight_ref(self.weight, self.weight_scale_inv, dtype)
 
     def absorb_query(self, q_nope: torch.Tensor, v: int) -> torch.Tensor:
