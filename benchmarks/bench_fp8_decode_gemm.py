@@ -80,7 +80,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def absorb_rows(tiny: bool, device: str) -> dict:
     """Absorbed MLA's two products with kv_b_proj a decoding step: `dequantise_einsum` (the whole e4m3 matrix
-    dequantised by the Triton kernel, then the einsums: what modeling_dsv3 ran before kernels/mla_absorb.py),
+    dequantised by the Triton kernel, then the einsums: DeepSeek's inference code's way, with fewer bytes than the torch
+    reference dequantisation modeling_dsv3 ran before kernels/mla_absorb.py),
     `kernels` (mla_absorb, from the e4m3 tiles) and `bf16` (the einsums over a bf16 checkpoint's matrix)."""
     H, n, v, R = (4, 16, 16, 32) if tiny else ABSORB_HEADS
     copies = 1 if tiny else max(2, math.ceil(COLD_BYTES / (H * (n + v) * R)))
