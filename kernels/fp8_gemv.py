@@ -12,6 +12,10 @@ FP8-checkpoint decoding of one sequence ran at 0.84-0.91x the bf16 model in a CU
   repeated to 16 (row r of the dot holds x's row r % ROWS), rather than quantising 16 - M rows of zeros;
 - K_STEPS 128-steps go as one batch: x's and W's tiles in one load each, one batched dot (a step's product stays
   its own), so that the steps' latencies overlap.
+On an H200 (benchmarks/RESULTS.md, session 20) that makes it 1.2-1.3x quantize_act + fp8_gemm at 1-4 rows on the
+small projections (q_a, kv_a, the shared expert), which are latency-bound; on the large ones it streams W at
+1.6-1.9 TB/s against fp8_gemm's 2.1-2.8 and loses (0.64-0.81x), so FP8InferenceLinear takes it for small weights
+only (fp8_linear.GEMV_MAX_ROWS, GEMV_MAX_WEIGHT).
 The recipe is fp8_gemm's: one dot a 128-step, scaled by both scales into an fp32 accumulator (DeepSeek-V3 sec.
 3.3.2), so the result is fp8_gemm(*quantize_act(x), W) up to the order of the fp32 sums.
 
@@ -37,7 +41,8 @@ _BEST: dict = {}
 def _configs() -> list:
     if tt.interpreting():
         return [triton.Config({"BLOCK_N": 16, "K_STEPS": 2}, num_warps=4, num_stages=1)]
-    # Not yet timed on a GPU: the autotuner picks among these per (row bucket, N, K) at the first call. Reasoning
+    # The autotuner picks among these per (row bucket, N, K) at the first call; on an H200 at V3's projections it
+    # took (16, 4, 2, 3) at 1-4 rows nearly everywhere (benchmarks/bench_fp8_decode_gemm.py). Reasoning
     # from the sm_90a code (no spills in any): memory-bound, so what matters is the bytes of W in flight. Within a
     # program a step is a chain of latencies (the loads, x's amax across warps, the dot), and a projection with few
     # programs (q_a: 1536 rows, 96 programs of 16) is its steps' chains end to end. K_STEPS steps an iteration run

@@ -69,11 +69,15 @@ from .swiglu import swiglu, swiglu_backward, swiglu_forward
 # quantisers apart.
 FUSE_SWIGLU_QUANT = True
 
-# FP8InferenceLinear's forward over at most this many rows (decoding a batch of that many sequences) runs as one
-# fp8_gemv launch (the input quantised inside it, W cut into hundreds of programs) instead of quantize_act and
-# fp8_gemm, whose tiles are cut for thousands of rows. 0: never. Off until timed on an H200
-# (benchmarks/bench_fp8_decode_gemm.py, bench_fp8_inference.py compare both); at most fp8_gemv.MAX_ROWS.
-GEMV_MAX_ROWS = 0
+# FP8InferenceLinear's forward over at most GEMV_MAX_ROWS rows (decoding a few sequences) and a weight of at most
+# GEMV_MAX_WEIGHT elements runs as one fp8_gemv launch (the input quantised inside it, W cut into hundreds of
+# programs) instead of quantize_act and fp8_gemm, whose tiles are cut for thousands of rows. Measured on an H200
+# (benchmarks/bench_fp8_decode_gemm.py, RESULTS.md, 2026-12-01): at 1-4 rows fp8_gemv is ~1.25x the two launches on
+# V3's small projections (q_a, kv_a, the shared expert: <= 14.7M elements, where the quantiser's launch and
+# fp8_gemm's few tiles dominate), and 0.64-0.81x on the large ones (q_b, o, the dense MLP), which fp8_gemm streams
+# faster; at 16 rows it loses nearly everywhere. 0 rows: never.
+GEMV_MAX_ROWS = 4
+GEMV_MAX_WEIGHT = 15 * 2**20
 
 # ---------------------------------------------------------------------------------------------
 # autograd.Functions
@@ -465,7 +469,7 @@ class FP8InferenceLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_MK = x.reshape(-1, self.in_features).contiguous()  # [M, K]
-        if x_MK.shape[0] <= GEMV_MAX_ROWS:
+        if x_MK.shape[0] <= GEMV_MAX_ROWS and self.weight.numel() <= GEMV_MAX_WEIGHT:
             y = fp8_gemv(x_MK, self.weight, self.weight_scale_inv, x.dtype)
         else:
             x_q, x_s = quantize_act(x_MK, False)

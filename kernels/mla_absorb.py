@@ -28,7 +28,8 @@ triton, tl = tt.triton, tt.tl
 
 # Tiles of W a program: the query kernel's latent columns; the output kernel's (value rows, latent columns a step).
 # Chosen to fit the registers without spills for sm_90a at V3's heads (the dequantised tile is held in fp32 before
-# its rounding; [128, 128] spilled); not yet timed on a GPU. Column tiles must divide 128 (one scale a row).
+# its rounding; [128, 128] spilled). On an H200 a V3 layer's two products run 1.5x as fast as dequantising the
+# matrix (Triton) and two einsums (RESULTS.md, session 20). Column tiles must divide 128 (one scale a row).
 QUERY_TILE_R = 64
 OUTPUT_TILE = (64, 32)
 
