@@ -12,10 +12,10 @@ FP8-checkpoint decoding of one sequence ran at 0.84-0.91x the bf16 model in a CU
   repeated to 16 (row r of the dot holds x's row r % ROWS), rather than quantising 16 - M rows of zeros;
 - K_STEPS 128-steps go as one batch: x's and W's tiles in one load each, one batched dot (a step's product stays
   its own), so that the steps' latencies overlap.
-On an H200 (benchmarks/RESULTS.md, session 20) that makes it 1.24-1.28x quantize_act + fp8_gemm at 1-4 rows on the
-small projections (q_a, kv_a, the shared expert's gate and up; its down 0.98-1.19x), which are latency-bound; on the large ones it streams W at
-1.6-1.9 TB/s against fp8_gemm's 2.1-2.8 and loses (0.64-0.81x), so FP8InferenceLinear takes it for small weights
-only (fp8_linear.GEMV_MAX_ROWS, GEMV_MAX_WEIGHT).
+On an H200 (benchmarks/RESULTS.md, session 20) that makes it 1.24-1.28x quantize_act + fp8_gemm at 1-4 rows on
+the small projections, which are latency-bound (q_a, kv_a, the shared expert's gate and up; its down 0.98-1.19x).
+On the large ones it streams W at 1.6-1.9 TB/s against fp8_gemm's 2.1-2.8 and loses (0.64-0.81x), so
+FP8InferenceLinear takes it for small weights only (fp8_linear.GEMV_MAX_ROWS, GEMV_MAX_WEIGHT).
 The recipe is fp8_gemm's: one dot a 128-step, scaled by both scales into an fp32 accumulator (DeepSeek-V3 sec.
 3.3.2), so the result is fp8_gemm(*quantize_act(x), W) up to the order of the fp32 sums.
 

@@ -69,13 +69,16 @@ from .swiglu import swiglu, swiglu_backward, swiglu_forward
 # quantisers apart.
 FUSE_SWIGLU_QUANT = True
 
-# FP8InferenceLinear's forward over at most GEMV_MAX_ROWS rows (decoding a few sequences) and a weight of at most
-# GEMV_MAX_WEIGHT elements runs as one fp8_gemv launch (the input quantised inside it, W cut into hundreds of
-# programs) instead of quantize_act and fp8_gemm, whose tiles are cut for thousands of rows. Measured on an H200
-# (benchmarks/bench_fp8_decode_gemm.py, RESULTS.md, 2026-12-01): at 1-4 rows fp8_gemv is 1.24-1.28x the two launches on
-# V3's small projections (q_a, kv_a, the shared expert's gate and up; its down 1.19x at 1 row, 0.98x at 4: all
-# <= 14.7M elements, where the quantiser's launch and fp8_gemm's few tiles dominate), and 0.64-0.81x on the large ones (q_b, o, the dense MLP), which fp8_gemm streams
-# faster; at 16 rows it loses nearly everywhere. 0 rows: never.
+# FP8InferenceLinear's forward over at most GEMV_MAX_ROWS rows (decoding a few sequences; at most fp8_gemv.MAX_ROWS)
+# and a weight of at most GEMV_MAX_WEIGHT elements runs as one fp8_gemv launch (the input quantised inside it, W cut
+# into hundreds of programs) instead of quantize_act and fp8_gemm, whose tiles are cut for thousands of rows.
+# Measured on an H200 (benchmarks/bench_fp8_decode_gemm.py, RESULTS.md, 2026-12-01), at 1-4 rows fp8_gemv is:
+# - 1.24-1.28x the two launches on V3's small projections, q_a, kv_a and the shared expert's gate and up (its down:
+#   1.19x at 1 row, 0.98x at 4); all <= 14.7M elements, where the quantiser's launch and fp8_gemm's few tiles
+#   dominate;
+# - 0.64-0.81x on the large ones (q_b, o, the dense MLP), which fp8_gemm streams faster; kv_b (16.8M elements)
+#   1.01x at 1 row, 0.68x at 4.
+# At 16 rows it loses nearly everywhere. GEMV_MAX_ROWS = 0: never.
 GEMV_MAX_ROWS = 4
 GEMV_MAX_WEIGHT = 15 * 2**20
 
