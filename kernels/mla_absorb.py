@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import _triton as tt
+from .mla_decode import dot_modes
 from .quant import BLOCK, dequantize_weight_ref
 
 triton, tl = tt.triton, tt.tl
@@ -109,12 +110,6 @@ def _check(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, n: int, v: i
     assert x.device == w.device == w_scale.device, "activations, W and its scales must be on one device"
 
 
-def _dot_modes(dtype: torch.dtype) -> dict:
-    """fp32 activations: full-precision dots (a GPU's default would be tf32). Under the interpreter, whose bf16 dot
-    multiplies raw bits, 16-bit operands go through an fp32 dot of the same values (UPCAST; see mla_decode)."""
-    return dict(IEEE=dtype == torch.float32, UPCAST=tt.interpreting() and dtype != torch.float32)
-
-
 def _block_t(T: int) -> int:
     return 16 if T <= 16 else 64
 
@@ -132,7 +127,7 @@ def absorb_query(q_nope_THn: torch.Tensor, w_NR: torch.Tensor, w_scale: torch.Te
     grid = (H, triton.cdiv(R, br), triton.cdiv(T, bt))
     _absorb_query_kernel[grid](
         q_nope_THn, w_NR, w_scale.float().contiguous(), out, T, H, R, n, n + v, q_nope_THn.stride(0),
-        q_nope_THn.stride(1), BLOCK_T=bt, NP=_tile(n), BLOCK_R=br, **_dot_modes(q_nope_THn.dtype),
+        q_nope_THn.stride(1), BLOCK_T=bt, NP=_tile(n), BLOCK_R=br, **dot_modes(q_nope_THn.dtype),
     )  # fmt: skip
     return out
 
@@ -147,7 +142,7 @@ def absorb_output(o_lat_THR: torch.Tensor, w_NR: torch.Tensor, w_scale: torch.Te
     bt, bv, bk = _block_t(T), min(OUTPUT_TILE[0], _tile(v)), min(OUTPUT_TILE[1], _tile(R))
     _absorb_output_kernel[(H, triton.cdiv(v, bv), triton.cdiv(T, bt))](
         o_lat_THR, w_NR, w_scale.float().contiguous(), out, T, H, R, n, v, n + v, o_lat_THR.stride(0),
-        o_lat_THR.stride(1), BLOCK_T=bt, BLOCK_V=bv, BLOCK_K=bk, **_dot_modes(o_lat_THR.dtype),
+        o_lat_THR.stride(1), BLOCK_T=bt, BLOCK_V=bv, BLOCK_K=bk, **dot_modes(o_lat_THR.dtype),
     )  # fmt: skip
     return out
 

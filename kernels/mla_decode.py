@@ -63,6 +63,13 @@ def require_triton(feature: str, device: torch.device) -> None:
         )
 
 
+def dot_modes(dtype: torch.dtype) -> dict:
+    """The IEEE / UPCAST constexprs of _mla_dot and _mla_dot_t for operands of `dtype`: fp32 operands take
+    full-precision dots (a GPU's default would be tf32); under the interpreter, whose bf16 dot multiplies raw bits,
+    16-bit operands go through an fp32 dot of the same values."""
+    return dict(IEEE=dtype == torch.float32, UPCAST=tt.interpreting() and dtype != torch.float32)
+
+
 if tt.HAS_TRITON:
 
     @triton.jit
@@ -375,7 +382,7 @@ def mla_decode(
         *so, *sm,
         H, T, R, r, split_len, scale * LOG2E,
         HAS_MASK=mask is not None, HAS_LEN=lengths is not None, SINGLE_SPLIT=ns == 1,
-        IEEE=c_kv.dtype == torch.float32, UPCAST=tt.interpreting() and c_kv.dtype != torch.float32,
+        **dot_modes(c_kv.dtype),
         SPLIT_SCORES=bool(cfg["split_scores"]), TMA=use_tma, PREFETCH=prefetch_tiles,
         BLOCK_H=cfg["block_h"], BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_RP=block_rp,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
